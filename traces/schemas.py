@@ -1,0 +1,140 @@
+"""The trace data contract: what one episode looks like on disk and across package boundaries.
+
+A Trace is one episode. Its steps are Spans in a tree (parent_id), one kind each: agent, llm,
+tool, retrieval, subagent. Kind-specific payloads sit in `llm`, `tool` and `retrieval`. Grades
+(verifier, judge or human) are separate records pointing at a trace.
+
+Times are Unix epoch seconds (float). Bump SCHEMA_VERSION when a stored shape changes and
+teach `traces.store` to migrate the old rows forward.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+SpanKind = Literal["agent", "llm", "tool", "retrieval", "subagent"]
+SpanStatus = Literal["running", "ok", "error"]
+# "failed": the process died or an exception ended the episode; "max_steps" and "timeout"
+# are limits the agent hit; "ok" means it produced a final answer.
+TraceStatus = Literal["running", "ok", "error", "failed", "max_steps", "timeout"]
+GradeSource = Literal["verifier", "judge", "human"]
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def now() -> float:
+    return time.time()
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ToolCall(_Schema):
+    """One tool call as the model wrote it, and as we parsed it."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    raw_arguments: str = ""  # exactly the text the model produced for the arguments
+    error: str | None = None  # set when the call could not be parsed
+
+
+class LlmData(_Schema):
+    messages: list[dict[str, Any]]  # exactly what was sent (OpenAI-style message dicts)
+    tools: list[dict[str, Any]] = Field(default_factory=list)  # the tool schemas sent
+    completion: str = ""  # raw completion text
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    model: str | None = None
+    adapter: str | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    prompt_token_ids: list[int] | None = None
+    completion_token_ids: list[int] | None = None
+    sampling: dict[str, Any] = Field(default_factory=dict)
+    finish_reason: str | None = None  # "stop", "length", "tool_calls"
+
+
+class ToolData(_Schema):
+    name: str
+    call_id: str | None = None
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    result: str | None = None
+    error: str | None = None
+    server: str | None = None  # MCP server name, for MCP tools
+
+
+class RetrievalData(_Schema):
+    query: str
+    collection: str
+    ids: list[str] = Field(default_factory=list)
+    scores: list[float] = Field(default_factory=list)
+    texts: list[str] = Field(default_factory=list)
+    sources: list[str] = Field(default_factory=list)
+
+
+class Span(_Schema):
+    id: str = Field(default_factory=new_id)
+    trace_id: str
+    parent_id: str | None = None
+    kind: SpanKind
+    name: str
+    start: float = Field(default_factory=now)
+    end: float | None = None
+    status: SpanStatus = "running"
+    error: str | None = None
+    attributes: dict[str, Any] = Field(default_factory=dict)
+    llm: LlmData | None = None
+    tool: ToolData | None = None
+    retrieval: RetrievalData | None = None
+
+    @property
+    def latency_s(self) -> float | None:
+        return None if self.end is None else self.end - self.start
+
+
+class Trace(_Schema):
+    id: str = Field(default_factory=new_id)
+    env: str | None = None
+    task_id: str | None = None
+    model: str | None = None
+    adapter: str | None = None  # adapter version that answered ("v3"), None = base model
+    start: float = Field(default_factory=now)
+    end: float | None = None
+    status: TraceStatus = "running"
+    answer: str | None = None
+    error: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+    spans: list[Span] = Field(default_factory=list)  # filled when read with spans
+
+    @property
+    def latency_s(self) -> float | None:
+        return None if self.end is None else self.end - self.start
+
+
+class Grade(_Schema):
+    """A grade or a piece of feedback on one trace.
+
+    One grade per (trace_id, grader): re-grading replaces the earlier grade.
+    """
+
+    id: str = Field(default_factory=new_id)
+    trace_id: str
+    value: float  # in [0, 1]; human thumbs are 1.0 (up) and 0.0 (down)
+    source: GradeSource
+    grader: str  # who or what gave it: "numeric", "judge:smollm2", "human:alice"
+    reason: str = ""
+    flags: list[str] = Field(default_factory=list)  # reward-hacking flags
+    raw: str | None = None  # the judge's raw output
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    created: float = Field(default_factory=now)
