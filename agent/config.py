@@ -16,7 +16,11 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from retrieval.schemas import RetrievalConfig
+from tools.schemas import McpServerConfig
+from traces.schemas import TracesConfig
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 CONFIG_FILENAME = "selftune.toml"
@@ -55,26 +59,6 @@ class ModelConfig(_Section):
     adapter: str | None = None  # a registry version ("v3"), "active", "base", or a folder
 
 
-class McpServerConfig(_Section):
-    name: str
-    transport: Literal["stdio", "http"] = "stdio"
-    command: str | None = None
-    args: list[str] = Field(default_factory=list)
-    env: dict[str, str] = Field(default_factory=dict)
-    cwd: str | None = None
-    url: str | None = None
-    headers: dict[str, str] = Field(default_factory=dict)
-    allow: list[str] | None = None  # tool allowlist; None = every tool the server offers
-    timeout_s: float = Field(default=30.0, gt=0)
-
-    @field_validator("name")
-    @classmethod
-    def _name_is_identifier(cls, v: str) -> str:
-        if not v.replace("-", "_").isidentifier():
-            raise ValueError("must be letters, digits, '_' or '-' (it prefixes tool names)")
-        return v
-
-
 class SubagentConfig(_Section):
     name: str
     description: str
@@ -94,34 +78,6 @@ class AgentConfig(_Section):
     episode_timeout_s: float = Field(default=600.0, gt=0)
     max_subagent_depth: int = Field(default=2, ge=0, le=10)
     subagents: list[SubagentConfig] = Field(default_factory=list)
-
-
-class RetrievalConfig(_Section):
-    url: str | None = None  # a Chroma server; None = embedded PersistentClient in the workspace
-    collection: str = "docs"
-    chunk_chars: int = Field(default=800, ge=100)
-    chunk_overlap: int = Field(default=120, ge=0)
-    top_k: int = Field(default=4, ge=1, le=100)
-
-
-class TracesConfig(_Section):
-    db: str | None = None  # default <workspace>/traces.db
-    otlp_endpoint: str | None = None  # falls back to OTEL_EXPORTER_OTLP_ENDPOINT
-    otlp_headers: dict[str, str] = Field(default_factory=dict)
-    capture_content: bool = True  # message content in OTel export (opt-in attributes)
-    scrub_patterns: list[str] = Field(default_factory=list)  # extra regexes to redact
-
-    @field_validator("scrub_patterns")
-    @classmethod
-    def _patterns_compile(cls, v: list[str]) -> list[str]:
-        import re
-
-        for p in v:
-            try:
-                re.compile(p)
-            except re.error as e:
-                raise ValueError(f"{p!r} is not a valid regular expression: {e}") from e
-        return v
 
 
 class TunerConfig(_Section):

@@ -14,7 +14,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 SCHEMA_VERSION = 1
 
@@ -138,3 +138,39 @@ class Grade(_Schema):
     raw: str | None = None  # the judge's raw output
     metadata: dict[str, Any] = Field(default_factory=dict)
     created: float = Field(default_factory=now)
+
+
+class TracesConfig(BaseModel):
+    """The `[traces]` section of selftune.toml."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    db: str | None = None  # default <workspace>/traces.db
+    otlp_endpoint: str | None = None  # falls back to OTEL_EXPORTER_OTLP_ENDPOINT
+    otlp_headers: dict[str, str] = Field(default_factory=dict)
+    capture_content: bool = True  # message content in OTel export (opt-in attributes)
+    scrub_patterns: list[str] = Field(default_factory=list)  # extra regexes to redact
+
+    @field_validator("scrub_patterns")
+    @classmethod
+    def _patterns_compile(cls, v: list[str]) -> list[str]:
+        import re
+
+        for p in v:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"{p!r} is not a valid regular expression: {e}") from e
+        return v
+
+
+class Task(_Schema):
+    """One task of an environment (one line of a tasks.jsonl). Only `prompt` is required."""
+
+    id: str = ""  # defaults to a hash of the prompt (filled by the loader)
+    prompt: str
+    answer: Any = None
+    grader: str | None = None  # exact|numeric|contains|regex|judge|<module:function>
+    split: Literal["train", "test"] = "train"
+    tools: list[str] | None = None  # None = the environment's tools
+    metadata: dict[str, Any] = Field(default_factory=dict)
