@@ -174,3 +174,39 @@ class Task(_Schema):
     split: Literal["train", "test"] = "train"
     tools: list[str] | None = None  # None = the environment's tools
     metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class TraceQuery(_Schema):
+    """A filter over stored traces (every field optional); results come newest first."""
+
+    env: str | None = None
+    task_id: str | None = None
+    adapter: str | None = None  # "base" matches traces run on the base model (adapter None)
+    status: TraceStatus | None = None
+    tag: str | None = None
+    since: float | None = None  # start >= since (epoch seconds)
+    until: float | None = None  # start < until
+    min_grade: float | None = None  # some grade (by `grader`, if given) >= min_grade
+    max_grade: float | None = None  # some grade (by `grader`, if given) <= max_grade
+    grader: str | None = None
+    limit: int | None = Field(default=50, ge=1)  # None = all
+    offset: int = Field(default=0, ge=0)
+
+
+class TraceStats(_Schema):
+    """Counts for one (environment, adapter) pair, as `TraceStore.stats()` returns them."""
+
+    env: str | None
+    adapter: str | None
+    total: int
+    ok: int
+    failed: int  # status failed, error, max_steps or timeout
+    running: int
+    graded: int  # traces with at least one grade
+    mean_grade: float | None
+
+    @property
+    def success_rate(self) -> float | None:
+        """ok / finished traces; None when none has finished."""
+        done = self.ok + self.failed
+        return None if done == 0 else self.ok / done
