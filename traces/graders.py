@@ -84,8 +84,9 @@ def final_answer(trace: Trace) -> str:
 
 
 def tool_calls(trace: Trace) -> list[ToolData]:
-    """Every tool call of the trace (at any depth, subagents' included), in start order."""
-    spans = sorted((s for s in trace.spans if s.kind == "tool" and s.tool), key=lambda s: s.start)
+    """Every tool call of the trace in start order: spans of kind "tool", "retrieval" (the
+    search tool) and "subagent" that carry ToolData, at any depth (subagents' calls included)."""
+    spans = sorted((s for s in trace.spans if s.tool is not None), key=lambda s: s.start)
     return [s.tool for s in spans]
 
 
@@ -186,7 +187,8 @@ def answer_number(text: str, mode: str = "auto") -> float | None:
     return numbers[-1][0]
 
 
-def _as_float(value: Any) -> float:
+def as_number(value: Any) -> float:
+    """A reference answer as a float (a number, or a string holding one); GraderError if not."""
     if isinstance(value, bool):
         raise GraderError(f"reference answer {value!r} is a boolean, not a number")
     if isinstance(value, int | float):
@@ -225,7 +227,7 @@ def grade_numeric(answer: str, reference: Any, metadata: dict | None = None) -> 
     if reference is None:
         return _error("task has no 'answer' to compare with: add a number")
     try:
-        refs = [_as_float(r) for r in _refs(reference)]
+        refs = [as_number(r) for r in _refs(reference)]
     except GraderError as e:
         return _error(str(e))
     rel_tol = float(metadata.get("rel_tol", 1e-6))
