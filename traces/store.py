@@ -209,7 +209,15 @@ def _insert_spans(conn: sqlite3.Connection, spans: Iterable[Span]) -> None:
                status, error, data) VALUES (?,?,?,?,?,?,?,?,?,?)""",
         [
             (
-                s.id, s.trace_id, s.parent_id, s.kind, s.name, s.start, s.end, s.status, s.error,
+                s.id,
+                s.trace_id,
+                s.parent_id,
+                s.kind,
+                s.name,
+                s.start,
+                s.end,
+                s.status,
+                s.error,
                 s.model_dump_json(include=_SPAN_PAYLOAD, exclude_none=True),
             )  # fmt: skip
             for s in spans
@@ -436,7 +444,10 @@ class TraceStore:
         """Store a grade; an earlier grade of the same trace by the same grader is replaced."""
 
         def do(conn: sqlite3.Connection) -> None:
-            if conn.execute("SELECT 1 FROM traces WHERE id = ?", (grade.trace_id,)).fetchone() is None:
+            if (
+                conn.execute("SELECT 1 FROM traces WHERE id = ?", (grade.trace_id,)).fetchone()
+                is None
+            ):
                 raise TraceNotFoundError(
                     f"cannot grade trace {grade.trace_id}: it is not in {self.path}"
                 )
@@ -444,9 +455,16 @@ class TraceStore:
                 """INSERT OR REPLACE INTO grades (trace_id, grader, id, value, source, reason,
                        flags, raw, metadata, created) VALUES (?,?,?,?,?,?,?,?,?,?)""",
                 (
-                    grade.trace_id, grade.grader, grade.id, grade.value, grade.source,
-                    grade.reason, json.dumps(grade.flags), grade.raw,
-                    json.dumps(grade.metadata, default=str), grade.created,
+                    grade.trace_id,
+                    grade.grader,
+                    grade.id,
+                    grade.value,
+                    grade.source,
+                    grade.reason,
+                    json.dumps(grade.flags),
+                    grade.raw,
+                    json.dumps(grade.metadata, default=str),
+                    grade.created,
                 ),  # fmt: skip
             )
 
@@ -605,8 +623,14 @@ class TraceStore:
         )
         return [
             TraceStats(
-                env=r[0], adapter=r[1], total=r[2], ok=r[3], failed=r[4], running=r[5],
-                graded=r[6], mean_grade=r[7],
+                env=r[0],
+                adapter=r[1],
+                total=r[2],
+                ok=r[3],
+                failed=r[4],
+                running=r[5],
+                graded=r[6],
+                mean_grade=r[7],
             )  # fmt: skip
             for r in rows
         ]
