@@ -70,7 +70,13 @@ class Tool:
         """
         fname = name or fn.__name__
         summary, arg_docs = parse_docstring(inspect.getdoc(fn) or "")
-        hints = get_type_hints(fn, include_extras=True)
+        try:
+            hints = get_type_hints(fn, include_extras=True)
+        except NameError as e:
+            raise ValueError(
+                f"tool {fname!r}: cannot resolve its type annotations ({e}); define the types "
+                "at module level so they can be looked up"
+            ) from None
         fields: dict[str, Any] = {}
         for pname, p in inspect.signature(fn).parameters.items():
             if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
@@ -286,11 +292,12 @@ def _clean_schema(node: Any) -> Any:
 
 def _describe_error(e: jsonschema.ValidationError) -> str:
     where = ".".join(str(p) for p in e.path)
+    msg = e.message
     if e.validator == "required":
-        return e.message.replace("is a required property", "is required but missing")
-    if e.validator == "additionalProperties":
-        return e.message.replace("Additional properties are not allowed", "unknown argument(s)")
-    return f"'{where}': {e.message}" if where else e.message
+        msg = msg.replace("is a required property", "is required but missing")
+    elif e.validator == "additionalProperties":
+        msg = msg.replace("Additional properties are not allowed", "unknown argument(s)")
+    return f"'{where}': {msg}" if where else msg
 
 
 def _signature_text(schema: dict[str, Any]) -> str:
@@ -301,6 +308,8 @@ def _signature_text(schema: dict[str, Any]) -> str:
         typ = p.get("type") or "|".join(
             str(a.get("type", "?")) for a in p.get("anyOf", []) if isinstance(a, dict)
         )
+        if "$ref" in p:
+            typ = "object"
         if "enum" in p:
             typ = " | ".join(json.dumps(v) for v in p["enum"])
         parts.append(f"{pname}: {typ or 'any'}{' (required)' if pname in req else ''}")
