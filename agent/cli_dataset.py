@@ -1,0 +1,145 @@
+"""`selftune dataset build sft|dpo|kto|grpo`: training rows from graded traces.
+
+    selftune dataset build sft --env calculator --min-score 1 --exclude-flagged --best-of-n \\
+        --format openai --out .selftune/datasets/calc-sft
+
+`build_from_config` is the Python entry the command calls: it opens the workspace's trace
+store, looks the environment's tasks up (GRPO needs their answers and graders; test-split tasks
+are never trained on) and calls `traces.datasets.build_dataset`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from agent.config import Config, ConfigError, load_config
+from traces.datasets import (
+    DATASET_KINDS,
+    DatasetError,
+    DatasetFilters,
+    DatasetResult,
+    build_dataset,
+)
+from traces.schemas import Task
+
+dataset_app = typer.Typer(
+    help="Build training datasets (SFT, DPO, KTO, GRPO) from graded traces.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=True)
+log = logging.getLogger("selftune.dataset")
+
+
+@dataset_app.callback()
+def _group() -> None:
+    """Build training datasets (SFT, DPO, KTO, GRPO) from graded traces."""  # keeps `build` a sub-command
+
+
+def environment_tasks(env: str, cfg: Config) -> dict[tuple[str, str], Task]:
+    """The environment's tasks keyed by (env, task_id), each with its grader filled in from the
+    environment's default. Empty (with a warning) when `env` is not a loadable environment:
+    traces may come from tasks given on the command line."""
+    from agent.environments import EnvironmentLoadError, load_environment
+
+    try:
+        loaded = load_environment(env, config=cfg.agent)
+    except EnvironmentLoadError as e:
+        log.warning("no task records for %s (%s); GRPO answers come from trace metadata", env, e)
+        return {}
+    tasks = {}
+    for t in loaded.tasks:
+        task = t if t.grader else t.model_copy(update={"grader": loaded.grader})
+        # traces name the environment as it was asked for ("docs-qa") or by its folder name
+        for name in {env, loaded.name}:
+            tasks[(name, t.id)] = task
+    return tasks
+
+
+def build_from_config(
+    cfg: Config,
+    kind: str,
+    out: str | Path | None = None,
+    filters: DatasetFilters = DatasetFilters(),
+    formats: Sequence[str] = ("trl",),
+) -> DatasetResult:
+    """Build a dataset from the workspace's traces; `out` defaults to
+    `<workspace>/datasets/<env>-<kind>`."""
+    from agent.runtime import open_store
+
+    tasks = environment_tasks(filters.env, cfg) if filters.env else None
+    out = Path(out) if out else cfg.workspace.datasets / f"{filters.env or 'all'}-{kind}"
+    store = open_store(cfg)
+    try:
+        return build_dataset(
+            store,
+            kind,
+            out,
+            filters,
+            formats=formats,
+            tasks=tasks,
+            scrub_patterns=cfg.traces.scrub_patterns,
+        )
+    finally:
+        store.close()
+
+
+@dataset_app.command("build")
+def build(
+    ctx: typer.Context,
+    kind: Annotated[str, typer.Argument(help="sft | dpo | kto | grpo")],
+    env: Annotated[str | None, typer.Option(help="only traces of this environment")] = None,
+    min_score: Annotated[
+        float, typer.Option(help="a trace passes with a score at or above this (0-1)")
+    ] = 1.0,
+    exclude_flagged: Annotated[
+        bool, typer.Option("--exclude-flagged", help="drop traces with reward-hacking flags")
+    ] = False,
+    best_of_n: Annotated[
+        bool, typer.Option("--best-of-n", help="sft/dpo: only the best passing trace per task")
+    ] = False,
+    since: Annotated[
+        str | None, typer.Option(help="only traces started since: 7d, 12h, 2026-05-01, epoch")
+    ] = None,
+    grader: Annotated[str | None, typer.Option(help="score by this grader's grades")] = None,
+    fmt: Annotated[
+        str, typer.Option("--format", help="trl, or openai (also writes openai.jsonl)")
+    ] = "trl",
+    out: Annotated[
+        Path | None, typer.Option(help="output folder (default <workspace>/datasets/ENV-KIND)")
+    ] = None,
+) -> None:
+    """Build a dataset folder: train.jsonl, manifest.json, SUMMARY.md (and openai.jsonl)."""
+    if kind not in DATASET_KINDS:
+        _fail(f"unknown dataset kind {kind!r}: choose one of {', '.join(DATASET_KINDS)}", 2)
+    if fmt not in ("trl", "openai"):
+        _fail(f"unknown --format {fmt!r}: choose trl or openai", 2)
+    path = (ctx.obj or {}).get("config") if ctx.obj else None
+    try:
+        cfg = load_config(path)
+        filters = DatasetFilters(
+            env=env,
+            min_score=min_score,
+            exclude_flagged=exclude_flagged,
+            best_of_n=best_of_n,
+            since=since,
+            grader=grader,
+        )
+        formats = ("trl", "openai") if fmt == "openai" else ("trl",)
+        result = build_from_config(cfg, kind, out, filters, formats)
+    except (ConfigError, DatasetError) as e:
+        _fail(str(e))
+    m = result.manifest
+    typer.echo(f"{m['rows']} {kind} rows from {len(m['trace_ids'])} traces -> {result.path}")
+
+
+def _fail(message: str, code: int = 1) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
