@@ -1,0 +1,85 @@
+"""Small real datasets and paths for the tuner tests (calculator tool-use conversations)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+MODEL_DIR = (
+    Path(__file__).resolve().parent.parent / ".selftune" / "models" / "smollm2-135m-instruct"
+)
+
+CALCULATOR = {
+    "type": "function",
+    "function": {
+        "name": "calculator",
+        "description": "Evaluate an arithmetic expression.",
+        "parameters": {
+            "type": "object",
+            "properties": {"expression": {"type": "string"}},
+            "required": ["expression"],
+        },
+    },
+}
+
+
+def need_model() -> Path:
+    if not (MODEL_DIR / "config.json").is_file():
+        pytest.skip(f"the converted model is missing at {MODEL_DIR}: run `selftune setup`")
+    return MODEL_DIR
+
+
+def calc_conversation(a: int, b: int) -> list[dict]:
+    expr = f"{a}*{b}"
+    return [
+        {"role": "user", "content": f"What is {a} * {b}?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "id": "call_0",
+                    "type": "function",
+                    "function": {"name": "calculator", "arguments": {"expression": expr}},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_0", "content": str(a * b)},
+        {"role": "assistant", "content": str(a * b)},
+    ]
+
+
+def _pairs(n: int, seed: int) -> list[tuple[int, int]]:
+    rng = random.Random(seed)
+    return [(rng.randint(10, 99), rng.randint(10, 99)) for _ in range(n)]
+
+
+def write_dataset(folder: Path, kind: str, n: int = 8, seed: int = 0) -> Path:
+    """A dataset folder of `n` rows of `kind` (sft, dpo, kto) plus a manifest.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, (a, b) in enumerate(_pairs(n, seed)):
+        conv = calc_conversation(a, b)
+        prompt = conv[:1]
+        good = conv[1:2]  # the tool call
+        bad = [{"role": "assistant", "content": f"{a} * {b} = {a + b}"}]  # a wrong guess
+        if kind == "sft":
+            rows.append({"messages": conv, "tools": [CALCULATOR]})
+        elif kind == "dpo":
+            rows.append({"prompt": prompt, "chosen": good, "rejected": bad})
+        elif kind == "kto":
+            rows.append(
+                {"prompt": prompt, "completion": good if i % 2 == 0 else bad, "label": i % 2 == 0}
+            )
+        else:
+            raise ValueError(kind)
+    with open(folder / "train.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    (folder / "manifest.json").write_text(
+        json.dumps({"kind": kind, "rows": len(rows), "seed": seed, "traces": []}, indent=2)
+    )
+    return folder

@@ -1,0 +1,186 @@
+"""The adapter registry: versions, lineage, one active pointer that survives kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tuner.registry import Registry, RegistryError
+from tuner.schemas import GateResult
+
+ROOT = Path(__file__).resolve().parent.parent
+PASS = GateResult(promote=True, reasons=["test"], numbers={})
+
+
+def fake_adapter(folder: Path, r: int = 8) -> Path:
+    """A PEFT-shaped folder (config + weights file); the registry only moves and checks it."""
+    folder.mkdir(parents=True)
+    cfg = {"peft_type": "LORA", "r": r, "target_modules": ["q_proj"], "modules_to_save": None}
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    (folder / "adapter_model.safetensors").write_bytes(os.urandom(64))
+    return folder
+
+
+def make(tmp_path: Path, n: int) -> Registry:
+    reg = Registry(tmp_path / "adapters")
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text('{"rows": 3}')
+    for i in range(n):
+        reg.register(
+            fake_adapter(tmp_path / f"train{i}", r=8 * (i + 1)),
+            base_model="smollm2-135m-instruct",
+            parent=f"v{i}" if i else None,
+            dataset_manifest=manifest,
+            train_config={"lora_r": 8 * (i + 1), "learning_rate": 2e-4},
+            metrics={"train_loss": 1.0 / (i + 1)},
+        )
+    return reg
+
+
+def test_register_moves_folder_and_numbers_versions(tmp_path):
+    reg = make(tmp_path, 2)
+    v1, v2 = reg.list()
+    assert (v1.version, v2.version) == ("v1", "v2")
+    assert not (tmp_path / "train0").exists()  # moved, not copied
+    assert (Path(v2.path) / "adapter_model.safetensors").is_file()
+    assert v2.parent == "v1" and v2.status == "candidate"
+    assert v2.dataset_hash and len(v2.dataset_hash) == 64
+    assert reg.active() is None  # nothing promoted: the base model
+
+
+def test_register_refuses_non_peft_folder(tmp_path):
+    reg = Registry(tmp_path / "adapters")
+    (tmp_path / "junk").mkdir()
+    with pytest.raises(RegistryError, match="adapter_config.json"):
+        reg.register(tmp_path / "junk", base_model="m")
+    bad = fake_adapter(tmp_path / "bad")
+    (bad / "adapter_config.json").write_text(json.dumps({"modules_to_save": ["lm_head"]}))
+    with pytest.raises(RegistryError, match="modules_to_save|whole modules"):
+        reg.register(bad, base_model="m")
+
+
+def test_promote_retires_previous_and_rollback_walks_history(tmp_path):
+    reg = make(tmp_path, 3)
+    reg.promote("v1", PASS)
+    reg.promote("v2", PASS)
+    assert reg.active().version == "v2"
+    assert reg.get("v1").status == "retired"
+    assert [r.status for r in reg.list()].count("active") == 1
+    assert reg.rollback().version == "v1"
+    assert reg.get("v2").status == "retired" and reg.get("v1").status == "active"
+    assert reg.rollback() is None  # back to the base model
+    assert reg.rollback() is None  # no history: stays on base
+    assert all(r.status != "active" for r in reg.list())
+
+
+def test_promote_needs_a_passing_gate_unless_forced(tmp_path):
+    reg = make(tmp_path, 2)
+    with pytest.raises(RegistryError, match="not passed the eval gate"):
+        reg.promote("v1")
+    fail = GateResult(promote=False, reasons=["worse"], numbers={})
+    with pytest.raises(RegistryError, match="says reject"):
+        reg.promote("v1", fail)
+    reg.record_eval("v2", {"gate": PASS.model_dump()})
+    assert reg.promote("v2").status == "active"  # the recorded gate result counts
+    rec = reg.promote("v1", force=True)
+    assert rec.status == "active" and any("--force" in n for n in rec.notes)
+
+
+def test_reject_and_record_eval(tmp_path):
+    reg = make(tmp_path, 2)
+    fail = GateResult(promote=False, reasons=["success fell"], numbers={"x": {"candidate": 0.1}})
+    reg.record_eval("v2", {"gate": fail.model_dump()})
+    rec = reg.reject("v2", fail)
+    assert rec.status == "rejected"
+    assert rec.eval_results[-1]["gate"]["reasons"] == ["success fell"]
+    reg.promote("v1", PASS)
+    with pytest.raises(RegistryError, match="is active"):
+        reg.reject("v1")
+
+
+def test_diff_names_what_changed(tmp_path):
+    reg = make(tmp_path, 2)
+    d = reg.diff("v1", "v2")
+    assert d["train_config"] == {"lora_r": (8, 16)}
+    assert d["metrics"]["train_loss"] == (1.0, 0.5)
+    assert d["lineage"]["parent"] == (None, "v1")
+
+
+def test_unknown_and_corrupt_records_give_clear_errors(tmp_path):
+    reg = make(tmp_path, 1)
+    with pytest.raises(RegistryError, match="no adapter version v9"):
+        reg.get("v9")
+    with pytest.raises(RegistryError, match="not a version name"):
+        reg.get("../etc")
+    (reg.root / "v1" / "record.json").write_text("{not json")
+    with pytest.raises(RegistryError, match=r"v1/record.json is corrupt.*delete the folder"):
+        reg.get("v1")
+    (reg.root / "active").write_text("[]")
+    with pytest.raises(RegistryError, match="active pointer .* corrupt.*delete it"):
+        reg.active()
+
+
+def test_reopen_reconciles_a_stale_status(tmp_path):
+    """A writer killed between the pointer and the record updates leaves a stale status."""
+    reg = make(tmp_path, 2)
+    reg.promote("v1", PASS)
+    rec = json.loads((reg.root / "v2" / "record.json").read_text())
+    rec["status"] = "active"  # as if killed before v2's record was corrected
+    (reg.root / "v2" / "record.json").write_text(json.dumps(rec))
+    reg2 = Registry(reg.root)
+    assert [r.version for r in reg2.list() if r.status == "active"] == ["v1"]
+
+
+_FLIPPER = """
+import sys
+from tuner.registry import Registry
+from tuner.schemas import GateResult
+reg = Registry(sys.argv[1])
+ok = GateResult(promote=True, reasons=[], numbers={})
+print("ready", flush=True)
+i = 0
+while True:
+    reg.promote(["v1", "v2", "v3"][i % 3], ok)
+    if i % 4 == 3:
+        reg.rollback()
+    i += 1
+"""
+
+
+def test_kill_9_during_promote_rollback_leaves_a_valid_active(tmp_path):
+    make(tmp_path, 3)
+    root = tmp_path / "adapters"
+    script = tmp_path / "flip.py"
+    script.write_text(_FLIPPER)
+    rng = random.Random(7)
+    seen = set()
+    for _ in range(20):
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(root)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        assert proc.stdout.readline().strip() == b"ready"
+        time.sleep(rng.uniform(0.01, 0.25))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        reg = Registry(root)  # opening must succeed whatever moment the kill hit
+        active = reg.active()
+        if active is not None:
+            assert (Path(active.path) / "adapter_config.json").is_file()
+            assert (Path(active.path) / "adapter_model.safetensors").is_file()
+        statuses = [r.status for r in reg.list()]
+        assert statuses.count("active") == (0 if active is None else 1)
+        seen.add(active.version if active else None)
+        # a killed writer's temp files are swept when the registry opens
+        assert not list(root.glob(".*.tmp-*")) and not list(root.glob("v*/.*.tmp-*"))
+    assert len(seen) >= 2  # the kills really landed at different states
