@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
 import pytest
+
+from tuner.registry import Registry
 
 MODEL_DIR = (
     Path(__file__).resolve().parent.parent / ".selftune" / "models" / "smollm2-135m-instruct"
@@ -83,3 +86,28 @@ def write_dataset(folder: Path, kind: str, n: int = 8, seed: int = 0) -> Path:
         json.dumps({"kind": kind, "rows": len(rows), "seed": seed, "traces": []}, indent=2)
     )
     return folder
+
+
+def fake_adapter(folder: Path, r: int = 8) -> Path:
+    """A PEFT-shaped folder (config + weights file); the registry only moves and checks it."""
+    folder.mkdir(parents=True)
+    cfg = {"peft_type": "LORA", "r": r, "target_modules": ["q_proj"], "modules_to_save": None}
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    (folder / "adapter_model.safetensors").write_bytes(os.urandom(64))
+    return folder
+
+
+def make(tmp_path: Path, n: int) -> Registry:
+    reg = Registry(tmp_path / "adapters")
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text('{"rows": 3}')
+    for i in range(n):
+        reg.register(
+            fake_adapter(tmp_path / f"train{i}", r=8 * (i + 1)),
+            base_model="smollm2-135m-instruct",
+            parent=f"v{i}" if i else None,
+            dataset_manifest=manifest,
+            train_config={"lora_r": 8 * (i + 1), "learning_rate": 2e-4},
+            metrics={"train_loss": 1.0 / (i + 1)},
+        )
+    return reg
