@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tuner.registry import Registry
@@ -122,7 +123,7 @@ def gate_table(result: GateResult) -> Table:
     for name, row in result.numbers.items():
         direction = "" if row["higher_is_better"] else " (lower is better)"
         table.add_row(
-            name + direction,
+            escape(name) + direction,  # '[env]' would read as rich markup
             f"{row['active']:.3f}",
             f"{row['candidate']:.3f}",
             f"{row['delta']:+.3f}",
