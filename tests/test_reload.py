@@ -1,0 +1,136 @@
+"""Reload against a real HTTP server on loopback that implements vLLM's runtime LoRA routes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from _tuner_fixtures import make
+
+from tuner.registry import Registry
+from tuner.reload import SERVED_NAME, LocalReloader, ReloadError, VllmReloader
+from tuner.schemas import GateResult
+
+
+class FakeVllm(BaseHTTPRequestHandler):
+    """vLLM's checks, as its serving code does them: a name loaded twice without
+    load_inplace is a 400, unloading an unknown name is a 404, the path must exist."""
+
+    loaded: dict[str, str]
+    requests: list[tuple[str, dict]]
+
+    def log_message(self, *args):  # keep pytest output clean
+        pass
+
+    def _answer(self, code: int, text: str) -> None:
+        body = text.encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append((self.path, body))
+        loaded = self.server.loaded
+        if self.path == "/v1/load_lora_adapter":
+            name, path = body.get("lora_name"), body.get("lora_path")
+            if not name or not path:
+                return self._answer(400, "Both 'lora_name' and 'lora_path' must be provided.")
+            if name in loaded and not body.get("load_inplace", False):
+                return self._answer(400, f"The lora adapter '{name}' has already been loaded.")
+            if not (Path(path) / "adapter_config.json").is_file():
+                return self._answer(400, f"No adapter found at {path}")
+            loaded[name] = path
+            return self._answer(200, f"Success: LoRA adapter '{name}' added successfully.")
+        if self.path == "/v1/unload_lora_adapter":
+            name = body.get("lora_name")
+            if name not in loaded:
+                return self._answer(404, f"The lora adapter '{name}' cannot be found.")
+            del loaded[name]
+            return self._answer(200, f"Success: LoRA adapter '{name}' removed successfully.")
+        return self._answer(404, "Not Found")
+
+
+@pytest.fixture
+def vllm():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeVllm)
+    server.loaded, server.requests = {}, []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def url(server) -> str:
+    return f"http://127.0.0.1:{server.server_address[1]}/v1"
+
+
+PASS = GateResult(promote=True, reasons=[], numbers={})
+
+
+def test_promotion_swaps_the_served_adapter_in_place(tmp_path, vllm):
+    reg: Registry = make(tmp_path, 2)
+    reloader = VllmReloader(url(vllm))
+    asyncio.run(reloader.reload(reg.promote("v1", PASS)))
+    asyncio.run(reloader.reload(reg.promote("v2", PASS)))
+    assert vllm.loaded == {SERVED_NAME: str(reg.path("v2"))}
+    assert [p for p, _ in vllm.requests] == ["/v1/load_lora_adapter"] * 2
+    assert all(b["load_inplace"] is True for _, b in vllm.requests)
+    # rollback to the base model unloads the stable name
+    reg.rollback()
+    reg.rollback()
+    asyncio.run(reloader.reload(reg.active()))
+    assert vllm.loaded == {}
+
+
+def test_named_versions_load_and_unload(tmp_path, vllm):
+    reg = make(tmp_path, 1)
+    reloader = VllmReloader(url(vllm))
+    asyncio.run(reloader.load("v1", reg.get("v1").path))
+    with pytest.raises(ReloadError, match="HTTP 400.*already been loaded"):
+        asyncio.run(reloader.load("v1", reg.get("v1").path))  # vLLM refuses without inplace
+    asyncio.run(reloader.unload("v1"))
+    with pytest.raises(ReloadError, match="HTTP 404.*cannot be found.*--enable-lora"):
+        asyncio.run(reloader.unload("v1"))
+    asyncio.run(reloader.unload("v1", missing_ok=True))
+
+
+def test_connection_refused_names_the_url_and_the_flags():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once we leave: nothing listens there
+    reloader = VllmReloader(f"http://127.0.0.1:{port}", timeout_s=5)
+    with pytest.raises(ReloadError) as e:
+        asyncio.run(reloader.load("x", "/nowhere"))
+    msg = str(e.value)
+    assert f"127.0.0.1:{port}/v1/load_lora_adapter" in msg
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True" in msg and "--max-lora-rank" in msg
+
+
+class _Host:
+    """Records what the local backend was asked to do (stands in for the lead's backend)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def load_adapter(self, name, path):
+        self.calls.append(("load", name, path))
+
+    def set_active(self, name):
+        self.calls.append(("active", name))
+
+
+def test_local_reloader_loads_then_activates(tmp_path):
+    reg = make(tmp_path, 1)
+    host = _Host()
+    asyncio.run(LocalReloader(host).reload(reg.promote("v1", PASS)))
+    asyncio.run(LocalReloader(host).reload(None))
+    assert host.calls == [("load", "v1", str(reg.path("v1"))), ("active", "v1"), ("active", None)]

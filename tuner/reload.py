@@ -1,0 +1,131 @@
+"""Reload: after a promotion (or rollback), running agents switch to the new adapter.
+
+Two kinds of serving, one protocol (`Reloader.reload(record)`; `None` means the base model):
+
+- in process (the local backend): `LocalReloader(backend)` calls the backend's
+  `load_adapter(name, path)` and `set_active(name)`; the base model stays loaded.
+- vLLM: `VllmReloader(base_url)` loads the adapter under one stable name (`selftune-active`)
+  with `load_inplace`, so agents that send `model="selftune-active"` get the new weights on their
+  next request, with no change to their configuration.
+
+vLLM must be started with LoRA and runtime updating enabled, and a rank limit that fits:
+
+    VLLM_ALLOW_RUNTIME_LORA_UPDATING=True \\
+    python -m vllm.entrypoints.openai.api_server --model BASE_MODEL_DIR \\
+        --enable-lora --max-lora-rank 64 --max-loras 4 \\
+        --enable-auto-tool-choice --tool-call-parser hermes
+
+Routes used: `POST /v1/load_lora_adapter {"lora_name", "lora_path", "load_inplace"}` and
+`POST /v1/unload_lora_adapter {"lora_name"}`. `lora_path` is read by the vLLM server, so the
+registry folder must be visible to it at the same path.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import httpx
+
+from tuner.schemas import AdapterRecord
+
+SERVED_NAME = "selftune-active"
+VLLM_HINT = (
+    "start vLLM with --enable-lora, --max-lora-rank at least the adapter's rank, and the "
+    "environment variable VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"
+)
+
+
+class ReloadError(RuntimeError):
+    """The serving side refused or could not be reached; the message says how to fix it."""
+
+
+class Reloader(Protocol):
+    async def reload(self, record: AdapterRecord | None) -> None:
+        """Make `record` (None: the base model) what agents get from now on."""
+        ...
+
+
+class AdapterHost(Protocol):
+    """What the in-process local backend offers for swapping adapters."""
+
+    def load_adapter(self, name: str, path: str) -> Any: ...
+
+    def set_active(self, name: str | None) -> Any: ...
+
+
+class LocalReloader:
+    """Swap the adapter of an in-process backend without reloading the base model."""
+
+    def __init__(self, backend: AdapterHost):
+        self.backend = backend
+
+    async def reload(self, record: AdapterRecord | None) -> None:
+        if record is None:
+            self.backend.set_active(None)
+            return
+        if not record.path:
+            raise ReloadError(f"record {record.version} has no path: read it from the Registry")
+        self.backend.load_adapter(record.version, record.path)
+        self.backend.set_active(record.version)
+
+
+class VllmReloader:
+    """Load adapters into a running vLLM server through its runtime LoRA routes."""
+
+    def __init__(
+        self,
+        base_url: str,
+        served_name: str = SERVED_NAME,
+        *,
+        timeout_s: float = 60.0,
+        api_key: str | None = None,
+    ):
+        # accept both http://host:8000 and http://host:8000/v1 (the OpenAI client's form)
+        self.base_url = base_url.rstrip("/").removesuffix("/v1")
+        self.served_name = served_name
+        self.timeout_s = timeout_s
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.loaded: set[str] = set()  # names this reloader loaded, for unload bookkeeping
+
+    async def reload(self, record: AdapterRecord | None) -> None:
+        """Serve `record` under the stable name; None unloads it (requests for the name then
+        fail, so point agents at the base model's name when rolling back to base)."""
+        if record is None:
+            await self.unload(self.served_name, missing_ok=True)
+            return
+        if not record.path:
+            raise ReloadError(f"record {record.version} has no path: read it from the Registry")
+        await self.load(self.served_name, record.path, inplace=True)
+
+    async def load(self, name: str, path: str, *, inplace: bool = False) -> None:
+        """Load the adapter at `path` as `name`; `inplace` replaces one already under that name."""
+        body = {"lora_name": name, "lora_path": str(path), "load_inplace": inplace}
+        await self._post("/v1/load_lora_adapter", body)
+        self.loaded.add(name)
+
+    async def unload(self, name: str, *, missing_ok: bool = False) -> None:
+        """Unload `name` (e.g. a retired version loaded under its own name)."""
+        try:
+            await self._post("/v1/unload_lora_adapter", {"lora_name": name})
+        except ReloadError as e:
+            if not (missing_ok and "HTTP 404" in str(e)):
+                raise
+        self.loaded.discard(name)
+
+    async def _post(self, route: str, body: dict[str, Any]) -> str:
+        url = self.base_url + route
+        try:
+            async with httpx.AsyncClient(timeout=self.timeout_s, headers=self.headers) as client:
+                resp = await client.post(url, json=body)
+        except httpx.HTTPError as e:
+            raise ReloadError(
+                f"could not reach vLLM at {url} ({type(e).__name__}: {e}): is it running? "
+                + VLLM_HINT
+            ) from None
+        if resp.status_code >= 400:
+            hint = VLLM_HINT if resp.status_code in (404, 405) else "see the server's log"
+            raise ReloadError(
+                f"vLLM at {url} answered HTTP {resp.status_code} for {body}: "
+                f"{resp.text.strip()[:500]} ({hint})"
+            )
+        return resp.text
