@@ -1,0 +1,165 @@
+"""Retrieval with real parts: the MiniLM model, an embedded Chroma store on disk, a second
+process reopening it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from retrieval import embedding
+from retrieval.ingest import chunk_text, html_to_text, index_paths
+from retrieval.schemas import RetrievalConfig
+from retrieval.search import format_passages, make_search_tool, search
+from retrieval.store import get_collection, open_client
+from tools import ToolError
+
+REPO = Path(__file__).resolve().parent.parent
+
+DOCS = {
+    "cats.md": "# Cats\n\nCats are small carnivorous mammals that purr and chase mice.\n\n"
+    "## Care\n\nFeed a cat twice a day and give it fresh water.\n",
+    "rockets.txt": "Rockets burn liquid oxygen and kerosene to reach orbit.\n\n"
+    "The first stage separates after about two minutes of flight.\n",
+    "bread.html": "<html><head><style>p{color:red}</style><title>x</title></head><body>"
+    "<h1>Sourdough</h1><p>Bake the bread at 230 degrees for forty minutes.</p>"
+    "<script>alert('no')</script><p>Let the dough rise overnight in the fridge.</p></body></html>",
+    "manual.pdf": "%PDF-1.4 not really",
+}
+
+
+def make_docs(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for name, text in DOCS.items():
+        (root / name).write_text(text)
+    return root
+
+
+def test_chunks_follow_headings_and_keep_offsets():
+    text = "Intro line.\n\n# Alpha\n\n" + "alpha words here. " * 30 + "\n\n## Beta\n\nbeta text.\n"
+    chunks = chunk_text(text, chunk_chars=200, overlap=40)
+    assert [c.heading for c in chunks][0] == ""
+    assert {c.heading for c in chunks} == {"", "Alpha", "Beta"}
+    for c in chunks:
+        assert text[c.start : c.end] == c.text
+        assert len(c.text) <= 200 + 40
+    alpha = [c for c in chunks if c.heading == "Alpha"]
+    assert alpha[0].text.startswith("# Alpha\n\nalpha")  # a heading never stands alone
+    assert len(alpha) > 1 and alpha[1].start < alpha[0].end  # overlap with the previous chunk
+    assert chunks[-1].text == "## Beta\n\nbeta text."
+    with pytest.raises(ValueError, match="overlap < chunk_chars"):
+        chunk_text(text, chunk_chars=100, overlap=100)
+
+
+def test_html_is_reduced_to_visible_text():
+    text = html_to_text(DOCS["bread.html"])
+    assert text.startswith("# Sourdough\n\nBake the bread")
+    assert "alert" not in text and "color" not in text and "<" not in text
+
+
+def test_registered_embedding_function_is_rebuilt_from_config():
+    from chromadb.utils.embedding_functions import config_to_embedding_function
+
+    ef = config_to_embedding_function({"name": "selftune_minilm", "config": {"device": "cpu"}})
+    assert isinstance(ef, embedding.MiniLMEmbedding)
+    a, b = ef(["a red apple", "a green apple"]), ef(["quarterly tax filing"])
+    assert len(a[0]) == 384
+    assert float(a[0] @ a[1]) > float(a[0] @ b[0])  # similar texts are closer
+    model = embedding.load_model()
+    assert embedding.MiniLMEmbedding.build_from_config({}) and embedding.load_model() is model
+
+
+def test_index_search_and_reindex_only_changed_files(tmp_path: Path):
+    docs = make_docs(tmp_path / "docs")
+    store = tmp_path / "chroma"
+    col = get_collection(open_client(RetrievalConfig(), store), "docs")
+
+    report = index_paths([docs], col, chunk_chars=200, overlap=30)
+    assert sorted(Path(p).name for p in report.added) == ["bread.html", "cats.md", "rockets.txt"]
+    assert [Path(p).name for p in report.unsupported] == ["manual.pdf"]
+    assert report.chunks_added == col.count() > 3
+
+    hits = search(col, "how long to bake sourdough", k=2)
+    assert Path(hits[0].source).name == "bread.html"
+    assert hits[0].score > hits[1].score and -1.0 <= hits[1].score <= 1.0
+    assert hits[0].metadata["heading"] == "Sourdough" and "chunk" in hits[0].metadata
+
+    # unchanged: nothing is embedded again
+    before = embedding.calls["texts"]
+    again = index_paths([docs], col, chunk_chars=200, overlap=30)
+    assert len(again.skipped) == 3 and not again.added and not again.updated
+    assert embedding.calls["texts"] == before
+
+    # one file changed, one removed: only the changed file is re-embedded
+    (docs / "rockets.txt").write_text("Rockets now run on methane.\n\nReusable boosters land.\n")
+    (docs / "cats.md").unlink()
+    n_before = col.count()
+    before = embedding.calls["texts"]
+    third = index_paths([docs], col, chunk_chars=200, overlap=30)
+    assert [Path(p).name for p in third.updated] == ["rockets.txt"]
+    assert [Path(p).name for p in third.removed] == ["cats.md"]
+    assert [Path(p).name for p in third.skipped] == ["bread.html"]
+    expected = len(chunk_text((docs / "rockets.txt").read_text(), 200, 30))
+    assert embedding.calls["texts"] - before == third.chunks_added == expected
+    assert col.count() == n_before - third.chunks_removed + third.chunks_added
+    assert "methane" in search(col, "what fuel do rockets use", k=1)[0].text
+    assert not col.get(where={"source": str((docs / "cats.md").resolve())})["ids"]
+
+
+def test_search_tool_returns_text_and_structured_passages(tmp_path: Path):
+    docs = make_docs(tmp_path / "docs")
+    col = get_collection(open_client(RetrievalConfig(), tmp_path / "chroma"), "kb-1")
+    index_paths([docs / "cats.md", docs / "rockets.txt"], col)
+    t = make_search_tool(col, k=2)
+    assert t.schema()["function"]["parameters"]["required"] == ["query"]
+    text = asyncio.run(t.ainvoke({"query": "what do cats eat"}))
+    assert text.startswith("[1] id=") and "cats.md" in text and "score=" in text
+    passages = asyncio.run(t.asearch("what do cats eat"))
+    assert len(passages) == 2 and Path(passages[0].source).name == "cats.md"
+    assert text == format_passages(passages)
+    with pytest.raises(ToolError, match="query is empty"):
+        asyncio.run(t.ainvoke({"query": "  "}))
+    with pytest.raises(ToolError, match="query"):
+        asyncio.run(t.ainvoke({"q": "cats"}))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        index_paths([tmp_path / "nope"], col)
+
+
+def test_bad_settings_are_explained(tmp_path: Path):
+    with pytest.raises(ValueError, match="not an http"):
+        open_client(RetrievalConfig(url="localhost:8000"))
+    with pytest.raises(ValueError, match="collection name 'kb' is not valid"):
+        get_collection(open_client(RetrievalConfig(), tmp_path / "chroma"), "kb")
+
+
+@pytest.mark.slow  # the second process loads torch and the model again (~20 s here)
+def test_reopen_in_another_process_finds_the_embedding_function(tmp_path: Path):
+    docs = make_docs(tmp_path / "docs")
+    store = tmp_path / "chroma"
+    index_paths([docs], get_collection(open_client(RetrievalConfig(), store), "docs"))
+    # the other process opens the store without passing the embedding function
+    script = textwrap.dedent(
+        f"""
+        import json, chromadb
+        import retrieval.embedding  # registers selftune_minilm with Chroma
+        from chromadb.config import Settings
+        from retrieval.search import search
+        client = chromadb.PersistentClient({str(store)!r}, settings=Settings(anonymized_telemetry=False))
+        col = client.get_collection("docs")
+        hits = search(col, "dough rising in the fridge", k=1)
+        ef = col.configuration["embedding_function"]  # rebuilt from the stored config
+        print(json.dumps([type(ef).__name__, hits[0].source, hits[0].text]))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    ef_name, source, text = json.loads(out.stdout.strip().splitlines()[-1])
+    assert ef_name == "MiniLMEmbedding"
+    assert source.endswith("bread.html") and "overnight" in text
