@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -43,24 +44,23 @@ def _group() -> None:
     """Build training datasets (SFT, DPO, KTO, GRPO) from graded traces."""  # keeps `build` a sub-command
 
 
-def environment_tasks(env: str, cfg: Config) -> dict[tuple[str, str], Task]:
-    """The environment's tasks keyed by (env, task_id), each with its grader filled in from the
-    environment's default. Empty (with a warning) when `env` is not a loadable environment:
-    traces may come from tasks given on the command line."""
+def environment_tasks(env: str, cfg: Config) -> tuple[str, dict[tuple[str, str], Task]]:
+    """The environment's name as its traces record it ("docs-qa" loads the folder docs_qa) and
+    its tasks keyed by (name, task_id), each with the environment's default grader filled in.
+    When `env` is not a loadable environment: `env` itself and no tasks (traces may come from
+    tasks given on the command line; GRPO then reads answers from trace metadata)."""
     from agent.environments import EnvironmentLoadError, load_environment
 
     try:
         loaded = load_environment(env, config=cfg.agent)
     except EnvironmentLoadError as e:
-        log.warning("no task records for %s (%s); GRPO answers come from trace metadata", env, e)
-        return {}
-    tasks = {}
-    for t in loaded.tasks:
-        task = t if t.grader else t.model_copy(update={"grader": loaded.grader})
-        # traces name the environment as it was asked for ("docs-qa") or by its folder name
-        for name in {env, loaded.name}:
-            tasks[(name, t.id)] = task
-    return tasks
+        log.warning("no task records for %s (%s)", env, e)
+        return env, {}
+    tasks = {
+        (loaded.name, t.id): t if t.grader else t.model_copy(update={"grader": loaded.grader})
+        for t in loaded.tasks
+    }
+    return loaded.name, tasks
 
 
 def build_from_config(
@@ -74,7 +74,10 @@ def build_from_config(
     `<workspace>/datasets/<env>-<kind>`."""
     from agent.runtime import open_store
 
-    tasks = environment_tasks(filters.env, cfg) if filters.env else None
+    tasks = None
+    if filters.env:
+        name, tasks = environment_tasks(filters.env, cfg)
+        filters = replace(filters, env=name)
     out = Path(out) if out else cfg.workspace.datasets / f"{filters.env or 'all'}-{kind}"
     store = open_store(cfg)
     try:

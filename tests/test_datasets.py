@@ -723,3 +723,37 @@ def test_cli_builds_from_the_workspace_store(tmp_path: Path, monkeypatch: pytest
         dataset_app, ["build", "sft", "--env", "nowhere", "--out", str(tmp_path / "e")]
     )
     assert empty.exit_code == 1 and "no sft rows" in empty.output
+
+
+def test_cli_grpo_takes_answers_from_the_real_environment(tmp_path: Path, monkeypatch):
+    """docs-qa's answers mix lists and numbers; its test-split tasks never become rows."""
+    import datasets
+    from typer.testing import CliRunner
+
+    from agent.cli_dataset import dataset_app
+    from agent.environments import load_environment
+
+    env = load_environment("docs-qa")
+    train = env.split("train")[:2]
+    test = env.split("test")[:1]
+    home = tmp_path / "ws"
+    monkeypatch.setenv("SELFTUNE_HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    with TraceStore(home / "traces.db") as s:
+        for task in [*train, *test]:
+            t, ep = episode(task.id, env=env.name, answer="?", prompt=task.prompt, tools=[SEARCH])
+            ep.final("?")
+            save(s, t)
+    res = CliRunner().invoke(dataset_app, ["build", "grpo", "--env", "docs-qa", "--out", "g"])
+    assert res.exit_code == 0, res.output
+    rows = read_rows(tmp_path / "g" / "train.jsonl")
+    assert [(r["task_id"], r["answer"], r["grader"]) for r in rows] == sorted(
+        (t.id, t.answer, t.grader or env.grader) for t in train
+    )
+    assert json.loads((tmp_path / "g" / "manifest.json").read_text())["excluded"] == {
+        "test_split": 1
+    }
+    loaded = datasets.load_dataset(
+        "json", data_files=str(tmp_path / "g" / "train.jsonl"), split="train"
+    )
+    assert [dict(r) for r in loaded] == rows
