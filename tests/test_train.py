@@ -1,0 +1,203 @@
+"""Trainers on the real SmolLM2 model: each dataset kind trains, the adapter is a standard PEFT
+folder that changes the model, and a killed job resumes from its last checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from _tuner_fixtures import write_dataset
+
+from tuner.schemas import ALL_LINEAR, TrainConfig
+from tuner.train import TrainError, build_trainer, cpu_has_bf16, load_rows, train
+
+ROOT = Path(__file__).resolve().parent.parent
+# Few rows, short steps: the point is that each trainer accepts our rows, not learning.
+TINY = dict(batch_size=2, max_steps=1, max_length=256, save_steps=50, learning_rate=1e-3)
+
+
+def test_cpu_bf16_detection_reads_the_flags():
+    assert cpu_has_bf16("flags\t\t: fpu sse avx512f avx512_bf16 avx2\n")
+    assert cpu_has_bf16("flags : fpu amx_bf16 amx_tile\n")
+    assert not cpu_has_bf16("flags\t\t: fpu sse avx2 avx512f avx512bw\n")
+
+
+def test_train_config_from_section_and_errors():
+    from agent.config import TunerConfig
+
+    cfg = TrainConfig.from_section(TunerConfig(lora_r=32), max_steps=7)
+    assert cfg.lora_r == 32 and cfg.max_steps == 7 and cfg.target_modules == ALL_LINEAR
+    with pytest.raises(ValueError, match="above max_lora_rank.*--max-lora-rank"):
+        TrainConfig(lora_r=128)
+    with pytest.raises(ValueError, match="not a value vLLM accepts"):
+        TrainConfig(max_lora_rank=48)
+    with pytest.raises(ValueError, match="extra"):
+        TrainConfig.from_section({"lora_rank": 8})
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo", "kto"])
+def test_rows_load_with_datasets_json(tmp_path, kind):
+    rows = load_rows(kind, write_dataset(tmp_path / kind, kind, n=4))
+    assert len(rows) == 4
+    other = {"sft": "dpo", "dpo": "kto", "kto": "sft"}[kind]
+    with pytest.raises(TrainError, match=f"not a {other.upper()} dataset"):
+        load_rows(other, tmp_path / kind)
+
+
+def test_sft_trains_on_assistant_tokens_only(tmp_path, model_path):
+    """The loss mask covers the tool call and the answer, never the user's question."""
+    ds = write_dataset(tmp_path / "ds", "sft", n=2)
+    trainer = build_trainer(
+        "sft", ds, base_model_dir=model_path, work_dir=tmp_path / "w", config=TrainConfig(**TINY)
+    )
+    row = trainer.train_dataset[0]
+    mask = [label != -100 for label in row["labels"]]  # TRL folds the assistant mask into labels
+    tok = trainer.processing_class
+    trained = tok.decode([t for t, m in zip(row["input_ids"], mask, strict=True) if m])
+    untrained = tok.decode([t for t, m in zip(row["input_ids"], mask, strict=True) if not m])
+    assert '<tool_call>{"name": "calculator"' in trained and "<|im_end|>" in trained
+    assert "What is" in untrained and "What is" not in trained
+    assert not trainer.args.bf16 or cpu_has_bf16()
+    assert not trainer.args.gradient_checkpointing  # off for a 135M model: it costs 1.6x
+
+
+@pytest.mark.slow
+def test_sft_adapter_is_standard_peft_and_changes_logits(tmp_path, model_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ds = write_dataset(tmp_path / "ds", "sft", n=4)
+    result = train(
+        "sft",
+        ds,
+        base_model_dir=model_path,
+        out_dir=tmp_path / "adapter",
+        config=TrainConfig(**TINY),
+        progress=False,
+    )
+    out = result.adapter_dir
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("adapter_")) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    acfg = json.loads((out / "adapter_config.json").read_text())
+    assert acfg["modules_to_save"] in (None, [])
+    assert acfg["r"] == 16 and acfg["r"] <= 64
+    assert sorted(acfg["target_modules"]) == sorted(ALL_LINEAR)
+    assert acfg["base_model_name_or_path"] == "smollm2-135m-instruct"
+    assert result.metrics["global_step"] == 1 and result.metrics["last_loss"] > 0
+    assert not (tmp_path / "adapter.work").exists()  # checkpoints cleaned after success
+
+    base = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        before = base(ids).logits.clone()
+        after = PeftModel.from_pretrained(base, str(out))(ids).logits
+    assert (after - before).abs().max().item() > 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["dpo", "kto"])
+def test_preference_trainers_accept_our_rows(tmp_path, model_path, kind):
+    ds = write_dataset(tmp_path / "ds", kind, n=4)
+    result = train(
+        kind,
+        ds,
+        base_model_dir=model_path,
+        out_dir=tmp_path / "adapter",
+        config=TrainConfig(**TINY),
+        progress=False,
+    )
+    assert result.metrics["global_step"] == 1
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_continue_from_parent_adapter(tmp_path, model_path):
+    from safetensors.torch import load_file
+
+    ds = write_dataset(tmp_path / "ds", "sft", n=4)
+    cfg = TrainConfig(**TINY)
+    parent = train(
+        "sft", ds, base_model_dir=model_path, out_dir=tmp_path / "p", config=cfg, progress=False
+    )
+    child = train(
+        "sft",
+        ds,
+        base_model_dir=model_path,
+        out_dir=tmp_path / "c",
+        parent_adapter_dir=parent.adapter_dir,
+        config=cfg,
+        progress=False,
+    )
+    a = load_file(str(parent.adapter_dir / "adapter_model.safetensors"))
+    b = load_file(str(child.adapter_dir / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    # the child started from the parent's B (nonzero), not from a fresh LoRA (B = 0)
+    bkey = next(k for k in a if "lora_B" in k)
+    assert a[bkey].abs().sum() > 0 and not (a[bkey] == b[bkey]).all()
+
+
+@pytest.mark.slow
+def test_killed_job_resumes_from_its_last_checkpoint(tmp_path, model_path):
+    ds = write_dataset(tmp_path / "ds", "sft", n=8)
+    out = tmp_path / "adapter"
+    cfg = json.dumps({**TINY, "max_steps": 4, "save_steps": 1})
+    cmd = [
+        sys.executable,
+        "-m",
+        "tuner.train",
+        "sft",
+        str(ds),
+        "--base-model-dir",
+        str(model_path),
+        "--out-dir",
+        str(out),
+        "--config-json",
+        cfg,
+        "--no-progress",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+    work = tmp_path / "adapter.work"
+    deadline = time.time() + 600
+    # a checkpoint is complete once its trainer_state.json is written (the last file saved)
+    while not list(work.glob("checkpoint-*/trainer_state.json")):
+        assert proc.poll() is None, "the job ended before writing a checkpoint"
+        assert time.time() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    done = subprocess.run(
+        [*cmd, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = json.loads(done.stdout.strip().splitlines()[-1])
+    assert metrics["global_step"] == 4
+    assert metrics["resumed_from"].startswith("checkpoint-")
+    assert int(metrics["resumed_from"].split("-")[1]) < 4
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path, model_path):
+    ds = write_dataset(tmp_path / "ds", "sft", n=2)
+    with pytest.raises(TrainError, match="nothing to resume.*run without --resume"):
+        train("sft", ds, base_model_dir=model_path, out_dir=tmp_path / "a", resume=True)
+
+
+def test_fsdp_accelerate_config_loads():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(ROOT / "tuner" / "accelerate" / "fsdp.yaml"))
+    assert cfg.distributed_type.value == "FSDP"
+    assert cfg.fsdp_config["fsdp_version"] == 2
+    # rank 0 must gather the full LoRA weights to save one ordinary PEFT folder
+    assert cfg.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"

@@ -1,0 +1,418 @@
+"""Train a LoRA adapter with TRL (SFT, DPO or KTO) on a dataset folder, resumably.
+
+    train("sft", "datasets/calc", base_model_dir=..., out_dir="adapters/new")
+
+A dataset folder holds JSONL rows exactly as TRL reads them (see DESIGN.md "Datasets") and a
+`manifest.json`. The result is a standard PEFT folder (no `modules_to_save`, rank vLLM can
+serve) whose `base_model_name_or_path` is the base model's name, not a temporary path.
+
+Settings chosen on purpose (TRL's defaults are for GPUs): bf16 only where the hardware has it
+(CPUs without avx512_bf16/amx fail or crawl), gradient checkpointing only for models of 1B
+parameters or more (on the 135M model it cost 1.6x), the loss on assistant tokens only with
+selftune's chat template (SmolLM2's own has no `{% generation %}` markers, and TRL then
+trains on nothing). Checkpoints go to `<out_dir>.work/` every `save_steps`; `resume=True`
+continues from the last one.
+
+Several GPUs: `accelerate launch --config_file tuner/accelerate/fsdp.yaml -m tuner.train ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from tuner.schemas import TrainConfig, TrainKind, TrainResult
+
+# The columns each trainer reads, as DESIGN.md "Datasets" defines them.
+REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
+    "sft": ("messages",),
+    "dpo": ("prompt", "chosen", "rejected"),
+    "kto": ("prompt", "completion", "label"),
+}
+_MODEL_MARKER = "selftune-model.json"
+BIG_MODEL_PARAMS = 1_000_000_000
+
+
+class TrainError(ValueError):
+    """A dataset, model or setting the trainer cannot use; the message says what to do."""
+
+
+# -- hardware ---------------------------------------------------------------------------------
+
+
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
+    """True if the CPU computes bf16 natively (avx512_bf16 or AMX); emulated bf16 is slower."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def pick_device(cfg: TrainConfig) -> str:
+    import torch
+
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise TrainError("device = 'cuda' but no GPU is visible: set [tuner] device = 'auto'")
+    if cfg.device == "cpu":
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_bf16(cfg: TrainConfig, device: str) -> bool:
+    if cfg.bf16 is not None:
+        return cfg.bf16
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_bf16()
+
+
+def base_model_name(base_model_dir: Path) -> str:
+    """The base model's identity: the embedded model's name, else the folder's name."""
+    marker = base_model_dir / _MODEL_MARKER
+    if marker.is_file():
+        try:
+            return json.loads(marker.read_text())["name"]
+        except (OSError, ValueError, KeyError):
+            pass
+    return base_model_dir.name
+
+
+# -- data -------------------------------------------------------------------------------------
+
+
+def load_rows(kind: TrainKind, dataset_dir: Path):
+    """The dataset folder's JSONL rows as a `datasets.Dataset`, checked for the kind's columns."""
+    import datasets
+
+    if kind not in REQUIRED_COLUMNS:
+        raise TrainError(f"unknown training kind {kind!r}: use one of sft, dpo, kto")
+    if not dataset_dir.is_dir():
+        raise TrainError(
+            f"dataset folder {dataset_dir} does not exist: build it with `selftune data`"
+        )
+    files = sorted(str(p) for p in dataset_dir.glob("*.jsonl"))
+    if not files:
+        raise TrainError(f"dataset folder {dataset_dir} has no *.jsonl files")
+    try:
+        ds = datasets.load_dataset("json", data_files=files, split="train")
+    except Exception as e:  # noqa: BLE001 - datasets raises many kinds for a bad file
+        raise TrainError(f"cannot read the JSONL rows in {dataset_dir}: {e}") from None
+    missing = [c for c in REQUIRED_COLUMNS[kind] if c not in ds.column_names]
+    if missing:
+        raise TrainError(
+            f"{dataset_dir} is not a {kind.upper()} dataset: rows lack {', '.join(missing)} "
+            f"(they have {', '.join(ds.column_names)}); a {kind} row needs "
+            f"{', '.join(REQUIRED_COLUMNS[kind])}"
+        )
+    if len(ds) == 0:
+        raise TrainError(f"dataset folder {dataset_dir} has no rows")
+    return ds
+
+
+def load_tokenizer(base_model_dir: Path):
+    """The base tokenizer with selftune's chat template (tools + generation markers)."""
+    from transformers import AutoTokenizer
+
+    from agent.template import chat_template_for
+
+    tok = AutoTokenizer.from_pretrained(str(base_model_dir))
+    tok.chat_template = chat_template_for(tok)
+    if tok.pad_token is None:
+        # Padding is masked by the attention mask and -100 labels, never by token id, so the
+        # real end-of-turn tokens in the labels stay trained even when pad == eos.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+# -- training ---------------------------------------------------------------------------------
+
+
+def lora_config(cfg: TrainConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def trainer_args(kind: TrainKind, cfg: TrainConfig, work_dir: Path, *, device: str, big: bool):
+    """TRL's config for `kind`, with the settings that work here rather than TRL's GPU defaults."""
+    from trl import DPOConfig, KTOConfig, SFTConfig
+
+    bf16 = pick_bf16(cfg, device)
+    checkpointing = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else big
+    common: dict[str, Any] = dict(
+        output_dir=str(work_dir),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=bf16,
+        gradient_checkpointing=checkpointing,
+        use_cpu=device == "cpu",
+        report_to="none",
+        disable_tqdm=True,  # our rich bar shows progress and the loss
+        dataloader_num_workers=0,
+    )
+    if kind == "sft":
+        return SFTConfig(
+            **common,
+            assistant_only_loss=True,
+            # padding-free batches do not truncate; TRL refuses a max_length with them
+            max_length=None if cfg.padding_free else cfg.max_length,
+            padding_free=cfg.padding_free,
+        )
+    if kind == "dpo":
+        return DPOConfig(**common, beta=cfg.beta, max_length=cfg.max_length)
+    return KTOConfig(**common, beta=cfg.beta, max_length=cfg.max_length)
+
+
+def _progress_callback():
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from transformers import TrainerCallback
+
+    class LossProgress(TrainerCallback):
+        """A rich progress bar whose text shows the latest training loss."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:
+                return
+            self.bar = Progress(
+                TextColumn("[bold blue]training"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total} steps"),
+                TextColumn("loss {task.fields[loss]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+            )
+            self.task = self.bar.add_task("train", total=state.max_steps, loss="-")
+            self.bar.update(self.task, completed=state.global_step)
+            self.bar.start()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if hasattr(self, "bar"):
+                self.bar.update(self.task, completed=state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if hasattr(self, "bar") and logs and "loss" in logs:
+                self.bar.update(self.task, loss=f"{logs['loss']:.4f}")
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if hasattr(self, "bar"):
+                self.bar.stop()
+
+    return LossProgress()
+
+
+def _last_checkpoint(work_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(work_dir)) if work_dir.is_dir() else None
+
+
+def build_trainer(
+    kind: TrainKind,
+    dataset_dir: Path | str,
+    *,
+    base_model_dir: Path | str,
+    work_dir: Path | str,
+    parent_adapter_dir: Path | str | None = None,
+    config: TrainConfig | None = None,
+):
+    """The TRL trainer for `kind`, ready to `train()`: rows loaded and tokenized, LoRA attached
+    (fresh, or the parent's weights loaded trainable), checkpoints going to `work_dir`."""
+    import torch
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from trl import DPOTrainer, KTOTrainer, SFTTrainer
+
+    cfg = config or TrainConfig()
+    base_dir = Path(base_model_dir)
+    if not (base_dir / "config.json").is_file():
+        raise TrainError(f"base model folder {base_dir} has no config.json: run `selftune setup`")
+    rows = load_rows(kind, Path(dataset_dir))
+    tok = load_tokenizer(base_dir)
+    device = pick_device(cfg)
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    big = model.num_parameters() >= BIG_MODEL_PARAMS
+    if parent_adapter_dir is not None:
+        parent = Path(parent_adapter_dir)
+        if not (parent / "adapter_config.json").is_file():
+            raise TrainError(f"parent adapter {parent} has no adapter_config.json")
+        model = PeftModel.from_pretrained(model, str(parent), is_trainable=True)
+    else:
+        model = get_peft_model(model, lora_config(cfg))
+    args = trainer_args(kind, cfg, Path(work_dir), device=device, big=big)
+    trainer_cls = {"sft": SFTTrainer, "dpo": DPOTrainer, "kto": KTOTrainer}[kind]
+    return trainer_cls(model=model, args=args, train_dataset=rows, processing_class=tok)
+
+
+def train(
+    kind: TrainKind,
+    dataset_dir: Path | str,
+    *,
+    base_model_dir: Path | str,
+    out_dir: Path | str,
+    parent_adapter_dir: Path | str | None = None,
+    config: TrainConfig | Mapping[str, Any] | Any = None,
+    resume: bool = False,
+    progress: bool = True,
+    base_model: str | None = None,
+) -> TrainResult:
+    """Train a LoRA adapter of `kind` on `dataset_dir` and write it to `out_dir` (a new folder).
+
+    With `parent_adapter_dir` the parent's LoRA weights are loaded trainable and trained further;
+    otherwise a fresh LoRA goes on the base model. `config` is a TrainConfig, a `[tuner]`
+    section, or its dict. `resume` continues from the last checkpoint in `<out_dir>.work/`.
+    `base_model` is the name written into adapter_config.json (default: the model's name).
+    The folder appears complete or not at all (written beside it, then renamed).
+    """
+    from transformers import PrinterCallback
+
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_section(config)
+    out = Path(out_dir)
+    if out.exists():
+        raise TrainError(f"{out} already exists: choose a new output folder or delete it")
+    work_dir = out.with_name(out.name + ".work")
+    checkpoint = None
+    if resume:
+        checkpoint = _last_checkpoint(work_dir)
+        if checkpoint is None:
+            raise TrainError(
+                f"nothing to resume: {work_dir} holds no checkpoint; run without --resume"
+            )
+    elif work_dir.exists():
+        shutil.rmtree(work_dir)  # a fresh start must not pick up an old job's checkpoints
+
+    trainer = build_trainer(
+        kind,
+        dataset_dir,
+        base_model_dir=base_model_dir,
+        work_dir=work_dir,
+        parent_adapter_dir=parent_adapter_dir,
+        config=cfg,
+    )
+    args, rows, base_dir = trainer.args, trainer.train_dataset, Path(base_model_dir)
+    trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; the bar shows the loss
+    if progress:
+        trainer.add_callback(_progress_callback())
+
+    started = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=checkpoint)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    metrics: dict[str, Any] = {
+        "kind": kind,
+        "global_step": output.global_step,
+        "train_loss": output.training_loss,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "losses": losses,
+        "rows": len(rows),
+        "device": "cpu" if args.use_cpu else "cuda",
+        "bf16": bool(args.bf16),
+        "gradient_checkpointing": bool(args.gradient_checkpointing),
+        "resumed_from": Path(checkpoint).name if checkpoint else None,
+        "wall_s": round(time.perf_counter() - started, 2),
+    }
+
+    # under `accelerate launch` every rank runs this: all take part in gathering the weights,
+    # rank 0 alone writes the folder
+    tmp = out.with_name(f".{out.name}.tmp")
+    if trainer.is_world_process_zero():
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainer.save_model(str(tmp))
+    if trainer.is_world_process_zero():
+        _finish_adapter_config(tmp, base_model or base_model_name(base_dir))
+        (tmp / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
+        (tmp / "train_config.json").write_text(cfg.model_dump_json(indent=2))
+        os.replace(tmp, out)
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return TrainResult(adapter_dir=out, metrics=metrics, config=cfg)
+
+
+def _finish_adapter_config(folder: Path, base_name: str) -> None:
+    """Record the base model by name (not a temp path) and refuse whole saved modules."""
+    path = folder / "adapter_config.json"
+    data = json.loads(path.read_text())
+    if data.get("modules_to_save"):
+        raise TrainError(
+            f"the adapter would save whole modules {data['modules_to_save']}; vLLM cannot serve it"
+        )
+    data["base_model_name_or_path"] = base_name
+    path.write_text(json.dumps(data, indent=2))
+
+
+# -- command line (also what `accelerate launch -m tuner.train` runs) -------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tuner.train", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("kind", choices=sorted(REQUIRED_COLUMNS))
+    parser.add_argument("dataset_dir", type=Path)
+    parser.add_argument("--base-model-dir", type=Path, required=True)
+    parser.add_argument("--out-dir", type=Path, required=True)
+    parser.add_argument("--parent-adapter-dir", type=Path)
+    parser.add_argument("--config-json", help="TrainConfig fields as a JSON object")
+    parser.add_argument("--max-steps", type=int)
+    parser.add_argument("--save-steps", type=int)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
+    ns = parser.parse_args(argv)
+    try:
+        base = json.loads(ns.config_json) if ns.config_json else {}
+        cfg = TrainConfig.from_section(base, max_steps=ns.max_steps, save_steps=ns.save_steps)
+        result = train(
+            ns.kind,
+            ns.dataset_dir,
+            base_model_dir=ns.base_model_dir,
+            out_dir=ns.out_dir,
+            parent_adapter_dir=ns.parent_adapter_dir,
+            config=cfg,
+            resume=ns.resume,
+            progress=not ns.no_progress,
+        )
+    except (TrainError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"adapter_dir": str(result.adapter_dir), **result.metrics}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
