@@ -518,8 +518,8 @@ def parse_group_scores(text: str, labels: Sequence[str]) -> dict[str, tuple[floa
     if len(found) < len(labels):
         label_re = "|".join(re.escape(lb) for lb in labels)
         line_re = re.compile(
-            rf"^\W*(?:candidate\s+)?({label_re})\b\W*?(?:score\s*[:=]?\s*)?[:=\-–]\s*\**"
-            rf"(\d+(?:\.\d+)?)(?:\s*/\s*10)?\**\s*[-–:,.]?\s*(.*)$",
+            rf"^[^\w\n]*(?:candidate[ \t]+)?({label_re})\b[^\w\n]*?(?:score[ \t]*[:=]?[ \t]*)?"
+            rf"[:=\-–][ \t]*\**(\d+(?:\.\d+)?)(?:[ \t]*/[ \t]*10)?\**[ \t]*[-–:,.]?[ \t]*(.*)$",
             re.I | re.M,
         )
         for m in line_re.finditer(text):
