@@ -231,3 +231,26 @@ def test_load_module_tools(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         load_module_tools("nope_missing")
     for name in ("my_tools", "broken_tools", "empty_tools"):
         sys.modules.pop(name, None)
+
+
+def test_cli_lists_and_calls_tools(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from agent.cli_tools import tools_app
+
+    monkeypatch.chdir(tmp_path)  # no selftune.toml here
+    monkeypatch.setenv("SELFTUNE_HOME", str(tmp_path / "ws"))
+    runner = CliRunner()
+    listed = runner.invoke(tools_app, ["list", "--json"])
+    assert listed.exit_code == 0, listed.output
+    assert {s["function"]["name"] for s in json.loads(listed.stdout)} == {"calculator", "python"}
+    called = runner.invoke(tools_app, ["call", "calculator", '{"expression": "6*7"}'])
+    assert called.exit_code == 0 and called.stdout.strip() == "42"
+    bad = runner.invoke(tools_app, ["call", "calculator", '{"expr": "1"}'])
+    assert bad.exit_code == 1 and "'expression' is required" in bad.output
+    unknown = runner.invoke(tools_app, ["call", "nope", "{}"])
+    assert unknown.exit_code == 1 and "unknown tool 'nope'" in unknown.output
+    notjson = runner.invoke(tools_app, ["call", "calculator", "{oops"])
+    assert notjson.exit_code == 2 and "not valid JSON" in notjson.output
