@@ -757,3 +757,42 @@ def test_cli_grpo_takes_answers_from_the_real_environment(tmp_path: Path, monkey
         "json", data_files=str(tmp_path / "g" / "train.jsonl"), split="train"
     )
     assert [dict(r) for r in loaded] == rows
+
+
+@pytest.mark.slow
+def test_trl_trainers_tokenize_the_rows(store: TraceStore, tmp_path: Path, model_path: Path):
+    """SFT (with the extra `subagent` column and assistant-only loss), DPO and KTO trainers
+    prepare our folders without complaint. Training steps are the tuner's tests."""
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
+
+    from agent.template import chat_template_for
+
+    _populate(store)
+    tok = AutoTokenizer.from_pretrained(str(model_path))
+    tok.chat_template = chat_template_for(tok)
+    model = AutoModelForCausalLM.from_pretrained(str(model_path))
+    common = {"output_dir": str(tmp_path / "o"), "report_to": [], "bf16": False, "max_steps": 1}
+
+    def load(kind: str):
+        folder = build_dataset(store, kind, tmp_path / kind).path
+        return datasets.load_dataset("json", data_files=str(folder / "train.jsonl"), split="train")
+
+    sft = SFTTrainer(
+        model=model,
+        processing_class=tok,
+        train_dataset=load("sft"),
+        args=SFTConfig(assistant_only_loss=True, **common),
+    )
+    trained_on = [sum(1 for x in row if x != -100) for row in sft.train_dataset["labels"]]
+    assert len(trained_on) == 4 and all(n > 0 for n in trained_on)
+    dpo = DPOTrainer(
+        model=model, processing_class=tok, train_dataset=load("dpo"), args=DPOConfig(**common)
+    )
+    row = dpo.train_dataset[0]
+    assert row["chosen_ids"] != row["rejected_ids"] and row["prompt_ids"]
+    kto = KTOTrainer(
+        model=model, processing_class=tok, train_dataset=load("kto"), args=KTOConfig(**common)
+    )
+    assert sorted(kto.train_dataset["label"]) == [False, True, True, True]
