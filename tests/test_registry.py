@@ -160,3 +160,32 @@ def test_kill_9_during_promote_rollback_leaves_a_valid_active(tmp_path):
         # a killed writer's temp files are swept when the registry opens
         assert not list(root.glob(".*.tmp-*")) and not list(root.glob("v*/.*.tmp-*"))
     assert len(seen) >= 2  # the kills really landed at different states
+
+
+def test_adapters_cli_list_show_promote_rollback_diff(tmp_path, monkeypatch):
+    import typer
+    from typer.testing import CliRunner
+
+    from agent.cli_tune import adapters_app
+
+    make(tmp_path, 2)  # registry at tmp_path/adapters = the workspace's adapters folder
+    monkeypatch.setenv("SELFTUNE_HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # no stray ./selftune.toml
+    app = typer.Typer()
+    app.add_typer(adapters_app, name="adapters")
+    run = CliRunner().invoke
+
+    res = run(app, ["adapters", "promote", "v1"], obj={})
+    assert res.exit_code == 1 and "not passed the eval gate" in res.output
+    assert run(app, ["adapters", "promote", "v1", "--force"], obj={}).exit_code == 0
+    assert run(app, ["adapters", "promote", "v2", "--force"], obj={}).exit_code == 0
+    listing = run(app, ["adapters", "list"], obj={}).output
+    assert "v1" in listing and "retired" in listing and "active" in listing
+    shown = json.loads(run(app, ["adapters", "show", "v2"], obj={}).output)
+    assert shown["status"] == "active" and shown["parent"] == "v1"
+    diff = run(app, ["adapters", "diff", "v1", "v2"], obj={}).output
+    assert "lora_r" in diff and "train_loss" in diff
+    assert "active: v1" in run(app, ["adapters", "rollback"], obj={}).output
+    assert "base model" in run(app, ["adapters", "rollback"], obj={}).output
+    res = run(app, ["adapters", "show", "v7"], obj={})
+    assert res.exit_code == 1 and "no adapter version v7" in res.output

@@ -120,29 +120,44 @@ def test_preference_trainers_accept_our_rows(tmp_path, model_path, kind):
 
 
 @pytest.mark.slow
-def test_continue_from_parent_adapter(tmp_path, model_path):
+def test_tune_cli_registers_and_continues_from_a_version(tmp_path, cfg, monkeypatch):
+    """`selftune tune sft DS` registers v1; `--from v1` trains v1's weights further into v2."""
+    import typer
     from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from agent.cli_tune import tune_app
+    from tuner.registry import Registry
 
     ds = write_dataset(tmp_path / "ds", "sft", n=4)
-    cfg = TrainConfig(**TINY)
-    parent = train(
-        "sft", ds, base_model_dir=model_path, out_dir=tmp_path / "p", config=cfg, progress=False
-    )
-    child = train(
-        "sft",
-        ds,
-        base_model_dir=model_path,
-        out_dir=tmp_path / "c",
-        parent_adapter_dir=parent.adapter_dir,
-        config=cfg,
-        progress=False,
-    )
-    a = load_file(str(parent.adapter_dir / "adapter_model.safetensors"))
-    b = load_file(str(child.adapter_dir / "adapter_model.safetensors"))
+    monkeypatch.setenv("SELFTUNE_HOME", str(cfg.workspace.root))
+    for key, value in {"batch_size": 2, "max_length": 256, "learning_rate": 1e-3}.items():
+        monkeypatch.setenv(f"SELFTUNE_TUNER__{key.upper()}", str(value))
+    monkeypatch.chdir(tmp_path)
+    app = typer.Typer()
+    app.add_typer(tune_app, name="tune")
+    run = CliRunner().invoke
+    res = run(app, ["tune", "sft", str(ds), "--max-steps", "1"], obj={})
+    assert res.exit_code == 0, res.output
+    assert "registered v1" in res.output
+    res = run(app, ["tune", "sft", str(ds), "--max-steps", "1", "--from", "v1"], obj={})
+    assert res.exit_code == 0, res.output
+
+    reg = Registry(cfg.workspace.adapters)
+    v1, v2 = reg.get("v1"), reg.get("v2")
+    assert v2.parent == "v1" and v1.status == v2.status == "candidate"
+    assert v1.base_model == "smollm2-135m-instruct" and v1.dataset_hash
+    assert v1.train_config["kind"] == "sft" and v1.train_config["batch_size"] == 2
+    a = load_file(str(Path(v1.path) / "adapter_model.safetensors"))
+    b = load_file(str(Path(v2.path) / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
-    # the child started from the parent's B (nonzero), not from a fresh LoRA (B = 0)
+    # Same seed and rows: a fresh LoRA would reproduce v1 exactly. Continuing from v1 takes a
+    # second Adam step (~lr per weight) on top of v1's first, so B grows further from zero.
     bkey = next(k for k in a if "lora_B" in k)
     assert a[bkey].abs().sum() > 0 and not (a[bkey] == b[bkey]).all()
+    assert b[bkey].norm() > 1.2 * a[bkey].norm()
+    res = run(app, ["tune", "sft", str(ds), "--from", "v9"], obj={})
+    assert res.exit_code == 1 and "no adapter version v9" in res.output
 
 
 @pytest.mark.slow

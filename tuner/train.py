@@ -376,6 +376,63 @@ def _finish_adapter_config(folder: Path, base_name: str) -> None:
     path.write_text(json.dumps(data, indent=2))
 
 
+def tune(
+    kind: TrainKind,
+    dataset_dir: Path | str,
+    cfg: Any,
+    *,
+    from_version: str | None = None,
+    resume: bool = False,
+    max_steps: int | None = None,
+    progress: bool = True,
+):
+    """Train on `dataset_dir` with the workspace's model and `[tuner]` settings, then register the
+    adapter as the next candidate version. `cfg` is the loaded `agent.config.Config`.
+
+    `from_version` continues that registry version's adapter. The job folder is
+    `<workspace>/jobs/tune-<kind>-<dataset>/`, so `resume=True` finds the killed job's checkpoints.
+    Returns the new AdapterRecord (status `candidate`: the eval gate decides the rest).
+    """
+    from agent.models import model_dir, resolve_model
+    from tuner.registry import Registry
+
+    dataset_dir = Path(dataset_dir).resolve()
+    registry = Registry(cfg.workspace.adapters)
+    parent = registry.get(from_version) if from_version else None
+    base_name = resolve_model(cfg).name
+    if parent is not None and parent.base_model != base_name:
+        raise TrainError(
+            f"{from_version} was trained on {parent.base_model}, not on the configured model "
+            f"{base_name}: set [model] name = {parent.base_model!r} or train from the base"
+        )
+    train_cfg = TrainConfig.from_section(cfg.tuner, max_steps=max_steps)
+    job = cfg.workspace.jobs / f"tune-{kind}-{dataset_dir.name}"
+    job.mkdir(parents=True, exist_ok=True)
+    out = job / "adapter"
+    if out.exists():  # a finished job that was never registered (e.g. killed in between)
+        shutil.rmtree(out)
+    result = train(
+        kind,
+        dataset_dir,
+        base_model_dir=model_dir(cfg),
+        out_dir=out,
+        parent_adapter_dir=parent.path if parent else None,
+        config=train_cfg,
+        resume=resume,
+        progress=progress,
+        base_model=base_name,
+    )
+    manifest = dataset_dir / "manifest.json"
+    return registry.register(
+        result.adapter_dir,
+        base_model=base_name,
+        parent=from_version,
+        dataset_manifest=manifest if manifest.is_file() else None,
+        train_config={"kind": kind, **train_cfg.model_dump()},
+        metrics=result.metrics,
+    )
+
+
 # -- command line (also what `accelerate launch -m tuner.train` runs) -------------------------
 
 

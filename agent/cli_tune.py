@@ -1,0 +1,231 @@
+"""`selftune tune ...` (train an adapter) and `selftune adapters ...` (the registry).
+
+Wired into the root app with `app.add_typer(tune_app, name="tune")` and
+`app.add_typer(adapters_app, name="adapters")`; the root app's `--config` arrives in `ctx.obj`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from agent.config import Config, ConfigError, load_config
+
+tune_app = typer.Typer(help="Train a LoRA adapter on a dataset folder.", no_args_is_help=True)
+adapters_app = typer.Typer(
+    help="List, inspect, promote and roll back adapters.", no_args_is_help=True
+)
+console = Console()
+err = Console(stderr=True)
+
+DatasetArg = Annotated[Path, typer.Argument(help="dataset folder (JSONL rows + manifest.json)")]
+FromOpt = Annotated[
+    str | None, typer.Option("--from", help="continue this adapter version (e.g. v3)")
+]
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="config file (default ./selftune.toml)")
+]
+ResumeOpt = Annotated[
+    bool, typer.Option("--resume", help="continue the killed job from its last checkpoint")
+]
+StepsOpt = Annotated[int | None, typer.Option("--max-steps", help="stop after this many steps")]
+VllmOpt = Annotated[
+    str | None,
+    typer.Option("--vllm", help="also switch a running vLLM server (its URL) to the new adapter"),
+]
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+def _config(ctx: typer.Context, path: Path | None = None) -> Config:
+    root = ctx.obj.get("config") if isinstance(ctx.obj, dict) else None
+    try:
+        return load_config(path or root)
+    except ConfigError as e:
+        _fail(str(e), 2)
+        raise  # unreachable: _fail exits
+
+
+def _registry(ctx: typer.Context):
+    from tuner.registry import Registry
+
+    return Registry(_config(ctx).workspace.adapters)
+
+
+def _run_tune(ctx, kind, dataset_dir, from_version, config, resume, max_steps) -> None:
+    from agent.models import ModelError
+    from tuner.registry import RegistryError
+    from tuner.train import TrainError, tune
+
+    cfg = _config(ctx, config)
+    try:
+        rec = tune(
+            kind, dataset_dir, cfg, from_version=from_version, resume=resume, max_steps=max_steps
+        )
+    except (TrainError, RegistryError, ModelError, ValueError) as e:
+        _fail(str(e))
+    console.print(
+        f"registered [bold]{rec.version}[/bold] (candidate) at {rec.path}: "
+        f"{rec.metrics['global_step']} steps, final loss {rec.metrics['last_loss']:.4f}. "
+        "Next: run the eval gate on it."
+    )
+
+
+@tune_app.command("sft")
+def tune_sft(
+    ctx: typer.Context,
+    dataset_dir: DatasetArg,
+    from_version: FromOpt = None,
+    config: ConfigOpt = None,
+    resume: ResumeOpt = False,
+    max_steps: StepsOpt = None,
+) -> None:
+    """Supervised fine-tuning on conversations (loss on assistant tokens only)."""
+    _run_tune(ctx, "sft", dataset_dir, from_version, config, resume, max_steps)
+
+
+@tune_app.command("dpo")
+def tune_dpo(
+    ctx: typer.Context,
+    dataset_dir: DatasetArg,
+    from_version: FromOpt = None,
+    config: ConfigOpt = None,
+    resume: ResumeOpt = False,
+    max_steps: StepsOpt = None,
+) -> None:
+    """Direct preference optimization on chosen/rejected pairs."""
+    _run_tune(ctx, "dpo", dataset_dir, from_version, config, resume, max_steps)
+
+
+@tune_app.command("kto")
+def tune_kto(
+    ctx: typer.Context,
+    dataset_dir: DatasetArg,
+    from_version: FromOpt = None,
+    config: ConfigOpt = None,
+    resume: ResumeOpt = False,
+    max_steps: StepsOpt = None,
+) -> None:
+    """KTO on completions labelled good or bad."""
+    _run_tune(ctx, "kto", dataset_dir, from_version, config, resume, max_steps)
+
+
+def _when(t: float) -> str:
+    return dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M")
+
+
+@adapters_app.command("list")
+def adapters_list(ctx: typer.Context) -> None:
+    """Every version with its status, lineage and training result."""
+    reg = _registry(ctx)
+    table = Table(title=f"adapters in {reg.root}")
+    for col in ("version", "status", "parent", "base model", "kind", "steps", "loss", "created"):
+        table.add_column(col)
+    for r in reg.list():
+        loss = r.metrics.get("last_loss")
+        table.add_row(
+            r.version,
+            f"[bold green]{r.status}[/bold green]" if r.status == "active" else r.status,
+            r.parent or "-",
+            r.base_model,
+            str(r.train_config.get("kind", "-")),
+            str(r.metrics.get("global_step", "-")),
+            f"{loss:.4f}" if isinstance(loss, float) else "-",
+            _when(r.created_at),
+        )
+    console.print(table)
+    if reg.active() is None:
+        console.print("active: the base model (no adapter promoted)")
+
+
+@adapters_app.command("show")
+def adapters_show(ctx: typer.Context, version: str) -> None:
+    """The full record of one version, as JSON."""
+    from tuner.registry import RegistryError
+
+    try:
+        rec = _registry(ctx).get(version)
+    except RegistryError as e:
+        _fail(str(e))
+    console.print_json(json.dumps({**rec.model_dump(), "path": rec.path}))
+
+
+def _reload(url: str | None, rec) -> None:
+    if url is None:
+        return
+    from tuner.reload import ReloadError, VllmReloader
+
+    try:
+        asyncio.run(VllmReloader(url).reload(rec))
+    except ReloadError as e:
+        _fail(str(e))
+    console.print(f"vLLM at {url} now serves {rec.version if rec else 'the base model'}")
+
+
+@adapters_app.command("promote")
+def adapters_promote(
+    ctx: typer.Context,
+    version: str,
+    force: Annotated[
+        bool, typer.Option(help="promote without a passing eval gate (noted in the record)")
+    ] = False,
+    vllm: VllmOpt = None,
+) -> None:
+    """Make VERSION the active adapter (it must have passed the eval gate, or --force)."""
+    from tuner.registry import RegistryError
+
+    try:
+        rec = _registry(ctx).promote(version, force=force)
+    except RegistryError as e:
+        _fail(str(e))
+    console.print(f"active: {rec.version}")
+    _reload(vllm, rec)
+
+
+@adapters_app.command("rollback")
+def adapters_rollback(ctx: typer.Context, vllm: VllmOpt = None) -> None:
+    """Move the active pointer back to the previously active version (or the base model)."""
+    from tuner.registry import RegistryError
+
+    try:
+        rec = _registry(ctx).rollback()
+    except RegistryError as e:
+        _fail(str(e))
+    console.print(f"active: {rec.version if rec else 'the base model'}")
+    _reload(vllm, rec)
+
+
+@adapters_app.command("diff")
+def adapters_diff(ctx: typer.Context, v1: str, v2: str) -> None:
+    """What differs between two versions: lineage, training config, metrics, evaluation."""
+    from tuner.registry import RegistryError
+
+    try:
+        d = _registry(ctx).diff(v1, v2)
+    except RegistryError as e:
+        _fail(str(e))
+    table = Table(title=f"{v1} vs {v2}")
+    for col in ("section", "key", v1, v2):
+        table.add_column(col)
+    for section, changes in d.items():
+        for key, (a, b) in changes.items():
+            table.add_row(section, key, _short(a), _short(b))
+    if not table.rows:
+        console.print(f"{v1} and {v2} have the same lineage, config, metrics and evaluation")
+        return
+    console.print(table)
+
+
+def _short(x) -> str:
+    text = x if isinstance(x, str) else json.dumps(x)
+    return text if len(text) <= 60 else text[:57] + "..."
