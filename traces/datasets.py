@@ -374,10 +374,10 @@ def _rank_key(item: tuple[Trace, Verdict]) -> tuple:
     return (-(v.score if v.score is not None else 1.0), trace_tokens(t), t.id)
 
 
-def _passing(sel: _Selection, need_ok: bool = True) -> list[tuple[Trace, Verdict]]:
+def _passing(sel: _Selection) -> list[tuple[Trace, Verdict]]:
     out = []
     for t, v in sel.kept:
-        if need_ok and t.status != "ok":
+        if t.status != "ok":
             sel.drop(f"status_{t.status}")
         elif v.passed is None:
             sel.drop(
