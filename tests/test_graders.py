@@ -164,8 +164,93 @@ REAL_DOCS = [
 # Same model and settings, max_new_tokens=40; easy sums, and prompts that carried the tool's
 # result in the text ("The calculator says ..."), so some answers are right. Graded against the
 # reference given here.
+# Hugo's answer states 1527.07 but ends on "/ 19" (cut off): numeric reads the last number, so
+# 0.0 is what the policy gives and what a reader would give a cut-off sentence. The Oslo answer
+# lists three numbers; the task's unit ("desks") picks 148.
 REAL_WITH_RESULT = [
-    # (prompt, reference, grader, real answer, finish_reason, expected score)
+    # (prompt, reference, grader, metadata, real answer, finish_reason, expected score)
+    (
+        "What is 12 + 7?",
+        19,
+        "numeric",
+        {},
+        "12 + 7 = 9\n\nThis is a classic example of arithmetic operations in Python, where the result of a simple addition operation is returned as a new number.",
+        "stop",
+        0.0,
+    ),
+    ("What is 100 divided by 4?", 25, "numeric", {}, "100 divided by 4 equals 25.", "stop", 1.0),
+    (
+        "What is 9 times 8?",
+        72,
+        "numeric",
+        {},
+        "To find 9 times 8, we can use the concept of multiplication tables. In a multiplication table, each row represents a number, and the number in the top-right column represents the product",
+        "length",
+        0.0,
+    ),
+    (
+        "What is 250 minus 75?",
+        175,
+        "numeric",
+        {},
+        "To solve this problem, you need to first convert 250 to a decimal, which is 25. Then, you subtract 75 from 250, which gives you",
+        "length",
+        0.0,
+    ),
+    (
+        "A factory makes 4,171 bolts per day. How many bolts does it make in 38 days? The calculator says 4171 * 38 = 158498. Give the final answer.",
+        158498,
+        "numeric",
+        {},
+        "To solve this problem, we need to find the total number of bolts made by the factory in 38 days.\n\nThe factory makes 4,171 bolts per day, so",
+        "length",
+        0.0,
+    ),
+    (
+        "Hugo buys 79 printer cartridges at $19.33 each. How much does Hugo pay in total? The calculator says 79 * 19.33 = 1527.07. Give the final answer.",
+        1527.07,
+        "numeric",
+        {},
+        "To find the total cost of 79 printer cartridges, we need to calculate 1527.07 as a decimal.\n1527.07 / 19",
+        "length",
+        0.0,
+    ),
+    (
+        "What is 73% of 57,572? The calculator says 57572 * 73 / 100 = 42027.56. Give the final answer.",
+        42027.56,
+        "numeric",
+        {},
+        "To find 73% of 57,572, you would multiply 57,572 by 0.73. \n\n57,572 *",
+        "length",
+        0.0,
+    ),
+    (
+        "A tank holds 9,326 litres. 2,064 litres are used on Monday and 1,981 on Tuesday. How many litres are left? The calculator says 9326 - 2064 - 1981 = 5281. Give the final answer.",
+        5281,
+        "numeric",
+        {},
+        "To solve this problem, we need to find the total amount of litres left after subtracting the 2,064 litres from the 9,326 litres.\n\nLet's calculate",
+        "length",
+        0.0,
+    ),
+    (
+        "In which country is Quillmoor's Krakow office? The handbook says: The Krakow office (Poland) is at ul. Lubicz 23. Answer briefly.",
+        ["Poland"],
+        "contains",
+        {},
+        "The Krakow office (Poland) is at 23.",
+        "stop",
+        1.0,
+    ),
+    (
+        "How many desks does Quillmoor's Oslo office have? The handbook says: It has 148 desks on 3 floors, 12 meeting rooms and 40 parking spaces. Answer briefly.",
+        148,
+        "numeric",
+        {"unit": "desks?"},
+        "The handbook says: Quillmoor's Oslo office has 148 desks, 12 meeting rooms, and 40 parking spaces.",
+        "stop",
+        1.0,
+    ),
 ]
 
 
@@ -187,11 +272,11 @@ def test_real_smollm2_answers_grade_as_read(envs, task_id, answer, finish, expec
     assert "required_tool_not_called" not in grade.flags
 
 
-@pytest.mark.parametrize("prompt,reference,grader,answer,finish,expected", REAL_WITH_RESULT)
+@pytest.mark.parametrize("prompt,reference,grader,meta,answer,finish,expected", REAL_WITH_RESULT)
 def test_real_smollm2_answers_with_tool_result_in_prompt(
-    prompt, reference, grader, answer, finish, expected
+    prompt, reference, grader, meta, answer, finish, expected
 ):
-    t = task(prompt, reference, grader=grader, metadata={"requires_tools": ["calculator"]})
+    t = task(prompt, reference, grader=grader, metadata={"requires_tools": ["calculator"], **meta})
     grade = grade_trace(t, make_trace(answer, finish_reason=finish))
     assert grade.value == expected, grade.reason
     # right without a calculator span in the trace: the flag must say so
@@ -246,6 +331,11 @@ def test_numeric_tolerance_and_modes():
     assert grade_numeric("I think 7, not 9", 7, {"number": "any"}).score == 1.0
     assert grade_numeric("The total is $1,200.", "1200 dollars").score == 1.0
     assert grade_numeric("either 3 or 4", [4, 5]).score == 1.0
+    listing = "Oslo has 148 desks, 12 meeting rooms, and 40 parking spaces."
+    assert grade_numeric(listing, 148).score == 0.0  # the last number, 40
+    assert grade_numeric(listing, 148, {"unit": "desks?"}).score == 1.0
+    assert grade_numeric(listing, 12, {"unit": "meeting rooms?"}).score == 1.0
+    assert grade_numeric("It weighs 27.5 kilograms", 27.5, {"unit": "kg|kilograms?"}).score == 1.0
 
 
 def test_numeric_bad_inputs_are_errors_not_crashes():

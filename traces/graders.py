@@ -158,18 +158,26 @@ def find_numbers(text: str) -> list[tuple[float, int, int]]:
     return out
 
 
-def answer_number(text: str, mode: str = "auto") -> float | None:
+def answer_number(text: str, mode: str = "auto", unit: str | None = None) -> float | None:
     """The number an answer gives, or None.
 
-    mode "auto" (default): the first number after the last answer marker ("answer is",
-    "total:", "result =", "####", "\\boxed{"), else the first number after the last "=", else
-    the LAST number. Last rather than first because small models restate the question before
-    answering ("3 boxes of 1,234 ... so 3,702"); the markers catch the opposite habit
-    ("The answer is 3702 (3 × 1234)"). mode "last" / "first": that number regardless.
+    mode "auto" (default): with a `unit` (a regex such as "desks?"), the last number written
+    right before that unit ("148 desks"); else the first number after the last answer marker
+    ("answer is", "total:", "result =", "####", "\\boxed{"); else the first number after the
+    last "="; else the LAST number. Last rather than first because small models restate the
+    question before answering ("3 boxes of 1,234 ... so 3,702"); the markers catch the
+    opposite habit ("The answer is 3702 (3 × 1234)"), and the unit catches an answer that
+    lists several facts ("148 desks, 12 meeting rooms and 40 parking spaces").
+    mode "last" / "first": that number regardless.
     """
     numbers = find_numbers(text)
     if not numbers:
         return None
+    if unit and mode == "auto":
+        unit_re = re.compile(rf"^\s*(?:{unit})\b", re.IGNORECASE)
+        tagged = [n for n in numbers if unit_re.match(text[n[2] :])]
+        if tagged:
+            return tagged[-1][0]
     if mode == "first":
         return numbers[0][0]
     if mode == "last":
@@ -221,7 +229,8 @@ def grade_numeric(answer: str, reference: Any, metadata: dict | None = None) -> 
     """1.0 when the answer's number (see `answer_number`) equals the reference within tolerance.
 
     metadata: `rel_tol` (default 1e-6), `abs_tol` (default 1e-9), `number` ("auto", "first",
-    "last", or "any": any number in the answer may match; lenient, rewards listing numbers).
+    "last", or "any": any number in the answer may match; lenient, rewards listing numbers),
+    `unit` (a regex; in "auto" mode the number right before it wins, see `answer_number`).
     """
     metadata = metadata or {}
     if reference is None:
@@ -237,7 +246,7 @@ def grade_numeric(answer: str, reference: Any, metadata: dict | None = None) -> 
         candidates = [n[0] for n in find_numbers(answer)]
     else:
         try:
-            got = answer_number(answer, mode)
+            got = answer_number(answer, mode, metadata.get("unit"))
         except GraderError as e:
             return _error(str(e))
         candidates = [] if got is None else [got]

@@ -427,6 +427,21 @@ def _policy_text(v) -> str:
 # --- docs-qa ---------------------------------------------------------------------------------
 
 
+EURO, KG = r"euros?|EUR|€", r"kg|kilograms?"
+# policy units -> the regex the numeric grader looks for after the number ("27 days")
+POLICY_UNITS = {
+    "days": "days?",
+    "weeks": "weeks?",
+    "years": "years?",
+    "months": "months?",
+    "hours": "hours?",
+    "EUR": EURO,
+    "monitors": "monitors?",
+    "conferences": "conferences?",
+    "mm/s": "mm|millimet(?:re|er)s?",
+}
+
+
 def docs_facts() -> list[dict]:
     """Every question-answer fact of the handbook: prompt, answer, grader, source file."""
     facts = []
@@ -438,7 +453,12 @@ def docs_facts() -> list[dict]:
 
     h = HISTORY
     add("In which year was Quillmoor Robotics founded?", h["founded"], "company-overview.md")
-    add("How many people does Quillmoor Robotics employ?", h["employees"], "company-overview.md")
+    add(
+        "How many people does Quillmoor Robotics employ?",
+        h["employees"],
+        "company-overview.md",
+        unit="people|employees",
+    )
     add(
         "Who founded Quillmoor Robotics?",
         ["Maren Quill", "Tobias Moorcroft"],
@@ -454,22 +474,39 @@ def docs_facts() -> list[dict]:
     )
     for city, country, opened, desks, floors, rooms, parking, head, address in OFFICES:
         src = f"office-{city.lower()}.md"
-        add(f"How many desks does Quillmoor's {city} office have?", desks, src)
-        add(f"How many floors does the Quillmoor {city} office occupy?", floors, src)
-        add(f"How many meeting rooms are there in Quillmoor's {city} office?", rooms, src)
-        add(f"How many parking spaces does the Quillmoor {city} office have?", parking, src)
+        add(f"How many desks does Quillmoor's {city} office have?", desks, src, unit="desks?")
+        add(
+            f"How many floors does the Quillmoor {city} office occupy?", floors, src, unit="floors?"
+        )
+        add(
+            f"How many meeting rooms are there in Quillmoor's {city} office?",
+            rooms,
+            src,
+            unit="meeting rooms?",
+        )
+        add(
+            f"How many parking spaces does the Quillmoor {city} office have?",
+            parking,
+            src,
+            unit="parking spaces?",
+        )
         add(f"In which year did Quillmoor open its {city} office?", opened, src)
         add(f"Who leads Quillmoor's {city} office?", [head], src, "contains")
         add(f"What is the street address of Quillmoor's {city} office?", [address], src, "contains")
         add(f"In which country is Quillmoor's {city} office?", [country], src, "contains")
     for code, name, family, price, weight, battery, payload, launched in PRODUCTS:
         src = f"products-{family}.md"
-        add(f"What is the list price in euros of Quillmoor's {code}?", price, src)
-        add(f"How much does the Quillmoor {name} weigh, in kilograms?", weight, src)
-        add(f"How many hours does the battery of the Quillmoor {code} last?", battery, src)
+        add(f"What is the list price in euros of Quillmoor's {code}?", price, src, unit=EURO)
+        add(f"How much does the Quillmoor {name} weigh, in kilograms?", weight, src, unit=KG)
+        add(
+            f"How many hours does the battery of the Quillmoor {code} last?",
+            battery,
+            src,
+            unit="hours?",
+        )
         add(f"In which year was the Quillmoor {name} launched?", launched, src)
         if payload:
-            add(f"What payload in kilograms can the Quillmoor {code} carry?", payload, src)
+            add(f"What payload in kilograms can the Quillmoor {code} carry?", payload, src, unit=KG)
         add(f"What is the product code of Quillmoor's {name}?", [code], src, "contains")
         add(f"What is the name of the Quillmoor product with code {code}?", [name], src, "contains")
     for person in PEOPLE:
@@ -484,7 +521,7 @@ def docs_facts() -> list[dict]:
         if unit is None:
             add(question, [value], f"{file}.md", "contains")
         else:
-            add(question, value, f"{file}.md")
+            add(question, value, f"{file}.md", unit=POLICY_UNITS.get(unit))
     return facts
 
 
@@ -495,6 +532,8 @@ def docs_tasks(rng: random.Random) -> list[dict]:
     tasks = []
     for i, f in enumerate(facts):
         meta = {"requires_tools": ["search"], "source": f["source"]}
+        if f.get("unit"):
+            meta["unit"] = f["unit"]  # the numeric grader reads the number written before it
         tasks.append(
             {
                 "id": f"docs-{i:04d}",
