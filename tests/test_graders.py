@@ -499,7 +499,7 @@ def test_group_prompt_shows_every_candidate_and_its_tool_calls():
         make_trace("7006652", [("calculator", {"expression": "1234*5678"}, "7006652")]),
         make_trace("about seven million"),
     ]
-    text = group_messages(task(), traces)[1]["content"]
+    text = group_messages(task(), traces)[-1]["content"]
     assert "Candidate A" in text and "Candidate B" in text
     assert 'calculator({"expression": "1234*5678"}) -> 7006652' in text
     assert "(no tool calls)" in text
@@ -554,6 +554,7 @@ def smollm2_judge(model_path):
     return local_chat_model(model_path, max_new_tokens=48)
 
 
+@pytest.mark.slow
 def test_group_judge_on_real_smollm2_returns_one_grade_per_trace(smollm2_judge):
     t = task("What is 1234 * 5678?", 7006652)
     traces = [
@@ -567,13 +568,14 @@ def test_group_judge_on_real_smollm2_returns_one_grade_per_trace(smollm2_judge):
     assert len(grades) == 3
     raw = grades[0].raw or grades[0].metadata.get("error")
     assert raw, "the judge's reply (or why there is none) is kept"
-    for g in grades:
-        assert 0.0 <= g.value <= 1.0
-        # either a parsed score or a clear error with the raw reply, never a crash
-        assert g.metadata.get("error") is None or g.raw is not None
-    print("real judge reply:", grades[0].raw)
+    # with the worked example exchange SmolLM2 writes `A: N - reason` lines we can read
+    # (greedy, 48 tokens: "A: 10 - correct, ...\nB: 1 - wrong number, ...\nC: 1 - ...")
+    assert [g.metadata.get("error") for g in grades] == [None, None, None], grades[0].raw
+    assert all(0.0 <= g.value <= 1.0 for g in grades)
+    assert {g.grader for g in grades} == {"judge-group"}
 
 
+@pytest.mark.slow
 def test_pointwise_judge_on_real_smollm2_never_crashes(smollm2_judge):
     t = task("What is 1234 * 5678?", 7006652)
     r = asyncio.run(judge_pointwise(smollm2_judge, t, make_trace("7006652")))

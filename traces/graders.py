@@ -402,16 +402,44 @@ def judge_material(task: Task, trace: Trace) -> list[str]:
     return [t for t in texts if t]
 
 
-def pointwise_messages(task: Task, trace: Trace, rubric: str | None = None) -> list[dict]:
-    """The chat messages `judge_pointwise` sends."""
-    ref = "" if task.answer is None else f"\nReference answer: {task.answer}\n"
-    user = (
-        f"Task: {task.prompt}\n{ref}\nRubric: {rubric or DEFAULT_RUBRIC}\n\n"
-        f"Tool calls:\n{summarize_tool_calls(trace)}\n\n"
-        f"Final answer:\n<<<\n{final_answer(trace)}\n>>>\n\n"
-        "Reply with one line `Score: N` (N from 0 to 10), then one line with the reason."
+def _candidate_text(trace: Trace) -> str:
+    return (
+        f"Tool calls:\n{summarize_tool_calls(trace)}\n"
+        f"Final answer:\n<<<\n{final_answer(trace)}\n>>>\n"
     )
-    return [{"role": "system", "content": _POINTWISE_SYSTEM}, {"role": "user", "content": user}]
+
+
+def _task_text(prompt: str, answer: Any, rubric: str | None) -> str:
+    ref = "" if answer is None else f"\nReference answer: {answer}\n"
+    return f"Task: {prompt}\n{ref}\nRubric: {rubric or DEFAULT_RUBRIC}\n"
+
+
+_POINTWISE_ASK = "Reply with one line `Score: N` (N from 0 to 10), then one line with the reason."
+# One worked exchange before the real question: small judges copy its format (the same trick
+# that makes SmolLM2 write parseable tool calls, see DESIGN.md).
+_EXAMPLE_TASK = _task_text("What is 15 * 4?", 60, None)
+_EXAMPLE_RIGHT = (
+    'Tool calls:\n- calculator({"expression": "15 * 4"}) -> 60\n'
+    "Final answer:\n<<<\n15 * 4 = 60.\n>>>\n"
+)
+_EXAMPLE_WRONG = "Tool calls:\n(no tool calls)\nFinal answer:\n<<<\nThe answer is 45.\n>>>\n"
+
+
+def pointwise_messages(task: Task, trace: Trace, rubric: str | None = None) -> list[dict]:
+    """The chat messages `judge_pointwise` sends (with one worked example exchange first)."""
+    return [
+        {"role": "system", "content": _POINTWISE_SYSTEM},
+        {"role": "user", "content": f"{_EXAMPLE_TASK}\n{_EXAMPLE_RIGHT}\n{_POINTWISE_ASK}"},
+        {
+            "role": "assistant",
+            "content": "Score: 10\nCorrect, and it uses the calculator's result.",
+        },
+        {
+            "role": "user",
+            "content": f"{_task_text(task.prompt, task.answer, rubric)}\n"
+            f"{_candidate_text(trace)}\n{_POINTWISE_ASK}",
+        },
+    ]
 
 
 def group_labels(n: int) -> list[str]:
@@ -419,23 +447,33 @@ def group_labels(n: int) -> list[str]:
     return [chr(65 + i % 26) + (str(i // 26 + 1) if i >= 26 else "") for i in range(n)]
 
 
+def _group_ask(labels: Sequence[str]) -> str:
+    return (
+        f"Score every candidate ({', '.join(labels)}) from 0 to 10. Reply with one line per "
+        "candidate, like `A: N - reason`, or a JSON list like "
+        '[{"id": "A", "score": N, "why": "..."}].'
+    )
+
+
 def group_messages(task: Task, traces: Sequence[Trace], rubric: str | None = None) -> list[dict]:
-    """The chat messages `judge_group` sends: the task and every candidate, labelled."""
+    """The chat messages `judge_group` sends: one worked example exchange, then the task and
+    every candidate, labelled A, B, ..."""
     labels = group_labels(len(traces))
-    ref = "" if task.answer is None else f"\nReference answer: {task.answer}\n"
-    parts = [f"Task: {task.prompt}\n{ref}\nRubric: {rubric or DEFAULT_RUBRIC}\n"]
+    parts = [_task_text(task.prompt, task.answer, rubric)]
     for label, trace in zip(labels, traces, strict=True):
-        parts.append(
-            f"Candidate {label}\nTool calls:\n{summarize_tool_calls(trace)}\n"
-            f"Final answer:\n<<<\n{final_answer(trace)}\n>>>\n"
-        )
-    example = ", ".join(f'{{"id": "{lb}", "score": N, "why": "..."}}' for lb in labels[:2])
-    parts.append(
-        f"Score every candidate ({', '.join(labels)}). Reply with a JSON list, one object per "
-        f"candidate, like [{example}], or one line per candidate like `A: N`."
+        parts.append(f"Candidate {label}\n{_candidate_text(trace)}")
+    parts.append(_group_ask(labels))
+    example = "\n".join(
+        [_EXAMPLE_TASK, f"Candidate A\n{_EXAMPLE_RIGHT}", f"Candidate B\n{_EXAMPLE_WRONG}"]
+        + [_group_ask(["A", "B"])]
     )
     return [
         {"role": "system", "content": _GROUP_SYSTEM},
+        {"role": "user", "content": example},
+        {
+            "role": "assistant",
+            "content": "A: 10 - correct, uses the calculator's result\nB: 1 - wrong number, no tool",
+        },
         {"role": "user", "content": "\n".join(parts)},
     ]
 
