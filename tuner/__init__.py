@@ -1,0 +1,37 @@
+"""The tuner: trainers, the adapter registry, the eval gate and reload."""
+
+from tuner.gate import GateError, decide, gate, gate_table
+from tuner.registry import Registry, RegistryError
+from tuner.reload import LocalReloader, Reloader, ReloadError, VllmReloader
+from tuner.schemas import (
+    AdapterRecord,
+    EvalSummary,
+    GateResult,
+    Guard,
+    TrainConfig,
+    TrainResult,
+)
+from tuner.train import TrainError, build_trainer, train, tune
+
+__all__ = [
+    "AdapterRecord",
+    "EvalSummary",
+    "GateError",
+    "GateResult",
+    "Guard",
+    "LocalReloader",
+    "Registry",
+    "RegistryError",
+    "ReloadError",
+    "Reloader",
+    "TrainConfig",
+    "TrainError",
+    "TrainResult",
+    "VllmReloader",
+    "build_trainer",
+    "decide",
+    "gate",
+    "gate_table",
+    "train",
+    "tune",
+]

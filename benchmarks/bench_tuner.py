@@ -1,0 +1,153 @@
+"""LoRA SFT speed: TRL's SFTTrainer as selftune configures it vs a plain torch loop vs TRL's defaults.
+
+Same model (SmolLM2-135M), same LoRA (r=16, all linear), same rows (tokenized once by TRL with
+selftune's template), same batch, fp32, one epoch of `--steps` steps each, run side by side in
+one process so the ratios compare like with like.
+
+    .venv/bin/python -m benchmarks.bench_tuner [--steps 10] [--batch 8]
+
+Prints a table and writes benchmarks/results/bench_tuner.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from tuner.schemas import TrainConfig
+from tuner.train import build_trainer, cpu_has_bf16, lora_config
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_DIR = ROOT / ".selftune" / "models" / "smollm2-135m-instruct"
+RESULTS = ROOT / "benchmarks" / "results" / "bench_tuner.json"
+
+
+def _dataset(folder: Path, n: int) -> Path:
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _tuner_fixtures import write_dataset
+
+    return write_dataset(folder, "sft", n=n, seed=1)
+
+
+def _tokens(rows) -> int:
+    return sum(len(r["input_ids"]) for r in rows)
+
+
+def run_trl(name: str, ds: Path, work: Path, cfg: TrainConfig) -> dict:
+    """Train one epoch with TRL's SFTTrainer built exactly as `tuner.train` builds it."""
+    from transformers import PrinterCallback
+
+    trainer = build_trainer("sft", ds, base_model_dir=MODEL_DIR, work_dir=work / "t", config=cfg)
+    trainer.remove_callback(PrinterCallback)
+    tokens = _tokens(trainer.train_dataset)
+    start = time.perf_counter()
+    out = trainer.train()
+    wall = time.perf_counter() - start
+    return {"name": name, "steps": out.global_step, "tokens": tokens, "wall_s": wall}
+
+
+def run_plain(ds: Path, work: Path, cfg: TrainConfig) -> dict:
+    """The same rows through a hand-written loop: forward, backward, AdamW step."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    trainer = build_trainer("sft", ds, base_model_dir=MODEL_DIR, work_dir=work / "p", config=cfg)
+    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in trainer.train_dataset]
+    pad = trainer.processing_class.pad_token_id
+    del trainer
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    base = AutoModelForCausalLM.from_pretrained(str(MODEL_DIR), dtype=torch.float32)
+    model = get_peft_model(base, lora_config(cfg))
+    model.train()
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate
+    )
+    collate = DataCollatorForLanguageModeling(pad_token_id=pad)
+    batches = [rows[i : i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
+    start = time.perf_counter()
+    for batch in batches:
+        b = collate(batch)
+        loss = model(
+            input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]
+        ).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    wall = time.perf_counter() - start
+    return {
+        "name": "plain torch loop",
+        "steps": len(batches),
+        "tokens": _tokens(rows),
+        "wall_s": wall,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=8)
+    ns = parser.parse_args(argv)
+    cfg = TrainConfig(
+        batch_size=ns.batch,
+        epochs=1,
+        save_steps=10_000,
+        logging_steps=1,
+        bf16=False,
+        max_length=512,
+    )
+    work = Path(tempfile.mkdtemp(prefix="bench_tuner-"))
+    try:
+        ds = _dataset(work / "ds", ns.steps * ns.batch)
+        results = [run_plain(ds, work, cfg)]
+        results.append(run_trl("TRL, selftune settings", ds, work, cfg))
+        # TRL's default turns gradient checkpointing on; bf16 (its other default) is off here
+        # because this CPU cannot run it natively
+        gc = cfg.model_copy(update={"gradient_checkpointing": True})
+        results.append(run_trl("TRL default checkpointing on", ds, work, gc))
+        try:
+            pf = cfg.model_copy(update={"padding_free": True})
+            results.append(run_trl("TRL, padding_free", ds, work, pf))
+        except Exception as e:  # noqa: BLE001 - report why it did not run, keep the rest
+            results.append({"name": "TRL, padding_free", "error": f"{type(e).__name__}: {e}"})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    plain = results[0]["tokens"] / results[0]["wall_s"]
+    print(f"\nLoRA SFT, SmolLM2-135M, r=16 all linear, batch {ns.batch}, {ns.steps} steps, fp32")
+    print(f"{'trainer':34} {'tok/s':>8} {'wall s':>8} {'vs plain':>9}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['name']:34} failed: {r['error'][:80]}")
+            continue
+        r["tok_s"] = r["tokens"] / r["wall_s"]
+        r["vs_plain"] = r["tok_s"] / plain
+        print(f"{r['name']:34} {r['tok_s']:8.1f} {r['wall_s']:8.1f} {r['vs_plain']:8.2f}x")
+    report = {
+        "benchmark": "bench_tuner",
+        "steps": ns.steps,
+        "batch": ns.batch,
+        "dtype": "float32",
+        "cpu_bf16": cpu_has_bf16(),
+        "torch_threads": torch.get_num_threads(),
+        "load_avg_at_end": os.getloadavg(),
+        "results": results,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=2))
+    print(f"wrote {RESULTS}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
