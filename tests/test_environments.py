@@ -178,7 +178,13 @@ def _write_env(root: Path) -> Path:
         {"id": "c", "answer": "apple"},  # line 3: no prompt
         "not json at all",  # line 4
         {"id": "a", "prompt": "A second task with the first one's id", "answer": "x"},  # line 5
-        {"id": "f", "prompt": "What does a pear cost?", "answer": 0.55, "grader": "numeric", "split": "test"},
+        {
+            "id": "f",
+            "prompt": "What does a pear cost?",
+            "answer": 0.55,
+            "grader": "numeric",
+            "split": "test",
+        },
         {"id": "g", "prompt": "Any split?", "answer": "x", "split": "validation"},  # line 7
         {"id": "h", "prompt": "Typo", "answer": "x", "gradr": "exact"},  # line 8
         {"id": "i", "prompt": "Numeric without a number", "answer": "lots", "grader": "numeric"},
@@ -188,7 +194,17 @@ def _write_env(root: Path) -> Path:
     demo = {
         "messages": [
             {"role": "user", "content": "What does an apple cost?"},
-            {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "price_of", "arguments": {"item": "apple"}}}]},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {
+                        "id": "c1",
+                        "type": "function",
+                        "function": {"name": "price_of", "arguments": {"item": "apple"}},
+                    }
+                ],
+            },
             {"role": "tool", "tool_call_id": "c1", "name": "price_of", "content": "0.4"},
             {"role": "assistant", "content": "An apple costs 0.40 euros."},
         ]
@@ -262,7 +278,9 @@ def test_environment_py_errors_name_the_file(tmp_path):
     env.mkdir()
     (env / "tasks.jsonl").write_text('{"prompt": "x", "answer": "y"}\n')
     (env / "environment.py").write_text("GRADER = 'fuzzy'\n")
-    with pytest.raises(EnvironmentLoadError, match=r"environment.py: GRADER: unknown grader 'fuzzy'"):
+    with pytest.raises(
+        EnvironmentLoadError, match=r"environment.py: GRADER: unknown grader 'fuzzy'"
+    ):
         load_environment(env)
     (env / "environment.py").write_text("SUBAGENTS = [{'name': 'r'}]\n")
     with pytest.raises(EnvironmentLoadError, match="SUBAGENTS entry"):
