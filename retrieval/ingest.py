@@ -229,6 +229,7 @@ def index_paths(
     known = _indexed_files(collection)
     notify = on_file or (lambda path, what: None)
 
+    pending: list[tuple[str, str, int, Chunk]] = []  # embedded in batches across files
     for f in files:
         source = str(f)
         data = f.read_bytes()
@@ -241,10 +242,16 @@ def index_paths(
         if old is not None:
             report.chunks_removed += _delete_source(collection, source)
         chunks = chunk_text(read_text(f), chunk_chars, overlap)
-        _add_chunks(collection, source, digest, chunks)
+        pending.extend((source, digest, i, c) for i, c in enumerate(chunks))
+        if len(pending) >= _ADD_BATCH:
+            _add_chunks(collection, pending)
+            pending = []
         report.chunks_added += len(chunks)
         (report.updated if old is not None else report.added).append(source)
         notify(source, "updated" if old is not None else "added")
+
+    if pending:
+        _add_chunks(collection, pending)
 
     present = {str(f) for f in files}
     for source in known:
@@ -263,21 +270,21 @@ def _delete_source(collection: Collection, source: str) -> int:
     return len(ids)
 
 
-def _add_chunks(collection: Collection, source: str, digest: str, chunks: list[Chunk]) -> None:
-    for b in range(0, len(chunks), _ADD_BATCH):
-        batch = chunks[b : b + _ADD_BATCH]
+def _add_chunks(collection: Collection, rows: list[tuple[str, str, int, Chunk]]) -> None:
+    for b in range(0, len(rows), _ADD_BATCH):
+        batch = rows[b : b + _ADD_BATCH]
         collection.add(
-            ids=[chunk_id(source, b + i) for i in range(len(batch))],
-            documents=[c.text for c in batch],
+            ids=[chunk_id(source, i) for source, _, i, _ in batch],
+            documents=[c.text for *_, c in batch],
             metadatas=[
                 {
                     "source": source,
                     "file_hash": digest,
-                    "chunk": b + i,
+                    "chunk": i,
                     "start": c.start,
                     "end": c.end,
                     "heading": c.heading,
                 }
-                for i, c in enumerate(batch)
+                for source, digest, i, c in batch
             ],
         )
