@@ -1,0 +1,727 @@
+"""The local backend: the base model in process (transformers + peft), LoRA adapters by name,
+and a micro-batcher that answers concurrent requests with one `generate` call.
+
+Batching is the main speed lever on CPU (8 rows cost little more than 1), so every request goes
+through `MicroBatcher`: it waits at most `batch_wait_ms` for company (up to `max_batch_size`),
+then runs the batch on its worker thread so the caller's event loop stays free.
+
+Inside a batch, rows are grouped by sampling settings that can share a `generate` call:
+- greedy rows (temperature 0) all share one call, whatever their seeds;
+- unseeded sampled rows share a call when temperature and top_p match;
+- a seeded sampled row gets a call of its own after `torch.manual_seed(seed)`, because rows in
+  one call draw from one random stream, so a row's sample would depend on its neighbours.
+Per-row `max_tokens` and stop strings are honoured inside a shared call by a stopping criterion
+that finishes each row on its own. Rows with different adapters share a call too, through
+peft's mixed-adapter batches (`adapter_names=[...]`, "__base__" for the base model).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import threading
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
+from langchain_core.messages import convert_to_openai_messages as _lc_to_openai
+from langchain_core.messages.tool import invalid_tool_call, tool_call
+from langchain_core.outputs import ChatGeneration, ChatResult
+from langchain_core.runnables import Runnable
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from pydantic import ConfigDict, Field
+
+from agent.config import Config
+from agent.models import ModelError, check_model_dir, model_dir
+from agent.parsing import parse_tool_calls
+from agent.template import TemplateMode, chat_template_for, encode_prompt
+
+log = logging.getLogger(__name__)
+
+BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+
+
+class ContextOverflowError(ValueError):
+    """The prompt plus max_tokens does not fit the model's context."""
+
+
+class AdapterError(ValueError):
+    """An adapter cannot be loaded, found or used; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Per-request sampling settings (OpenAI names). temperature 0 means greedy."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["stop"] = list(self.stop)
+        return d
+
+
+@dataclass
+class Completion:
+    """One answered request."""
+
+    text: str  # decoded completion, special tokens and stop string left out
+    prompt_token_ids: list[int]
+    completion_token_ids: list[int]  # as generated, ending with the EOS token when it stopped
+    finish_reason: str  # "stop" or "length"
+    adapter: str | None
+    model_name: str
+    sampling: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.completion_token_ids)
+
+
+@dataclass
+class _Request:
+    prompt_ids: list[int]
+    adapter: str | None
+    sampling: Sampling
+    future: Future = field(default_factory=Future)
+
+
+# --- hardware --------------------------------------------------------------------------------
+
+
+def cpu_supports_bf16() -> bool:
+    """True when /proc/cpuinfo lists avx512_bf16 or AMX, where bf16 is faster than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16", "amx_tile"))
+
+
+def pick_device(requested: str = "auto") -> str:
+    import torch
+
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ModelError('[model] device = "cuda" but no CUDA GPU is visible: use "auto" or "cpu"')
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def pick_dtype(requested: str, device: str) -> Any:
+    """bf16 on a GPU that has it or a CPU with avx512_bf16/AMX, fp32 otherwise."""
+    import torch
+
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+
+
+# --- the micro-batcher -------------------------------------------------------------------------
+
+
+class MicroBatcher:
+    """Collects requests from any thread or event loop and hands them to `run_batch` in groups.
+
+    The first request of a batch waits at most `wait_ms` for company; requests that arrive while
+    a batch is generating form the next batch at once. One worker thread does all the work.
+    """
+
+    def __init__(
+        self, run_batch: Callable[[list[_Request]], None], wait_ms: float, max_size: int
+    ) -> None:
+        self._run_batch = run_batch
+        self._wait_s = wait_ms / 1000.0
+        self._max_size = max_size
+        self._queue: queue.Queue[_Request | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.batch_sizes: list[int] = []  # what each batch held, for tests and benchmarks
+
+    def submit(self, request: _Request) -> Future:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._loop, name="selftune-batcher", daemon=True
+                )
+                self._thread.start()
+        self._queue.put(request)
+        return request.future
+
+    def close(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            deadline = time.monotonic() + self._wait_s
+            while len(batch) < self._max_size:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    try:
+                        item = self._queue.get(timeout=left)
+                    except queue.Empty:
+                        break
+                if item is None:
+                    self._queue.put(None)  # stop after this batch
+                    break
+                batch.append(item)
+            self.batch_sizes.append(len(batch))
+            try:
+                self._run_batch(batch)
+            except BaseException as e:  # noqa: BLE001 - a failed batch fails its requests, not the worker
+                for r in batch:
+                    if not r.future.done():
+                        r.future.set_exception(e)
+
+
+# --- the engine ----------------------------------------------------------------------------------
+
+
+class LocalEngine:
+    """A loaded base model and tokenizer, its LoRA adapters, and a micro-batcher over them."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        name: str | None = None,
+        dtype: str = "auto",
+        device: str = "auto",
+        threads: int | None = None,
+        batch_wait_ms: float = 5.0,
+        max_batch_size: int = 16,
+        chat_template: TemplateMode = "auto",
+        overflow: str = "error",
+    ) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.path = Path(path)
+        check_model_dir(self.path)
+        self.name = name or self.path.name
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(self.path))
+            self.model = AutoModelForCausalLM.from_pretrained(str(self.path), dtype=self.dtype)
+        except Exception as e:  # noqa: BLE001 - any load failure means the folder is unusable
+            raise ModelError(
+                f"model folder {self.path} could not be loaded ({type(e).__name__}: {e}): "
+                "run `selftune setup --force`"
+            ) from None
+        self.model.to(self.device).eval()
+        self.template = chat_template_for(self.tokenizer, chat_template)
+        self.overflow = overflow
+        self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.eos_token_id
+        eos = self.model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        self.eos_ids = {i for i in [*eos, self.tokenizer.eos_token_id] if i is not None}
+        self._peft: Any = None  # the PeftModel once an adapter is loaded
+        self._adapters: dict[str, str] = {}
+        self._model_lock = threading.RLock()
+        self.batcher = MicroBatcher(self._run_batch, batch_wait_ms, max_batch_size)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> LocalEngine:
+        """The engine for `cfg.model` (ModelError with the fix if the folder is missing)."""
+        m = cfg.model
+        path = model_dir(cfg)
+        name = m.name if not Path(m.name).expanduser().exists() else path.name
+        return cls(
+            path,
+            name=name,
+            dtype=m.dtype,
+            device=m.device,
+            threads=m.threads,
+            batch_wait_ms=m.batch_wait_ms,
+            max_batch_size=m.max_batch_size,
+            chat_template=m.chat_template,
+            overflow=m.overflow,
+        )
+
+    # --- adapters ---
+
+    def adapters(self) -> dict[str, str]:
+        """Loaded adapters: name -> folder."""
+        return dict(self._adapters)
+
+    def load_adapter(self, name: str, path: str | Path, *, replace: bool = False) -> None:
+        """Load a PEFT LoRA folder under `name`, without reloading the base model.
+
+        Refuses (AdapterError) a folder without adapter_config.json, an adapter trained on a
+        different base model, a name already loaded (unless `replace`) or a reserved name.
+        """
+        folder = Path(path).expanduser()
+        if name in (BASE, self.name, "") or "/" in name:
+            raise AdapterError(f"{name!r} cannot name an adapter: it is reserved or not a name")
+        cfg_file = folder / "adapter_config.json"
+        if not cfg_file.is_file():
+            raise AdapterError(
+                f"adapter folder {folder} has no adapter_config.json: give a PEFT adapter folder"
+            )
+        try:
+            adapter_cfg = json.loads(cfg_file.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise AdapterError(f"{cfg_file} is not valid JSON ({e})") from None
+        base = adapter_cfg.get("base_model_name_or_path") or ""
+        if not base:
+            log.warning("adapter %s does not name its base model; loading it anyway", folder)
+        elif not self._same_base(base):
+            raise AdapterError(
+                f"adapter {name!r} at {folder} was trained on {base!r}, but the loaded model is "
+                f"{self.name!r} ({self.path}): train it on this model or load its own base model"
+            )
+        with self._model_lock:
+            if name in self._adapters:
+                if not replace:
+                    raise AdapterError(
+                        f"adapter {name!r} is already loaded: unload it first or pass replace=True"
+                    )
+                self._delete(name)
+            try:
+                if self._peft is None:
+                    from peft import PeftModel
+
+                    self._peft = PeftModel.from_pretrained(
+                        self.model, str(folder), adapter_name=name, is_trainable=False
+                    )
+                    self._peft.eval()
+                else:
+                    self._peft.load_adapter(str(folder), adapter_name=name, is_trainable=False)
+            except Exception as e:  # noqa: BLE001 - peft raises many kinds for a bad folder
+                raise AdapterError(f"adapter {name!r} at {folder} could not be loaded: {e}") from e
+            self._adapters[name] = str(folder)
+
+    def unload_adapter(self, name: str) -> None:
+        """Remove a loaded adapter (AdapterError naming the loaded ones if it is not loaded)."""
+        with self._model_lock:
+            if name not in self._adapters:
+                raise AdapterError(
+                    f"adapter {name!r} is not loaded; loaded: {sorted(self._adapters) or 'none'}"
+                )
+            self._delete(name)
+
+    def _delete(self, name: str) -> None:
+        if set(self._adapters) == {name}:
+            # peft cannot run with zero adapters left: strip the LoRA layers and go back to base
+            self.model = self._peft.unload()
+            self._peft = None
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "adapter X was active...": we name one per row
+                self._peft.delete_adapter(name)
+        del self._adapters[name]
+
+    def _same_base(self, base: str) -> bool:
+        ours = {self.name.lower(), self.path.name.lower(), str(self.path).lower()}
+        theirs = base.rstrip("/").lower()
+        return theirs in ours or Path(theirs).name in ours
+
+    # --- prompts ---
+
+    def prompt_ids(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        *,
+        max_tokens: int = 256,
+    ) -> list[int]:
+        """Token ids of the live prompt, checked against the context (see `[model] overflow`)."""
+        ids = encode_prompt(self.tokenizer, messages, tools, template=self.template)
+        limit = self.context_length - max_tokens
+        if len(ids) <= limit:
+            return ids
+        problem = (
+            f"the prompt has {len(ids)} tokens and max_tokens is {max_tokens}, more than the "
+            f"{self.context_length}-token context of {self.name}"
+        )
+        if self.overflow != "trim":
+            raise ContextOverflowError(
+                f"{problem}: shorten the conversation, lower max_tokens, or set "
+                '[model] overflow = "trim" to drop the oldest turns'
+            )
+        msgs = list(messages)
+        dropped = 0
+        while len(ids) > limit:
+            i = _oldest_droppable(msgs)
+            if i is None:
+                raise ContextOverflowError(
+                    f"{problem}, even with only the system turn and the last user turn left: "
+                    "shorten them or lower max_tokens"
+                )
+            del msgs[i]
+            dropped += 1
+            # a tool result whose call was dropped means nothing on its own
+            while i < len(msgs) and msgs[i].get("role") == "tool" and _oldest_droppable(msgs) == i:
+                del msgs[i]
+                dropped += 1
+            ids = encode_prompt(self.tokenizer, msgs, tools, template=self.template)
+        log.warning("%s; dropped the %d oldest turns to fit (overflow = trim)", problem, dropped)
+        return ids
+
+    # --- generation ---
+
+    def submit(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        *,
+        adapter: str | None = None,
+        sampling: Sampling | None = None,
+    ) -> Future:
+        """Queue one chat request for the micro-batcher; the Future resolves to a Completion."""
+        sampling = sampling or Sampling()
+        if adapter in (BASE, self.name):
+            adapter = None
+        if adapter is not None and adapter not in self._adapters:
+            raise AdapterError(
+                f"adapter {adapter!r} is not loaded; loaded: {sorted(self._adapters) or 'none'}. "
+                "Load it with load_adapter(name, path)"
+            )
+        ids = self.prompt_ids(messages, tools, max_tokens=sampling.max_tokens)
+        return self.batcher.submit(_Request(ids, adapter, sampling))
+
+    def generate(self, messages, tools=None, *, adapter=None, sampling=None) -> Completion:
+        """Answer one chat request (blocking), batched with whatever else is in flight."""
+        return self.submit(messages, tools, adapter=adapter, sampling=sampling).result()
+
+    async def agenerate(self, messages, tools=None, *, adapter=None, sampling=None) -> Completion:
+        """Answer one chat request without blocking the event loop."""
+        fut = self.submit(messages, tools, adapter=adapter, sampling=sampling)
+        return await asyncio.wrap_future(fut)
+
+    def close(self) -> None:
+        self.batcher.close()
+
+    def _run_batch(self, batch: list[_Request]) -> None:
+        groups: dict[tuple, list[_Request]] = {}
+        for i, r in enumerate(batch):
+            s = r.sampling
+            if s.greedy:
+                key: tuple = ("greedy",)
+            elif s.seed is not None:
+                key = ("seeded", i)
+            else:
+                key = ("sample", s.temperature, s.top_p)
+            groups.setdefault(key, []).append(r)
+        for reqs in groups.values():
+            try:
+                results = self._generate_group(reqs)
+            except BaseException as e:  # noqa: BLE001 - fail this group only
+                for r in reqs:
+                    r.future.set_exception(e)
+                continue
+            for r, res in zip(reqs, results, strict=True):
+                r.future.set_result(res)
+
+    def _generate_group(self, reqs: list[_Request]) -> list[Completion]:
+        import torch
+        from transformers import GenerationConfig, StoppingCriteriaList
+
+        width = max(len(r.prompt_ids) for r in reqs)
+        input_ids = torch.tensor(
+            [[self.pad_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in reqs]
+        )
+        attention = torch.tensor(
+            [[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in reqs]
+        )
+        s0 = reqs[0].sampling
+        gen_cfg = GenerationConfig(
+            max_new_tokens=max(r.sampling.max_tokens for r in reqs),
+            do_sample=not s0.greedy,
+            temperature=s0.temperature if not s0.greedy else None,
+            top_p=s0.top_p if not s0.greedy else None,
+            top_k=0 if not s0.greedy else None,
+            pad_token_id=self.pad_id,
+            eos_token_id=sorted(self.eos_ids),
+        )
+        kwargs: dict[str, Any] = {}
+        with self._model_lock:
+            for r in reqs:  # an adapter may have been unloaded while the request waited
+                if r.adapter is not None and r.adapter not in self._adapters:
+                    raise AdapterError(f"adapter {r.adapter!r} was unloaded before generation")
+            model = self._peft if self._peft is not None else self.model
+            if self._peft is not None:
+                kwargs["adapter_names"] = [r.adapter or BASE for r in reqs]
+            limits = _RowLimits(width, reqs, self.tokenizer)
+            if s0.seed is not None and not s0.greedy:
+                torch.manual_seed(s0.seed)
+            with torch.inference_mode():
+                out = model.generate(
+                    input_ids=input_ids.to(self.device),
+                    attention_mask=attention.to(self.device),
+                    generation_config=gen_cfg,
+                    stopping_criteria=StoppingCriteriaList([limits]),
+                    **kwargs,
+                )
+        return [self._finish(r, out[i, width:].tolist()) for i, r in enumerate(reqs)]
+
+    def _finish(self, r: _Request, new: list[int]) -> Completion:
+        ids: list[int] = []
+        finish = "length"
+        for t in new:
+            ids.append(t)
+            if t in self.eos_ids:
+                finish = "stop"
+                break
+            if len(ids) >= r.sampling.max_tokens:
+                break
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        cut = _earliest_stop(text, r.sampling.stop)
+        if cut is not None:
+            text, finish = text[:cut], "stop"
+            # keep the tokens up to the one that completed the stop string
+            for k in range(1, len(ids) + 1):
+                if _earliest_stop(self.tokenizer.decode(ids[:k]), r.sampling.stop) is not None:
+                    ids = ids[:k]
+                    break
+        return Completion(
+            text=text,
+            prompt_token_ids=r.prompt_ids,
+            completion_token_ids=ids,
+            finish_reason=finish,
+            adapter=r.adapter,
+            model_name=self.name,
+            sampling=r.sampling.as_dict(),
+        )
+
+
+def _earliest_stop(text: str, stops: Sequence[str]) -> int | None:
+    found = [i for i in (text.find(s) for s in stops if s) if i != -1]
+    return min(found) if found else None
+
+
+def _oldest_droppable(msgs: list[dict[str, Any]]) -> int | None:
+    """The oldest turn that may go: not the system turn, not the last user turn or after it."""
+    last_user = max((i for i, m in enumerate(msgs) if m.get("role") == "user"), default=None)
+    if last_user is None:
+        return None
+    start = 1 if msgs and msgs[0].get("role") == "system" else 0
+    return start if start < last_user else None
+
+
+class _RowLimits:
+    """Stopping criterion that finishes each row at its own max_tokens or stop string."""
+
+    def __init__(self, prompt_width: int, reqs: list[_Request], tokenizer: Any) -> None:
+        import torch
+
+        self.width = prompt_width
+        self.max_tokens = torch.tensor([r.sampling.max_tokens for r in reqs])
+        self.stops = [r.sampling.stop for r in reqs]
+        self.tokenizer = tokenizer
+        # enough trailing tokens to contain any stop string (each token decodes to >= 1 char)
+        self.tail = max((len(s) for st in self.stops for s in st), default=0) + 4
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        generated = input_ids.shape[1] - self.width
+        done = (generated >= self.max_tokens).to(input_ids.device)
+        for i, stops in enumerate(self.stops):
+            if stops and not done[i]:
+                tail = input_ids[i, max(self.width, input_ids.shape[1] - self.tail) :]
+                text = self.tokenizer.decode(tail, skip_special_tokens=True)
+                if _earliest_stop(text, stops) is not None:
+                    done[i] = True
+        return done
+
+
+# --- LangChain chat model --------------------------------------------------------------------
+
+
+def to_openai_tool(tool: Any) -> dict[str, Any]:
+    """An OpenAI tool schema from a LangChain tool, an OpenAI-format dict, or an object whose
+    `.schema()` returns OpenAI function format."""
+    from langchain_core.tools import BaseTool
+    from pydantic import BaseModel
+
+    if isinstance(tool, dict):
+        if tool.get("type") == "function" and "function" in tool:
+            return tool
+        if "name" in tool and "parameters" in tool:
+            return {"type": "function", "function": tool}
+        return convert_to_openai_tool(tool)
+    if (
+        not isinstance(tool, BaseTool | type | BaseModel)
+        and callable(getattr(tool, "schema", None))
+        and not callable(tool)
+    ):
+        return to_openai_tool(tool.schema())
+    return convert_to_openai_tool(tool)
+
+
+def to_openai_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
+    """LangChain messages as OpenAI-style dicts (tool results as role `tool`)."""
+    out = _lc_to_openai(list(messages))
+    for src, dst in zip(messages, out, strict=True):
+        if isinstance(src, ToolMessage) and src.name and "name" not in dst:
+            dst["name"] = src.name
+    return out
+
+
+def completion_to_message(c: Completion) -> AIMessage:
+    """An AIMessage with parsed tool calls, usage and the response_metadata traces copy."""
+    parsed = parse_tool_calls(c.text)
+    finish = "tool_calls" if parsed.calls and c.finish_reason == "stop" else c.finish_reason
+    return AIMessage(
+        content=parsed.content,
+        tool_calls=[tool_call(name=p.name, args=p.arguments, id=p.id) for p in parsed.calls],
+        invalid_tool_calls=[
+            invalid_tool_call(name=None, args=None, id=None, error=e) for e in parsed.errors
+        ],
+        usage_metadata={
+            "input_tokens": c.prompt_tokens,
+            "output_tokens": c.completion_tokens,
+            "total_tokens": c.prompt_tokens + c.completion_tokens,
+        },
+        response_metadata=response_metadata(
+            model_name=c.model_name,
+            adapter=c.adapter,
+            finish_reason=finish,
+            raw_completion=c.text,
+            prompt_token_ids=c.prompt_token_ids,
+            completion_token_ids=c.completion_token_ids,
+            sampling=c.sampling,
+        ),
+    )
+
+
+def response_metadata(
+    *,
+    model_name: str,
+    adapter: str | None,
+    finish_reason: str | None,
+    raw_completion: str,
+    prompt_token_ids: list[int] | None,
+    completion_token_ids: list[int] | None,
+    sampling: dict[str, Any],
+) -> dict[str, Any]:
+    """The exact response_metadata keys every backend fills (the agent copies them to traces)."""
+    return {
+        "model_name": model_name,
+        "adapter": adapter,
+        "finish_reason": finish_reason,
+        "raw_completion": raw_completion,
+        "prompt_token_ids": prompt_token_ids,
+        "completion_token_ids": completion_token_ids,
+        "sampling": sampling,
+    }
+
+
+class ChatLocal(BaseChatModel):
+    """A LangChain chat model over a `LocalEngine`; concurrent calls share `generate` batches."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    engine: Any = Field(exclude=True)
+    adapter: str | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    seed: int | None = None
+    stop: list[str] | None = None
+
+    @property
+    def _llm_type(self) -> str:
+        return "selftune-local"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {
+            "model_name": self.engine.name,
+            "adapter": self.adapter,
+            **self._sampling().as_dict(),
+        }
+
+    def bind_tools(
+        self, tools: Sequence[Any], *, tool_choice: Any = None, **kwargs: Any
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind tools; they go into the system turn. `tool_choice` is accepted and ignored: a
+        local model cannot be forced, it is asked."""
+        return self.bind(tools=[to_openai_tool(t) for t in tools], **kwargs)
+
+    def _sampling(self, stop: list[str] | None = None) -> Sampling:
+        return Sampling(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            max_tokens=self.max_tokens,
+            seed=self.seed,
+            stop=tuple(stop if stop is not None else self.stop or ()),
+        )
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        c = self.engine.generate(
+            to_openai_messages(messages),
+            kwargs.get("tools"),
+            adapter=self.adapter,
+            sampling=self._sampling(stop),
+        )
+        return ChatResult(generations=[ChatGeneration(message=completion_to_message(c))])
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        c = await self.engine.agenerate(
+            to_openai_messages(messages),
+            kwargs.get("tools"),
+            adapter=self.adapter,
+            sampling=self._sampling(stop),
+        )
+        return ChatResult(generations=[ChatGeneration(message=completion_to_message(c))])
