@@ -137,7 +137,6 @@ def test_bad_settings_are_explained(tmp_path: Path):
         get_collection(open_client(RetrievalConfig(), tmp_path / "chroma"), "kb")
 
 
-@pytest.mark.slow  # the second process loads torch and the model again (~20 s here)
 def test_reopen_in_another_process_finds_the_embedding_function(tmp_path: Path):
     docs = make_docs(tmp_path / "docs")
     store = tmp_path / "chroma"
