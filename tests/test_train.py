@@ -87,6 +87,8 @@ def test_sft_adapter_is_standard_peft_and_changes_logits(tmp_path, model_path):
         "adapter_config.json",
         "adapter_model.safetensors",
     ]
+    assert (out / "chat_template.jinja").is_file()  # the template it was trained with
+    assert not (out / "training_args.bin").exists()
     acfg = json.loads((out / "adapter_config.json").read_text())
     assert acfg["modules_to_save"] in (None, [])
     assert acfg["r"] == 16 and acfg["r"] <= 64

@@ -357,6 +357,9 @@ def train(
     trainer.save_model(str(tmp))
     if trainer.is_world_process_zero():
         _finish_adapter_config(tmp, base_model or base_model_name(base_dir))
+        # the tokenizer and chat_template.jinja stay: they record what the adapter was trained
+        # on; the pickled TrainingArguments go (train_config.json says the same, readably)
+        (tmp / "training_args.bin").unlink(missing_ok=True)
         (tmp / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
         (tmp / "train_config.json").write_text(cfg.model_dump_json(indent=2))
         os.replace(tmp, out)
