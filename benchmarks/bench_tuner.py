@@ -4,7 +4,7 @@ Same model (SmolLM2-135M), same LoRA (r=16, all linear), same rows (tokenized on
 selftune's template), same batch, fp32, one epoch of `--steps` steps each, run side by side in
 one process so the ratios compare like with like.
 
-    .venv/bin/python -m benchmarks.bench_tuner [--steps 10] [--batch 8]
+    .venv/bin/python -m benchmarks.bench_tuner [--steps 10] [--batch 4] [--padding-free]
 
 Prints a table and writes benchmarks/results/bench_tuner.json.
 """
@@ -96,7 +96,10 @@ def run_plain(ds: Path, work: Path, cfg: TrainConfig) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument(
+        "--padding-free", action="store_true", help="also time TRL's padding_free batches"
+    )
     ns = parser.parse_args(argv)
     cfg = TrainConfig(
         batch_size=ns.batch,
@@ -115,11 +118,12 @@ def main(argv: list[str] | None = None) -> dict:
         # because this CPU cannot run it natively
         gc = cfg.model_copy(update={"gradient_checkpointing": True})
         results.append(run_trl("TRL default checkpointing on", ds, work, gc))
-        try:
-            pf = cfg.model_copy(update={"padding_free": True})
-            results.append(run_trl("TRL, padding_free", ds, work, pf))
-        except Exception as e:  # noqa: BLE001 - report why it did not run, keep the rest
-            results.append({"name": "TRL, padding_free", "error": f"{type(e).__name__}: {e}"})
+        if ns.padding_free:
+            try:
+                pf = cfg.model_copy(update={"padding_free": True})
+                results.append(run_trl("TRL, padding_free", ds, work, pf))
+            except Exception as e:  # noqa: BLE001 - report why it did not run, keep the rest
+                results.append({"name": "TRL, padding_free", "error": f"{type(e).__name__}: {e}"})
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
