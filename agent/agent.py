@@ -30,6 +30,7 @@ from langchain_core.messages import (
     SystemMessage,
     ToolMessage,
 )
+from langchain_core.runnables import RunnableConfig
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 
@@ -110,6 +111,7 @@ class Agent:
         self._checkpointer = None
         self._tool_cache: dict[str, Tool] | None = None
         self._graph = None
+        self._graph_threads = None
         self._started = False
         self._start_lock = asyncio.Lock()
 
@@ -151,7 +153,11 @@ class Agent:
                 self._checkpointer = await self._stack.enter_async_context(
                     _open_checkpointer(self.cfg.workspace.checkpoints_db)
                 )
+            # Episodes without a thread id (evals, collection) skip checkpointing entirely.
             self._graph = self._build_graph()
+            self._graph_threads = (
+                self._build_graph(self._checkpointer) if self._checkpointer else None
+            )
             self._started = True
 
     async def aclose(self) -> None:
@@ -217,9 +223,10 @@ class Agent:
 
     def _search_tool(self) -> Tool:
         if "search" not in self._extra_tools:
-            from retrieval import make_search_tool, open_collection
+            from agent.runtime import open_collection
+            from retrieval import make_search_tool
 
-            coll = open_collection(self.cfg.retrieval, self.cfg.workspace.chroma)
+            coll = open_collection(self.cfg)
             self._extra_tools["search"] = make_search_tool(coll, k=self.cfg.retrieval.top_k)
             self._tool_cache = None
         return self._extra_tools["search"]
@@ -250,20 +257,20 @@ class Agent:
 
     # -- the graph ----------------------------------------------------------------------------
 
-    def _build_graph(self):
+    def _build_graph(self, checkpointer=None):
         g = StateGraph(EpisodeState)
         g.add_node("model", self._model_node)
         g.add_node("tools", self._tools_node)
         g.add_edge(START, "model")
         g.add_conditional_edges("model", self._after_model, {"tools": "tools", END: END})
         g.add_edge("tools", "model")
-        return g.compile(checkpointer=self._checkpointer)
+        return g.compile(checkpointer=checkpointer)
 
     @staticmethod
-    def _scope(config: dict) -> _Scope:
+    def _scope(config: RunnableConfig) -> _Scope:
         return config["configurable"]["scope"]
 
-    async def _model_node(self, state: EpisodeState, config: dict) -> dict:
+    async def _model_node(self, state: EpisodeState, config: RunnableConfig) -> dict:
         scope = self._scope(config)
         prompt: list[BaseMessage] = [
             SystemMessage(scope.system_prompt),
@@ -306,7 +313,7 @@ class Agent:
             ]
         return {"messages": [reply], "steps": state.get("steps", 0) + 1}
 
-    def _after_model(self, state: EpisodeState, config: dict) -> str:
+    def _after_model(self, state: EpisodeState, config: RunnableConfig) -> str:
         last = state["messages"][-1]
         wants_tools = isinstance(last, AIMessage) and (last.tool_calls or last.invalid_tool_calls)
         if not wants_tools:
@@ -315,7 +322,7 @@ class Agent:
             return END  # the caller sees unanswered tool calls and reports max_steps
         return "tools"
 
-    async def _tools_node(self, state: EpisodeState, config: dict) -> dict:
+    async def _tools_node(self, state: EpisodeState, config: RunnableConfig) -> dict:
         scope = self._scope(config)
         last: AIMessage = state["messages"][-1]
         calls = [
@@ -346,7 +353,7 @@ class Agent:
     async def _call_tool(self, scope: _Scope, call_id: str, name: str, args: dict) -> ToolMessage:
         tool = scope.tools.get(name)
         kind = "subagent" if tool is not None and tool.source == "subagent" else "tool"
-        if name == "search" and tool is not None:
+        if tool is not None and hasattr(tool, "asearch"):
             kind = "retrieval"
         data = ToolData(
             name=name, call_id=call_id, arguments=args, server=getattr(tool, "server", None)
@@ -385,7 +392,7 @@ class Agent:
         passages = await asyncio.wait_for(tool.asearch(query), timeout)
         span.retrieval = RetrievalData(
             query=query,
-            collection=tool.collection_name,
+            collection=tool.collection.name,
             ids=[p.id for p in passages],
             scores=[p.score for p in passages],
             texts=[p.text for p in passages],
@@ -432,9 +439,15 @@ class Agent:
             "configurable": {"scope": scope},
             "recursion_limit": 4 * scope.limits.max_steps + 8,
         }
-        if thread_id is not None and self._checkpointer is not None:
+        graph = self._graph
+        if thread_id is not None:
+            if self._graph_threads is None:
+                raise ValueError(
+                    "this agent was made with checkpoints=False: it cannot resume threads"
+                )
             config["configurable"]["thread_id"] = thread_id
-        state = await self._graph.ainvoke({"messages": new_messages, "steps": 0}, config)
+            graph = self._graph_threads
+        state = await graph.ainvoke({"messages": new_messages, "steps": 0}, config)
         messages: list[BaseMessage] = state["messages"]
         last = messages[-1]
         if isinstance(last, AIMessage) and (last.tool_calls or last.invalid_tool_calls):
@@ -603,3 +616,35 @@ class _open_checkpointer:
 
     async def __aexit__(self, *exc):
         await self._conn.close()
+
+
+def ask_agent_tool(cfg: Config) -> Tool:
+    """`ask_agent` for the MCP server: run this agent on a task; the agent starts on first use
+    and stays up for the server's life."""
+    holder: dict[str, Agent] = {}
+    lock = asyncio.Lock()
+
+    async def ask_agent(task: str) -> str:
+        """Run the selftune agent on a task with its configured tools and return its answer,
+        status and trace id as JSON.
+
+        Args:
+            task: the task, in plain words
+        """
+        import json
+
+        async with lock:
+            if "agent" not in holder:
+                holder["agent"] = Agent(cfg, checkpoints=False)
+                await holder["agent"].start()
+        res = await holder["agent"].run(task)
+        return json.dumps(
+            {
+                "answer": res.answer,
+                "status": res.status,
+                "trace_id": res.trace_id,
+                "error": res.error,
+            }
+        )
+
+    return Tool.from_function(ask_agent, source="agent")

@@ -15,7 +15,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from agent.config import Config, ConfigError, load_config
+from agent.cli_context import current_config
+from agent.config import Config
 
 app = typer.Typer(
     help="selftune: an agent that records what it does, learns from it, and improves itself.",
@@ -37,14 +38,9 @@ def _root(
     ctx.obj = {"config": config}
 
 
-def get_config(ctx: typer.Context | None, **overrides) -> Config:
+def get_config(ctx: typer.Context | None = None, **overrides) -> Config:
     """The validated config for this invocation; a bad config ends the command with its message."""
-    path = (ctx.obj or {}).get("config") if ctx is not None else None
-    try:
-        return load_config(path, overrides={k: v for k, v in overrides.items() if v})
-    except ConfigError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
+    return current_config(**overrides)
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -143,7 +139,9 @@ def run(
 
     async def go():
         async with Agent.from_config(cfg, adapter=adapter) as agent:
-            names = [t.strip() for t in tools.split(",")] if tools is not None else None
+            names = (
+                [t.strip() for t in tools.split(",") if t.strip()] if tools is not None else None
+            )
             return await agent.run(task, tools=names, thread_id=thread)
 
     try:
@@ -312,11 +310,78 @@ def review(
     out.print(f"up {counts['up']}, down {counts['down']}, skipped {counts['skip']}")
 
 
+@app.command()
+def improve(
+    ctx: typer.Context,
+    envs: Annotated[
+        list[str] | None, typer.Argument(help="environments (default: calculator docs-qa)")
+    ] = None,
+    cycles: Annotated[int, typer.Option(help="improvement cycles to run")] = 1,
+    method: Annotated[str, typer.Option(help="sft, dpo or kto")] = "sft",
+    budget_minutes: Annotated[
+        float | None, typer.Option(help="start no new cycle after this")
+    ] = None,
+    every: Annotated[
+        str | None, typer.Option(help="keep running on a schedule: 30m, 6h, 1d")
+    ] = None,
+    resume: Annotated[
+        bool | None,
+        typer.Option(
+            "--resume/--fresh", help="resume the last unfinished job (default: if there is one)"
+        ),
+    ] = None,
+    collect_limit: Annotated[int, typer.Option(help="train tasks per environment per cycle")] = 64,
+    eval_limit: Annotated[int, typer.Option(help="held-out test tasks per environment")] = 40,
+    few_shot: Annotated[
+        int, typer.Option(help="demonstrations while collecting, while the model is weak")
+    ] = 2,
+    concurrency: Concurrency = 8,
+    max_train_steps: Annotated[
+        int, typer.Option(help="cap on training steps (-1: [tuner] epochs)")
+    ] = -1,
+    seed: Seed = 0,
+) -> None:
+    """Collect, grade, build a dataset, tune, gate, promote and reload: the self-improvement loop."""
+    from tuner.improve import ImproveError, ImproveSettings, parse_every
+    from tuner.improve import improve as run_improve
+
+    if method not in ("sft", "dpo", "kto"):
+        fail(f"--method must be sft, dpo or kto, got {method!r}")
+    cfg = get_config(ctx)
+    try:
+        settings = ImproveSettings(
+            envs=list(envs or ["calculator", "docs-qa"]),
+            cycles=cycles,
+            method=method,
+            budget_minutes=budget_minutes,
+            collect_limit=collect_limit,
+            eval_limit=eval_limit,
+            few_shot=few_shot,
+            concurrency=concurrency,
+            max_train_steps=max_train_steps,
+            seed=seed,
+            every_s=parse_every(every) if every else None,
+        )
+        asyncio.run(run_improve(cfg, settings, resume=resume, console=console))
+    except ImproveError as e:
+        fail(str(e))
+
+
 def _wire_subcommands() -> None:
     """Sub-command groups live beside the library code they call."""
-    from agent import cli_traces
+    from agent import cli_dataset, cli_serve, cli_tools, cli_traces
 
     app.add_typer(cli_traces.traces_app, name="traces", help="List, show, export and prune traces.")
+    app.add_typer(
+        cli_dataset.dataset_app, name="dataset", help="Build training datasets from graded traces."
+    )
+    app.add_typer(
+        cli_tools.tools_app, name="tools", help="List tools with their source, or call one."
+    )
+    app.add_typer(cli_tools.mcp_app, name="mcp", help="Serve selftune's tools over MCP.")
+    app.add_typer(cli_serve.serve_app, name="serve")
+    app.command("index")(cli_tools.index_cmd)
+    app.command("search")(cli_tools.search_cmd)
 
 
 _wire_subcommands()

@@ -19,7 +19,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from agent.config import Config, load_config
+from agent.cli_context import current_config
+from agent.config import Config
 from tools import Tool, ToolError, builtin_tools, load_module_tools
 from tools.mcp_client import McpManager
 
@@ -65,7 +66,7 @@ def list_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print the OpenAI tool schemas.")] = False,
 ) -> None:
     """List the tools the agent can use."""
-    cfg = load_config()
+    cfg = current_config()
 
     async def run() -> list[Tool]:
         async with all_tools(cfg, with_mcp=mcp) as tools:
@@ -94,7 +95,7 @@ def call_cmd(
         err.print(f"arguments are not valid JSON ({e}): pass an object like '{{\"x\": 1}}'")
         raise typer.Exit(2) from None
     try:
-        print(asyncio.run(call_tool(load_config(), name, args)))
+        print(asyncio.run(call_tool(current_config(), name, args)))
     except ToolError as e:
         err.print(f"[red]tool error:[/red] {e}")
         raise typer.Exit(1) from None
@@ -114,7 +115,11 @@ def serve_cmd(
     if transport not in ("stdio", "http"):
         err.print(f"--transport must be stdio or http, not {transport!r}")
         raise typer.Exit(2)
-    serve(list(local_tools(load_config()).values()), transport=transport, host=host, port=port)  # type: ignore[arg-type]
+    from agent.agent import ask_agent_tool
+
+    cfg = current_config()
+    tools = [*local_tools(cfg).values(), ask_agent_tool(cfg)]
+    serve(tools, transport=transport, host=host, port=port)  # type: ignore[arg-type]
 
 
 def index_cmd(
@@ -128,7 +133,7 @@ def index_cmd(
 
     from retrieval import get_collection, index_paths, open_client
 
-    cfg = load_config()
+    cfg = current_config()
     rc = cfg.retrieval
     col = get_collection(open_client(rc, cfg.workspace.chroma), collection or rc.collection)
     with Progress(console=err, transient=True) as progress:
@@ -157,7 +162,7 @@ def search_cmd(
     """Search the retrieval store and print what the agent would see."""
     from retrieval import format_passages, get_collection, open_client, search
 
-    cfg = load_config()
+    cfg = current_config()
     rc = cfg.retrieval
     col = get_collection(open_client(rc, cfg.workspace.chroma), collection or rc.collection)
     try:

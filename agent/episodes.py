@@ -93,10 +93,10 @@ def env_tools(cfg: Config, env: Environment) -> list[Tool]:
     over that corpus (indexed incrementally into its own collection first)."""
     tools = list(env.tools)
     if env.corpus_dir is not None:
-        from retrieval import index_paths, make_search_tool, open_collection
+        from agent.runtime import open_collection
+        from retrieval import index_paths, make_search_tool
 
-        name = env.collection or f"env-{env.name}"
-        coll = open_collection(cfg.retrieval, cfg.workspace.chroma, name=name)
+        coll = open_collection(cfg, env.collection or f"env-{env.name}")
         index_paths([env.corpus_dir], coll, cfg.retrieval.chunk_chars, cfg.retrieval.chunk_overlap)
         tools.append(make_search_tool(coll, k=cfg.retrieval.top_k))
     return tools

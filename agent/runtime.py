@@ -49,6 +49,15 @@ def open_tracer(cfg: Config):
     return tracer_from_config(cfg.traces, trace_db_path(cfg))
 
 
+def open_collection(cfg: Config, name: str | None = None):
+    """The Chroma collection `name` (default `[retrieval] collection`), embedded in the
+    workspace or on the configured Chroma server, with selftune's embedding function."""
+    from retrieval import get_collection, open_client
+
+    client = open_client(cfg.retrieval, cfg.workspace.chroma)
+    return get_collection(client, name or cfg.retrieval.collection)
+
+
 def open_registry(cfg: Config):
     from tuner.registry import Registry
 
@@ -107,3 +116,14 @@ def chat_once(
     )
     reply = model.invoke([HumanMessage(prompt)])
     return reply.content if isinstance(reply.content, str) else str(reply.content)
+
+
+def reloader_for(cfg: Config, engine: Any):
+    """How a promotion reaches running agents: the in-process engine, or vLLM over HTTP."""
+    from tuner.reload import LocalReloader, VllmReloader
+
+    if cfg.model.backend == "openai":
+        if not cfg.model.base_url:
+            raise ValueError("[model] backend = 'openai' needs [model] base_url to reload adapters")
+        return VllmReloader(cfg.model.base_url)
+    return LocalReloader(engine)

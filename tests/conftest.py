@@ -45,3 +45,11 @@ def cli_env(cfg: Config) -> dict[str, str]:
     env = dict(os.environ)
     env["SELFTUNE_HOME"] = str(cfg.workspace.root)
     return env
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """Make the agent talk to a scripted chat model: `scripted(AIMessage(...), call(...), ...)`."""
+    from _agent_fixtures import scripted_fixture
+
+    return scripted_fixture(monkeypatch)
