@@ -1032,7 +1032,9 @@ def calculator_demos() -> list[dict]:
                     "tool_calls": [_call("call_1", "calculator", {"expression": e1})],
                 },
                 _tool_turn("call_1", "calculator", r1),
-                {"role": "assistant", "content": f"37 * 48.75 = {r1}. She pays ${r1} in total."},
+                # a terse final answer that repeats the tool's result: a 135M model imitates
+                # "37 * 48.75 = ..." by doing the arithmetic itself, and gets it wrong
+                {"role": "assistant", "content": f"The answer is {r1}."},
             ]
         },
         {
@@ -1053,15 +1055,17 @@ def calculator_demos() -> list[dict]:
                     "tool_calls": [_call("call_2", "calculator", {"expression": e2b})],
                 },
                 _tool_turn("call_2", "calculator", r2b),
-                {"role": "assistant", "content": f"There are {r2b} good pages."},
+                {"role": "assistant", "content": f"The answer is {r2b}."},
             ]
         },
     ]
 
 
 def _passage(source: str, text: str) -> str:
-    # what the search tool returns: numbered passages with their source file
-    return f"[1] {source}\n{text}"
+    # exactly what the search tool shows the model
+    from retrieval.search import Passage, format_passages
+
+    return format_passages([Passage(id=f"{source}#0", text=text, source=source, score=0.71)])
 
 
 def docs_demos(files: dict[str, str]) -> list[dict]:
