@@ -15,7 +15,14 @@ import pytest
 from _tuner_fixtures import write_dataset
 
 from tuner.schemas import ALL_LINEAR, TrainConfig
-from tuner.train import TrainError, build_trainer, cpu_has_bf16, load_rows, train
+from tuner.train import (
+    TrainError,
+    build_trainer,
+    cpu_has_bf16,
+    last_checkpoint,
+    load_rows,
+    train,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 # Few rows, short steps: the point is that each trainer accepts our rows, not learning.
@@ -208,6 +215,19 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, model_path):
     ds = write_dataset(tmp_path / "ds", "sft", n=2)
     with pytest.raises(TrainError, match="nothing to resume.*run without --resume"):
         train("sft", ds, base_model_dir=model_path, out_dir=tmp_path / "a", resume=True)
+
+
+def test_last_checkpoint_skips_a_partly_written_one(tmp_path):
+    for step, files in (
+        (2, ["trainer_state.json", "adapter_model.safetensors", "optimizer.pt"]),
+        (3, ["adapter_model.safetensors"]),
+    ):  # killed while saving step 3
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        for f in files:
+            (d / f).write_text("x")
+    assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    assert last_checkpoint(tmp_path / "missing") is None
 
 
 def test_fsdp_accelerate_config_loads():

@@ -26,7 +26,7 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tuner.schemas import TrainConfig, TrainKind, TrainResult
 
@@ -237,10 +237,20 @@ def _progress_callback():
     return LossProgress()
 
 
-def _last_checkpoint(work_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+_CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt")
 
-    return get_last_checkpoint(str(work_dir)) if work_dir.is_dir() else None
+
+def last_checkpoint(work_dir: Path) -> str | None:
+    """The newest complete checkpoint in `work_dir` (a job killed while saving leaves a partial
+    one behind, which resuming from would fail), or None."""
+    if not work_dir.is_dir():
+        return None
+    done = [
+        p
+        for p in work_dir.glob("checkpoint-*")
+        if p.name.split("-")[-1].isdigit() and all((p / f).is_file() for f in _CHECKPOINT_FILES)
+    ]
+    return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
 
 
 def build_trainer(
@@ -289,17 +299,18 @@ def train(
     out_dir: Path | str,
     parent_adapter_dir: Path | str | None = None,
     config: TrainConfig | Mapping[str, Any] | Any = None,
-    resume: bool = False,
+    resume: bool | Literal["auto"] = False,
     progress: bool = True,
     base_model: str | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter of `kind` on `dataset_dir` and write it to `out_dir` (a new folder).
 
-    With `parent_adapter_dir` the parent's LoRA weights are loaded trainable and trained further;
-    otherwise a fresh LoRA goes on the base model. `config` is a TrainConfig, a `[tuner]`
-    section, or its dict. `resume` continues from the last checkpoint in `<out_dir>.work/`.
-    `base_model` is the name written into adapter_config.json (default: the model's name).
-    The folder appears complete or not at all (written beside it, then renamed).
+        With `parent_adapter_dir` the parent's LoRA weights are loaded trainable and trained further;
+        otherwise a fresh LoRA goes on the base model. `config` is a TrainConfig, a `[tuner]`
+        section, or its dict. `resume` continues from the last checkpoint in `<out_dir>.work/` (an
+    error if there is none); `resume="auto"` continues if there is one and starts fresh if not.
+        `base_model` is the name written into adapter_config.json (default: the model's name).
+        The folder appears complete or not at all (written beside it, then renamed).
     """
     from transformers import PrinterCallback
 
@@ -308,14 +319,10 @@ def train(
     if out.exists():
         raise TrainError(f"{out} already exists: choose a new output folder or delete it")
     work_dir = out.with_name(out.name + ".work")
-    checkpoint = None
-    if resume:
-        checkpoint = _last_checkpoint(work_dir)
-        if checkpoint is None:
-            raise TrainError(
-                f"nothing to resume: {work_dir} holds no checkpoint; run without --resume"
-            )
-    elif work_dir.exists():
+    checkpoint = last_checkpoint(work_dir) if resume else None
+    if resume is True and checkpoint is None:
+        raise TrainError(f"nothing to resume: {work_dir} holds no checkpoint; run without --resume")
+    if checkpoint is None and work_dir.exists():
         shutil.rmtree(work_dir)  # a fresh start must not pick up an old job's checkpoints
 
     trainer = build_trainer(
