@@ -115,22 +115,34 @@ def test_connection_refused_names_the_url_and_the_flags():
     assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True" in msg and "--max-lora-rank" in msg
 
 
-class _Host:
-    """Records what the local backend was asked to do (stands in for the lead's backend)."""
+def _random_lora(folder: Path, model_path: Path) -> Path:
+    """A real PEFT folder with nonzero B (no training needed to change the outputs)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
 
-    def __init__(self):
-        self.calls = []
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
+    cfg = LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(base, cfg).save_pretrained(str(folder))
+    acfg = json.loads((folder / "adapter_config.json").read_text())
+    acfg["base_model_name_or_path"] = "smollm2-135m-instruct"
+    (folder / "adapter_config.json").write_text(json.dumps(acfg))
+    return folder
 
-    def load_adapter(self, name, path):
-        self.calls.append(("load", name, path))
 
-    def set_active(self, name):
-        self.calls.append(("active", name))
+def test_local_reloader_loads_the_promoted_version_into_the_engine(tmp_path, model_path):
+    from agent.backends.local import LocalEngine
 
-
-def test_local_reloader_loads_then_activates(tmp_path):
-    reg = make(tmp_path, 1)
-    host = _Host()
-    asyncio.run(LocalReloader(host).reload(reg.promote("v1", PASS)))
-    asyncio.run(LocalReloader(host).reload(None))
-    assert host.calls == [("load", "v1", str(reg.path("v1"))), ("active", "v1"), ("active", None)]
+    reg = Registry(tmp_path / "adapters")
+    reg.register(_random_lora(tmp_path / "a", model_path), base_model="smollm2-135m-instruct")
+    engine = LocalEngine(model_path, name="smollm2-135m-instruct", dtype="float32")
+    try:
+        reloader = LocalReloader(engine)
+        asyncio.run(reloader.reload(reg.promote("v1", PASS)))
+        assert engine.adapters() == {"v1": str(reg.path("v1"))}
+        asyncio.run(reloader.reload(reg.active()))  # already loaded from that folder: a no-op
+        asyncio.run(reloader.reload(reg.rollback()))  # back to base: nothing to load
+        assert list(engine.adapters()) == ["v1"]
+    finally:
+        engine.close()

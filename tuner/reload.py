@@ -2,8 +2,8 @@
 
 Two kinds of serving, one protocol (`Reloader.reload(record)`; `None` means the base model):
 
-- in process (the local backend): `LocalReloader(backend)` calls the backend's
-  `load_adapter(name, path)` and `set_active(name)`; the base model stays loaded.
+- in process (the local backend): `LocalReloader(engine)` loads the promoted version into the
+  engine under its own name; the base model stays loaded.
 - vLLM: `VllmReloader(base_url)` loads the adapter under one stable name (`selftune-active`)
   with `load_inplace`, so agents that send `model="selftune-active"` get the new weights on their
   next request, with no change to their configuration.
@@ -46,27 +46,32 @@ class Reloader(Protocol):
 
 
 class AdapterHost(Protocol):
-    """What the in-process local backend offers for swapping adapters."""
+    """What the in-process local engine (agent.backends.local.LocalEngine) offers."""
 
-    def load_adapter(self, name: str, path: str) -> Any: ...
+    def adapters(self) -> dict[str, str]: ...
 
-    def set_active(self, name: str | None) -> Any: ...
+    def load_adapter(self, name: str, path: str, *, replace: bool = False) -> Any: ...
 
 
 class LocalReloader:
-    """Swap the adapter of an in-process backend without reloading the base model."""
+    """Make the promoted version ready in an in-process engine, without reloading the base.
+
+    The local engine serves adapters by name per request and agents resolve "active" through
+    the registry, so reloading means loading the new version under its own name (replacing a
+    stale copy loaded from another folder). Adapters already loaded stay: episodes in flight
+    may still be using them.
+    """
 
     def __init__(self, backend: AdapterHost):
         self.backend = backend
 
     async def reload(self, record: AdapterRecord | None) -> None:
         if record is None:
-            self.backend.set_active(None)
-            return
+            return  # the base model is always there
         if not record.path:
             raise ReloadError(f"record {record.version} has no path: read it from the Registry")
-        self.backend.load_adapter(record.version, record.path)
-        self.backend.set_active(record.version)
+        if self.backend.adapters().get(record.version) != str(record.path):
+            self.backend.load_adapter(record.version, str(record.path), replace=True)
 
 
 class VllmReloader:
