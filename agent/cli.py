@@ -369,7 +369,7 @@ def improve(
 
 def _wire_subcommands() -> None:
     """Sub-command groups live beside the library code they call."""
-    from agent import cli_dataset, cli_serve, cli_tools, cli_traces
+    from agent import cli_dataset, cli_serve, cli_tools, cli_traces, cli_tune
 
     app.add_typer(cli_traces.traces_app, name="traces", help="List, show, export and prune traces.")
     app.add_typer(
@@ -380,6 +380,12 @@ def _wire_subcommands() -> None:
     )
     app.add_typer(cli_tools.mcp_app, name="mcp", help="Serve selftune's tools over MCP.")
     app.add_typer(cli_serve.serve_app, name="serve")
+    app.add_typer(cli_tune.tune_app, name="tune", help="Train a LoRA adapter on a dataset folder.")
+    app.add_typer(
+        cli_tune.adapters_app,
+        name="adapters",
+        help="The adapter registry: list, show, promote, rollback, diff.",
+    )
     app.command("index")(cli_tools.index_cmd)
     app.command("search")(cli_tools.search_cmd)
 

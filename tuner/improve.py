@@ -56,6 +56,7 @@ class ImproveSettings:
     max_train_steps: int = -1  # -1: epochs from [tuner]
     min_new_traces: int | None = None  # default [tuner] min_new_traces
     seed: int = 0
+    max_tokens: int = 128  # per model call; a rambling base model otherwise fills the default 256
     every_s: float | None = None
 
 
@@ -147,7 +148,9 @@ class ImproveJob:
     def _latest_unfinished(self) -> Path | None:
         if not self.jobs_dir.is_dir():
             return None
-        for d in sorted(self.jobs_dir.glob("improve-*"), key=lambda p: p.stat().st_mtime, reverse=True):
+        for d in sorted(
+            self.jobs_dir.glob("improve-*"), key=lambda p: p.stat().st_mtime, reverse=True
+        ):
             f = d / "state.json"
             if f.is_file():
                 try:
@@ -199,6 +202,7 @@ class ImproveJob:
             adapter=adapter or "base",
             few_shot=few_shot,
             seed=self.s.seed,
+            max_tokens=self.s.max_tokens,
             agent=agent,
             tags=[f"job:{self.state.id}", "eval"],
             progress=True,
@@ -230,8 +234,12 @@ class ImproveJob:
         for env in self.s.envs:
             # few-shot while the active model is weak on this environment, zero-shot after
             known = self._latest_eval(env, active)
-            few = self.s.few_shot if known is None or known["success_rate"] < self.s.weak_below else 0
-            self.console.print(f"[bold]collect[/bold] {env}: {self.s.collect_limit} train tasks, few-shot {few}, adapter {active or 'base'}")
+            few = (
+                self.s.few_shot if known is None or known["success_rate"] < self.s.weak_below else 0
+            )
+            self.console.print(
+                f"[bold]collect[/bold] {env}: {self.s.collect_limit} train tasks, few-shot {few}, adapter {active or 'base'}"
+            )
             res = await run_suite(
                 self.cfg,
                 env,
@@ -243,11 +251,18 @@ class ImproveJob:
                 samples=self.s.collect_samples,
                 temperature=self.s.collect_temperature if self.s.collect_samples > 1 else None,
                 seed=self.s.seed + 1000 * cyc.index,
+                max_tokens=self.s.max_tokens,
                 agent=agent,
                 tags=[f"job:{self.state.id}", f"cycle:{cyc.index}", "collect"],
                 progress=True,
             )
-            cyc.collect[env] = {"n": res.n, "successes": res.successes, "success_rate": res.success_rate, "few_shot": few, "run_id": res.run_id}
+            cyc.collect[env] = {
+                "n": res.n,
+                "successes": res.successes,
+                "success_rate": res.success_rate,
+                "few_shot": few,
+                "run_id": res.run_id,
+            }
 
     def _latest_eval(self, env: str, adapter: str | None) -> dict[str, Any] | None:
         label = adapter or "base"
@@ -279,7 +294,12 @@ class ImproveJob:
         )
         try:
             res = build_dataset(
-                store, self.s.method, out, filters, tasks=tasks, scrub_patterns=self.cfg.traces.scrub_patterns
+                store,
+                self.s.method,
+                out,
+                filters,
+                tasks=tasks,
+                scrub_patterns=self.cfg.traces.scrub_patterns,
             )
         except DatasetError as e:
             cyc.skipped = f"no dataset: {e}"
@@ -306,7 +326,7 @@ class ImproveJob:
             out_dir=out,
             parent_adapter_dir=registry.path(active.version) if active else None,
             config=tc,
-            resume=(out.parent / (out.name + ".work")).exists(),
+            resume="auto",  # a killed tune step goes on from its last checkpoint
             progress=True,
         )
         rec = registry.register(
@@ -336,7 +356,9 @@ class ImproveJob:
                 self.console.print(f"[bold]gate[/bold] {role} ({adapter or 'base'}) on {env}")
                 d = await self._evaluate(env, adapter)
                 cyc.evals.setdefault(adapter or "base", {})[env] = d
-                rows.append(EvalSummary(**{k: v for k, v in d.items() if k in EvalSummary.model_fields}))
+                rows.append(
+                    EvalSummary(**{k: v for k, v in d.items() if k in EvalSummary.model_fields})
+                )
             sums[role] = rows
         self._save()
         margin, guard_margin = self.cfg.tuner.gate_margin, self.cfg.tuner.guard_margin
@@ -476,7 +498,12 @@ def curve_points(state: JobState) -> list[tuple[str, dict[str, float]]]:
     for cyc in state.cycles:
         if cyc.candidate and cyc.candidate in cyc.evals:
             verdict = "promoted" if cyc.gate.get("promote") else "rejected"
-            points.append((f"c{cyc.index} {cyc.candidate} ({verdict})", {e: d["success_rate"] for e, d in cyc.evals[cyc.candidate].items()}))
+            points.append(
+                (
+                    f"c{cyc.index} {cyc.candidate} ({verdict})",
+                    {e: d["success_rate"] for e, d in cyc.evals[cyc.candidate].items()},
+                )
+            )
     return points
 
 
@@ -520,7 +547,13 @@ def plot_curve(state: JobState, path: Path) -> Path:
     return path
 
 
-async def improve(cfg: Config, settings: ImproveSettings, *, resume: bool | None = None, console: Console | None = None) -> JobState:
+async def improve(
+    cfg: Config,
+    settings: ImproveSettings,
+    *,
+    resume: bool | None = None,
+    console: Console | None = None,
+) -> JobState:
     """Run the improve job (cycles, or forever with `every_s`), under the workspace's job lock."""
     console = console or Console(stderr=True)
     with job_lock(cfg):
@@ -532,7 +565,14 @@ async def improve(cfg: Config, settings: ImproveSettings, *, resume: bool | None
             Console().print(report_table(state))
             for cyc in state.cycles:
                 if cyc.wall_s:
-                    Console().print(f"cycle {cyc.index}: {cyc.wall_s / 60:.1f} min" + (f", candidate {cyc.candidate}: {'promoted' if cyc.gate.get('promote') else 'rejected'}" if cyc.candidate else ""))
+                    Console().print(
+                        f"cycle {cyc.index}: {cyc.wall_s / 60:.1f} min"
+                        + (
+                            f", candidate {cyc.candidate}: {'promoted' if cyc.gate.get('promote') else 'rejected'}"
+                            if cyc.candidate
+                            else ""
+                        )
+                    )
             Console().print(f"learning curve: {png}")
             if not settings.every_s:
                 return state
