@@ -15,6 +15,7 @@ graph's two nodes; LangGraph still owns the loop, the state and the SQLite check
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -294,14 +295,15 @@ class Agent:
             span.llm.sampling = meta.get("sampling") or {}
             span.llm.input_tokens = usage.get("input_tokens")
             span.llm.output_tokens = usage.get("output_tokens")
+            raw = _raw_arguments(reply, span.llm.completion)
             span.llm.tool_calls = [
                 ToolCall(
                     id=c["id"] or "",
                     name=c["name"],
                     arguments=c["args"],
-                    raw_arguments=_raw_args(c),
+                    raw_arguments=raw[i] if i < len(raw) else json.dumps(c["args"]),
                 )
-                for c in reply.tool_calls
+                for i, c in enumerate(reply.tool_calls)
             ] + [
                 ToolCall(
                     id=c.get("id") or "",
@@ -528,7 +530,7 @@ class Agent:
         meta = dict(metadata or {})
         meta.update(
             {
-                "demo_messages": sum(1 for _ in demos) and len(from_message_dicts(list(demos))),
+                "demo_messages": len(demos),
                 "thread_id": thread_id,
             }
         )
@@ -590,10 +592,16 @@ def _text(msg: BaseMessage) -> str:
     )
 
 
-def _raw_args(call: dict) -> str:
-    import json
+def _raw_arguments(reply: AIMessage, raw_completion: str) -> list[str]:
+    """The argument text of each tool call exactly as the model wrote it: the server's string
+    for an OpenAI-compatible backend, else the same parse of the raw completion that produced
+    `reply.tool_calls` (LangChain keeps only the parsed dicts)."""
+    wire = reply.additional_kwargs.get("tool_calls") or []
+    if wire:
+        return [str(c.get("function", {}).get("arguments", "")) for c in wire]
+    from agent.parsing import parse_tool_calls
 
-    return json.dumps(call.get("args", {}), ensure_ascii=False)
+    return [c.raw_arguments for c in parse_tool_calls(raw_completion).calls]
 
 
 class _open_checkpointer:
@@ -631,8 +639,6 @@ def ask_agent_tool(cfg: Config) -> Tool:
         Args:
             task: the task, in plain words
         """
-        import json
-
         async with lock:
             if "agent" not in holder:
                 holder["agent"] = Agent(cfg, checkpoints=False)

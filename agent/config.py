@@ -56,7 +56,9 @@ class ModelConfig(_Section):
     # what happens to a prompt longer than the model's context: refuse, or trim the oldest
     # turns (never the system turn or the last user turn) with a warning.
     overflow: Literal["error", "trim"] = "error"
-    adapter: str | None = None  # a registry version ("v3"), "active", "base", or a folder
+    # "active": whatever the registry's gate promoted last (the base model if none); or a
+    # version ("v3"), "base", or an adapter folder
+    adapter: str = "active"
 
 
 class SubagentConfig(_Section):
