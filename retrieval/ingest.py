@@ -11,9 +11,11 @@ chunk's metadata keeps its source path, chunk index, character offsets (into the
 text: for HTML that is the text after tags are stripped) and heading. Ids are stable: a
 hash of the source path and chunk index.
 
-Incremental: every chunk stores its file's content hash. A file whose hash is unchanged is
-skipped; a changed file has its chunks deleted and re-added; a file that disappeared from
-an indexed folder has its chunks removed.
+Incremental: every chunk stores its file's content hash and chunk count (`n_chunks`). A
+file is unchanged, and skipped, only when all `n_chunks` of its chunks are stored with the
+current hash; any other file that has chunks (changed, or cut short by a killed run) has
+them deleted and re-added; a file that disappeared from an indexed folder has its chunks
+removed.
 """
 
 from __future__ import annotations
@@ -206,10 +208,21 @@ def _files(paths: Iterable[Path | str], report: IndexReport) -> tuple[list[Path]
     return list(dict.fromkeys(files)), folders
 
 
-def _indexed_files(collection: Collection) -> dict[str, str]:
-    """{source: file_hash} for every file in the collection (read from each file's chunk 0)."""
-    got = collection.get(where={"chunk": 0}, include=["metadatas"])
-    return {m["source"]: m["file_hash"] for m in got["metadatas"] or [] if m}
+def _indexed_files(collection: Collection) -> dict[str, str | None]:
+    """{source: file_hash} for every file with chunks in the collection; None where the file
+    is not completely indexed."""
+    by_source: dict[str, list[dict]] = {}
+    for m in collection.get(include=["metadatas"])["metadatas"] or []:
+        if m:
+            by_source.setdefault(m["source"], []).append(m)
+    known: dict[str, str | None] = {}
+    for source, metas in by_source.items():
+        # complete = every chunk stored with one hash: a run killed between two batches
+        # leaves fewer than n_chunks (ids are unique per chunk index, so no more)
+        hashes = {m["file_hash"] for m in metas}
+        complete = len(hashes) == 1 and all(m.get("n_chunks") == len(metas) for m in metas)
+        known[source] = hashes.pop() if complete else None
+    return known
 
 
 def index_paths(
@@ -218,40 +231,45 @@ def index_paths(
     chunk_chars: int = 800,
     overlap: int = 120,
     on_file: Callable[[str, str], None] | None = None,
+    batch_size: int = _ADD_BATCH,
 ) -> IndexReport:
     """Index files and folders into `collection`, embedding only new or changed files.
 
+    A file left partly indexed by an interrupted run is indexed again from scratch.
     `on_file(path, what)` is called per file with what happened ("added", "updated",
-    "unchanged", "removed") for progress display.
+    "unchanged", "removed") for progress display. Chunks are embedded and stored
+    `batch_size` at a time.
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     report = IndexReport()
     files, folders = _files(paths, report)
     known = _indexed_files(collection)
     notify = on_file or (lambda path, what: None)
 
-    pending: list[tuple[str, str, int, Chunk]] = []  # embedded in batches across files
+    pending: list[tuple[str, str, int, int, Chunk]] = []  # embedded in batches across files
     for f in files:
         source = str(f)
         data = f.read_bytes()
         digest = hashlib.sha256(data).hexdigest()
-        old = known.get(source)
-        if old == digest:
+        old = source in known
+        if old and known[source] == digest:
             report.skipped.append(source)
             notify(source, "unchanged")
             continue
-        if old is not None:
+        if old:
             report.chunks_removed += _delete_source(collection, source)
         chunks = chunk_text(read_text(f), chunk_chars, overlap)
-        pending.extend((source, digest, i, c) for i, c in enumerate(chunks))
-        if len(pending) >= _ADD_BATCH:
-            _add_chunks(collection, pending)
+        pending.extend((source, digest, i, len(chunks), c) for i, c in enumerate(chunks))
+        if len(pending) >= batch_size:
+            _add_chunks(collection, pending, batch_size)
             pending = []
         report.chunks_added += len(chunks)
-        (report.updated if old is not None else report.added).append(source)
-        notify(source, "updated" if old is not None else "added")
+        (report.updated if old else report.added).append(source)
+        notify(source, "updated" if old else "added")
 
     if pending:
-        _add_chunks(collection, pending)
+        _add_chunks(collection, pending, batch_size)
 
     present = {str(f) for f in files}
     for source in known:
@@ -270,21 +288,24 @@ def _delete_source(collection: Collection, source: str) -> int:
     return len(ids)
 
 
-def _add_chunks(collection: Collection, rows: list[tuple[str, str, int, Chunk]]) -> None:
-    for b in range(0, len(rows), _ADD_BATCH):
-        batch = rows[b : b + _ADD_BATCH]
+def _add_chunks(
+    collection: Collection, rows: list[tuple[str, str, int, int, Chunk]], batch_size: int
+) -> None:
+    for b in range(0, len(rows), batch_size):
+        batch = rows[b : b + batch_size]
         collection.add(
-            ids=[chunk_id(source, i) for source, _, i, _ in batch],
+            ids=[chunk_id(source, i) for source, _, i, _, _ in batch],
             documents=[c.text for *_, c in batch],
             metadatas=[
                 {
                     "source": source,
                     "file_hash": digest,
                     "chunk": i,
+                    "n_chunks": n,
                     "start": c.start,
                     "end": c.end,
                     "heading": c.heading,
                 }
-                for source, digest, i, c in batch
+                for source, digest, i, n, c in batch
             ],
         )

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -162,3 +164,76 @@ def test_reopen_in_another_process_finds_the_embedding_function(tmp_path: Path):
     ef_name, source, text = json.loads(out.stdout.strip().splitlines()[-1])
     assert ef_name == "MiniLMEmbedding"
     assert source.endswith("bread.html") and "overnight" in text
+
+
+TOPICS = {
+    "whales.md": ["Blue whales", "krill", "baleen plates", "whale song", "migration to calving"],
+    "volcanoes.txt": ["Basalt lava", "magma chambers", "pyroclastic flows", "calderas", "ash"],
+    "chess.md": ["The queen's gambit", "castling", "en passant", "endgame tablebases", "zugzwang"],
+}
+
+
+def test_index_killed_between_batches_is_completed_next_run(tmp_path: Path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for name, subjects in TOPICS.items():
+        # one paragraph per chunk, each long enough that two never pack together
+        paras = [f"{s} are the subject of this paragraph. " * 2 for s in subjects]
+        (docs / name).write_text("\n\n".join(paras) + "\n")
+    store, flag = tmp_path / "chroma", tmp_path / "first-batch-stored"
+    expected = {
+        str((docs / n).resolve()): len(chunk_text((docs / n).read_text(), 150, 0)) for n in TOPICS
+    }
+    assert all(n == 5 for n in expected.values())
+    # the child stores one batch of 4 (the first file, cut short) and then waits to be killed
+    script = textwrap.dedent(
+        f"""
+        import time
+        from pathlib import Path
+        from retrieval.ingest import index_paths
+        from retrieval.schemas import RetrievalConfig
+        from retrieval.store import get_collection, open_client
+        col = get_collection(open_client(RetrievalConfig(), {str(store)!r}), "docs")
+        add = col.add
+        def add_then_wait(**kw):
+            add(**kw)
+            Path({str(flag)!r}).write_text("stored")
+            time.sleep(300)
+        col.add = add_then_wait
+        index_paths([{str(docs)!r}], col, chunk_chars=150, overlap=0, batch_size=4)
+        """
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=REPO, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not flag.exists():
+            assert child.poll() is None, child.stderr.read()
+            assert time.monotonic() < deadline, "the child never stored its first batch"
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        child.kill()
+        child.stderr.close()
+
+    col = get_collection(open_client(RetrievalConfig(), store), "docs")
+    assert col.count() == 4  # one file partly indexed, with its current hash
+
+    report = index_paths([docs], col, chunk_chars=150, overlap=0, batch_size=4)
+    assert [Path(p).name for p in report.updated] == ["chess.md"]  # sorted first: the cut one
+    assert sorted(Path(p).name for p in report.added) == ["volcanoes.txt", "whales.md"]
+    for source, n in expected.items():
+        got = col.get(where={"source": source}, include=["metadatas"])["metadatas"]
+        assert sorted(m["chunk"] for m in got) == list(range(n)), source
+    assert col.count() == sum(expected.values())
+    for name, subjects in TOPICS.items():
+        for subject in (subjects[0], subjects[-1]):
+            hit = search(col, f"{subject} are the subject", k=1)[0]
+            assert Path(hit.source).name == name and subject in hit.text
+
+    # complete now: the next run embeds nothing
+    before = embedding.calls["texts"]
+    again = index_paths([docs], col, chunk_chars=150, overlap=0, batch_size=4)
+    assert len(again.skipped) == 3 and embedding.calls["texts"] == before
