@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import time
 import uuid
 from collections.abc import Sequence
@@ -103,10 +104,11 @@ def env_tools(cfg: Config, env: Environment) -> list[Tool]:
 
 
 def demo_messages(
-    env: Environment, k: int, store=None, exclude_task: str | None = None
+    env: Environment, k: int, store=None, exclude_task: str | None = None, prompt: str | None = None
 ) -> list[dict]:
     """K worked examples as prior turns: the environment's own demonstrations first, then the
-    best-graded past traces of other tasks in the same environment.
+    best-graded past traces of other tasks in the same environment, most similar to `prompt`
+    first (a task of the same kind shows the model which numbers go where).
 
     The last example is cut right after its first tool call. Measured on calculator's test
     split with the base SmolLM2 (16 tasks): full examples 3/16 right, the last one ending on a
@@ -121,7 +123,8 @@ def demo_messages(
     if len(convs) < k and store is not None:
         from traces.datasets import training_conversation
 
-        for trace in _best_past_traces(store, env.name, k - len(convs), exclude_task):
+        past = _best_past_traces(store, env.name, k - len(convs), exclude_task, prompt)
+        for trace in reversed(past):  # the most similar ends up nearest the question
             messages, _ = training_conversation(trace)
             convs.append([m for m in messages if m.get("role") != "system"])
     if convs:
@@ -132,19 +135,29 @@ def demo_messages(
     return [m for conv in convs for m in conv]
 
 
-def _best_past_traces(store, env_name: str, k: int, exclude_task: str | None) -> list[Trace]:
+def _words(text: str) -> set[str]:
+    return {w for w in re.findall(r"[a-z]+", text.lower()) if len(w) > 2}
+
+
+def _best_past_traces(
+    store, env_name: str, k: int, exclude_task: str | None, prompt: str | None
+) -> list[Trace]:
+    """Up to k passing traces of distinct other tasks, most similar prompt first (word overlap)."""
     from traces.schemas import TraceQuery
 
-    seen: set[str] = set()
-    picked: list[Trace] = []
-    for t in store.query(TraceQuery(env=env_name, status="ok", min_grade=1.0, limit=200)):
-        if t.task_id in seen or t.task_id == exclude_task or t.metadata.get("demo_messages"):
-            continue
-        seen.add(t.task_id or "")
-        picked.append(store.get(t.id))
-        if len(picked) >= k:
-            break
-    return picked
+    best: dict[str, Trace] = {}
+    for t in store.query(TraceQuery(env=env_name, status="ok", min_grade=1.0, limit=500)):
+        if t.task_id and t.task_id != exclude_task and t.task_id not in best:
+            if t.metadata.get("split") != "test":  # never show held-out tasks as examples
+                best[t.task_id] = t
+    if not best:
+        return []
+    want = _words(prompt or "")
+    ranked = sorted(
+        best.values(),
+        key=lambda t: (-len(want & _words(t.metadata.get("task_prompt", ""))), -t.start),
+    )
+    return [store.get(t.id) for t in ranked[:k]]
 
 
 async def run_suite(
@@ -165,6 +178,7 @@ async def run_suite(
     tags: Sequence[str] = (),
     progress: bool = True,
     strict: bool = False,
+    task_ids: set[str] | None = None,
 ) -> SuiteResult:
     """Run `samples` episodes per task of `split` (first `limit` tasks), `concurrency` at once,
     grade each trace into the store, and summarise. Same seeds, same sampling for every
@@ -175,6 +189,8 @@ async def run_suite(
         else load_environment(env, strict=strict, config=cfg.agent)
     )
     tasks = environment.split(split)[: limit or None]
+    if task_ids is not None:
+        tasks = [t for t in tasks if t.id in task_ids]
     if not tasks:
         raise ValueError(f"environment {environment.name!r} has no tasks in split {split!r}")
     run_id = uuid.uuid4().hex[:12]
@@ -194,7 +210,9 @@ async def run_suite(
 
     async def one(task: Task, sample: int) -> EpisodeOutcome:
         async with sem:
-            demos = demo_messages(environment, few_shot, store, exclude_task=task.id)
+            demos = demo_messages(
+                environment, few_shot, store, exclude_task=task.id, prompt=task.prompt
+            )
             res: RunResult = await agent.run(
                 task.prompt,
                 tools=task.tools if task.tools is not None else environment.tool_names,
@@ -205,7 +223,15 @@ async def run_suite(
                 env=environment.name,
                 task_id=task.id,
                 tags=[f"run:{run_id}", f"split:{split}", *tags],
-                metadata={"run_id": run_id, "sample": sample, "split": split, "few_shot": few_shot},
+                metadata={
+                    "run_id": run_id,
+                    "sample": sample,
+                    "split": split,
+                    "few_shot": few_shot,
+                    "task_prompt": task.prompt,
+                    "task_answer": task.answer,
+                    "task_grader": task.grader or environment.grader,
+                },
                 adapter=adapter,
                 seed=seed + sample,
                 **sampling,

@@ -227,42 +227,56 @@ class ImproveJob:
         return rec.version if rec else None
 
     async def _collect(self, cyc: CycleState) -> None:
+        """Play the train tasks. While the active model is weak, in two waves: with the
+        environment's demonstrations, then the failed tasks again with the most similar tasks
+        solved in wave one as extra examples (bootstrapped few-shot)."""
         from agent.episodes import run_suite
 
         agent = await self._agent_started()
         active = self._active()
         for env in self.s.envs:
-            # few-shot while the active model is weak on this environment, zero-shot after
             known = self._latest_eval(env, active)
-            few = (
-                self.s.few_shot if known is None or known["success_rate"] < self.s.weak_below else 0
-            )
-            self.console.print(
-                f"[bold]collect[/bold] {env}: {self.s.collect_limit} train tasks, few-shot {few}, adapter {active or 'base'}"
-            )
-            res = await run_suite(
-                self.cfg,
-                env,
-                split="train",
-                limit=self.s.collect_limit,
-                concurrency=self.s.concurrency,
-                adapter=active or "base",
-                few_shot=few,
-                samples=self.s.collect_samples,
-                temperature=self.s.collect_temperature if self.s.collect_samples > 1 else None,
-                seed=self.s.seed + 1000 * cyc.index,
-                max_tokens=self.s.max_tokens,
-                agent=agent,
-                tags=[f"job:{self.state.id}", f"cycle:{cyc.index}", "collect"],
-                progress=True,
-            )
-            cyc.collect[env] = {
-                "n": res.n,
-                "successes": res.successes,
-                "success_rate": res.success_rate,
-                "few_shot": few,
-                "run_id": res.run_id,
-            }
+            weak = known is None or known["success_rate"] < self.s.weak_below
+            few = self.s.few_shot if weak else 0
+            waves = [(few, None)] + ([(few + 2, "failed")] if weak and few else [])
+            solved: set[str] = set()
+            attempted: set[str] = set()
+            stats = {"n": 0, "successes": 0, "few_shot": few, "waves": []}
+            for w, (k, which) in enumerate(waves):
+                ids = None
+                if which == "failed":
+                    ids = attempted - solved
+                    if not ids or not solved:
+                        break
+                self.console.print(
+                    f"[bold]collect[/bold] {env} wave {w + 1}: "
+                    f"{len(ids) if ids is not None else self.s.collect_limit} train tasks, "
+                    f"few-shot {k}, adapter {active or 'base'}"
+                )
+                res = await run_suite(
+                    self.cfg,
+                    env,
+                    split="train",
+                    limit=self.s.collect_limit,
+                    task_ids=ids,
+                    concurrency=self.s.concurrency,
+                    adapter=active or "base",
+                    few_shot=k,
+                    samples=self.s.collect_samples,
+                    temperature=self.s.collect_temperature if self.s.collect_samples > 1 else None,
+                    seed=self.s.seed + 1000 * cyc.index + w,
+                    max_tokens=self.s.max_tokens,
+                    agent=agent,
+                    tags=[f"job:{self.state.id}", f"cycle:{cyc.index}", "collect"],
+                    progress=True,
+                )
+                attempted |= {o.task_id for o in res.outcomes}
+                solved |= {o.task_id for o in res.outcomes if o.success}
+                stats["n"] += res.n
+                stats["successes"] += res.successes
+                stats["waves"].append({"few_shot": k, "n": res.n, "successes": res.successes})
+            stats["tasks_solved"] = len(solved)
+            cyc.collect[env] = stats
 
     def _latest_eval(self, env: str, adapter: str | None) -> dict[str, Any] | None:
         label = adapter or "base"
@@ -277,7 +291,7 @@ class ImproveJob:
         from traces.datasets import DatasetError, DatasetFilters, build_dataset
 
         store = open_store(self.cfg)
-        new_passing = sum(c["successes"] for c in cyc.collect.values())
+        new_passing = sum(c.get("tasks_solved", c["successes"]) for c in cyc.collect.values())
         need = self.s.min_new_traces or self.cfg.tuner.min_new_traces
         if new_passing < need:
             cyc.skipped = (
