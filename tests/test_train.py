@@ -49,7 +49,7 @@ def test_train_config_from_section_and_errors():
 
 
 @pytest.mark.parametrize("kind", ["sft", "dpo", "kto"])
-def test_rows_load_with_datasets_json(tmp_path, kind):
+def test_rows_load_and_are_checked_for_their_kind(tmp_path, kind):
     rows = load_rows(kind, write_dataset(tmp_path / kind, kind, n=4))
     assert len(rows) == 4
     other = {"sft": "dpo", "dpo": "kto", "kto": "sft"}[kind]

@@ -10,7 +10,9 @@ Settings chosen on purpose (TRL's defaults are for GPUs): bf16 only where the ha
 (CPUs without avx512_bf16/amx fail or crawl), gradient checkpointing only for models of 1B
 parameters or more (on the 135M model it cost 1.6x), the loss on assistant tokens only with
 selftune's chat template (SmolLM2's own has no `{% generation %}` markers, and TRL then
-trains on nothing). Checkpoints go to `<out_dir>.work/` every `save_steps`; `resume=True`
+trains on nothing). SFT rows are tokenized here by `agent.template.encode_for_training`, the
+renderer of the live prompt, and handed to TRL as token ids: what the model trains on is what it
+sees when it runs. Checkpoints go to `<out_dir>.work/` every `save_steps`; `resume=True`
 continues from the last one.
 
 Several GPUs: `accelerate launch --config_file tuner/accelerate/fsdp.yaml -m tuner.train ...`.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import sys
@@ -38,6 +41,7 @@ REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
 }
 _MODEL_MARKER = "selftune-model.json"
 BIG_MODEL_PARAMS = 1_000_000_000
+log = logging.getLogger(__name__)
 
 
 class TrainError(ValueError):
@@ -95,33 +99,86 @@ def base_model_name(base_model_dir: Path) -> str:
 # -- data -------------------------------------------------------------------------------------
 
 
-def load_rows(kind: TrainKind, dataset_dir: Path):
-    """The dataset folder's JSONL rows as a `datasets.Dataset`, checked for the kind's columns."""
-    import datasets
+def load_rows(kind: TrainKind, dataset_dir: Path) -> list[dict[str, Any]]:
+    """The dataset folder's JSONL rows, each exactly as written (`json.loads` per line), checked
+    for the kind's columns.
 
+    Not through Arrow: depending on the `datasets` version and on how rows are loaded, Arrow
+    unifies dict shapes across rows, and a calculator call's arguments then gain the search
+    tool's `query: null`, so the model would train on text it never sees live.
+    """
     if kind not in REQUIRED_COLUMNS:
         raise TrainError(f"unknown training kind {kind!r}: use one of sft, dpo, kto")
     if not dataset_dir.is_dir():
         raise TrainError(
             f"dataset folder {dataset_dir} does not exist: build it with `selftune data`"
         )
-    files = sorted(str(p) for p in dataset_dir.glob("*.jsonl"))
+    files = sorted(dataset_dir.glob("*.jsonl"))
     if not files:
         raise TrainError(f"dataset folder {dataset_dir} has no *.jsonl files")
-    try:
-        ds = datasets.load_dataset("json", data_files=files, split="train")
-    except Exception as e:  # noqa: BLE001 - datasets raises many kinds for a bad file
-        raise TrainError(f"cannot read the JSONL rows in {dataset_dir}: {e}") from None
-    missing = [c for c in REQUIRED_COLUMNS[kind] if c not in ds.column_names]
-    if missing:
-        raise TrainError(
-            f"{dataset_dir} is not a {kind.upper()} dataset: rows lack {', '.join(missing)} "
-            f"(they have {', '.join(ds.column_names)}); a {kind} row needs "
-            f"{', '.join(REQUIRED_COLUMNS[kind])}"
-        )
-    if len(ds) == 0:
+    rows: list[dict[str, Any]] = []
+    for path in files:
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TrainError(f"{path}:{n} is not a JSON row: {e}") from None
+            if not isinstance(row, dict):
+                raise TrainError(f"{path}:{n} is a JSON {type(row).__name__}, not an object")
+            missing = [c for c in REQUIRED_COLUMNS[kind] if c not in row]
+            if missing:
+                raise TrainError(
+                    f"{dataset_dir} is not a {kind.upper()} dataset: {path.name}:{n} lacks "
+                    f"{', '.join(missing)} (it has {', '.join(row) or 'nothing'}); a {kind} row "
+                    f"needs {', '.join(REQUIRED_COLUMNS[kind])}"
+                )
+            rows.append(row)
+    if not rows:
         raise TrainError(f"dataset folder {dataset_dir} has no rows")
-    return ds
+    return rows
+
+
+def sft_dataset(rows: list[dict[str, Any]], tokenizer: Any, max_length: int | None):
+    """SFT rows pre-tokenized for TRL: `input_ids` and `assistant_masks` from
+    `agent.template.encode_for_training` on each row's exact messages and tools (the renderer the
+    live prompt comes from), cut to `max_length` tokens. Other columns (`subagent`...) stay out.
+
+    Returns `(dataset, report)`; the report counts rows `truncated` and rows `dropped` because no
+    assistant token was left to train on.
+    """
+    import datasets
+
+    from agent.template import TemplateError, encode_for_training
+
+    ids: list[list[int]] = []
+    masks: list[list[int]] = []
+    truncated = dropped = 0
+    for i, row in enumerate(rows):
+        try:
+            # the template chat_template_for picks, as on the live path
+            enc = encode_for_training(tokenizer, row["messages"], row.get("tools"))
+        except TemplateError as e:
+            raise TrainError(f"SFT row {i} cannot be rendered: {e}") from None
+        row_ids, mask = enc["input_ids"], enc["assistant_masks"]
+        if max_length is not None and len(row_ids) > max_length:
+            truncated += 1  # keep the start, like TRL: the prompt and the first turns
+            row_ids, mask = row_ids[:max_length], mask[:max_length]
+        if not any(mask):
+            dropped += 1
+            continue
+        ids.append(row_ids)
+        masks.append(mask)
+    report = {"rows": len(ids), "truncated": truncated, "dropped": dropped}
+    if not ids:
+        raise TrainError(
+            f"none of the {len(rows)} SFT rows has an assistant token within max_length="
+            f"{max_length}: raise [tuner] max_length or check that the rows have assistant turns"
+        )
+    # TRL 1.16 takes a dataset with `input_ids` as already tokenized and folds `assistant_masks`
+    # into the labels (-100 elsewhere) whatever `assistant_only_loss` says
+    return datasets.Dataset.from_dict({"input_ids": ids, "assistant_masks": masks}), report
 
 
 def load_tokenizer(base_model_dir: Path):
@@ -184,9 +241,10 @@ def trainer_args(kind: TrainKind, cfg: TrainConfig, work_dir: Path, *, device: s
     if kind == "sft":
         return SFTConfig(
             **common,
-            assistant_only_loss=True,
-            # padding-free batches do not truncate; TRL refuses a max_length with them
-            max_length=None if cfg.padding_free else cfg.max_length,
+            # Rows arrive tokenized, cut to max_length and with their assistant mask (sft_dataset);
+            # TRL refuses `assistant_only_loss` on tokenized rows and applies the mask column anyway.
+            assistant_only_loss=False,
+            max_length=None,
             padding_free=cfg.padding_free,
         )
     if kind == "dpo":
@@ -263,7 +321,9 @@ def build_trainer(
     config: TrainConfig | None = None,
 ):
     """The TRL trainer for `kind`, ready to `train()`: rows loaded and tokenized, LoRA attached
-    (fresh, or the parent's weights loaded trainable), checkpoints going to `work_dir`."""
+    (fresh, or the parent's weights loaded trainable), checkpoints going to `work_dir`.
+    `trainer.row_report` counts the rows used, and for SFT those truncated or dropped."""
+    import datasets
     import torch
     from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -275,6 +335,29 @@ def build_trainer(
         raise TrainError(f"base model folder {base_dir} has no config.json: run `selftune setup`")
     rows = load_rows(kind, Path(dataset_dir))
     tok = load_tokenizer(base_dir)
+    if kind == "sft":
+        train_rows, report = sft_dataset(rows, tok, cfg.max_length)
+    else:
+        # Limitation: DPO/KTO rows still go through Arrow and TRL renders them itself (with the
+        # same template, but without normalize_messages: string arguments stay verbatim).
+        # datasets 5.x keeps differing dict shapes as its Json type here, so no nulls appear
+        # (tests/test_train_parity.py checks the prompts); older versions unified them.
+        files = sorted(str(p) for p in Path(dataset_dir).glob("*.jsonl"))
+        try:
+            train_rows = datasets.load_dataset("json", data_files=files, split="train")
+        except Exception as e:  # noqa: BLE001 - datasets raises many kinds for rows it cannot type
+            raise TrainError(
+                f"Arrow cannot hold the {kind.upper()} rows in {dataset_dir}: {e}"
+            ) from None
+        report = {"rows": len(rows), "truncated": 0, "dropped": 0}
+    if report["truncated"] or report["dropped"]:
+        log.warning(
+            "%d of %d rows were cut to max_length=%d tokens; %d dropped (no assistant token left)",
+            report["truncated"],
+            len(rows),
+            cfg.max_length,
+            report["dropped"],
+        )
     device = pick_device(cfg)
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
@@ -288,7 +371,9 @@ def build_trainer(
         model = get_peft_model(model, lora_config(cfg))
     args = trainer_args(kind, cfg, Path(work_dir), device=device, big=big)
     trainer_cls = {"sft": SFTTrainer, "dpo": DPOTrainer, "kto": KTOTrainer}[kind]
-    return trainer_cls(model=model, args=args, train_dataset=rows, processing_class=tok)
+    trainer = trainer_cls(model=model, args=args, train_dataset=train_rows, processing_class=tok)
+    trainer.row_report = report
+    return trainer
 
 
 def train(
@@ -349,6 +434,8 @@ def train(
         "last_loss": losses[-1] if losses else None,
         "losses": losses,
         "rows": len(rows),
+        "rows_truncated": trainer.row_report["truncated"],
+        "rows_dropped": trainer.row_report["dropped"],
         "device": "cpu" if args.use_cpu else "cuda",
         "bf16": bool(args.bf16),
         "gradient_checkpointing": bool(args.gradient_checkpointing),
