@@ -19,6 +19,8 @@ from tools.schemas import McpServerConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Two examples, the last ending on its tool call: the style the runner's --few-shot uses
+# (a small model copies the latest assistant turn, so ending on a call makes it call).
 WORKED_EXAMPLE = [
     {"role": "user", "content": "What is 23 * 19?"},
     {
@@ -33,7 +35,19 @@ WORKED_EXAMPLE = [
         ],
     },
     {"role": "tool", "tool_call_id": "ex1", "name": "calculator", "content": "437"},
-    {"role": "assistant", "content": "23 * 19 = 437"},
+    {"role": "assistant", "content": "The answer is 437."},
+    {"role": "user", "content": "What is 311 * 72?"},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {
+                "id": "ex2",
+                "type": "function",
+                "function": {"name": "calculator", "arguments": {"expression": "311 * 72"}},
+            }
+        ],
+    },
 ]
 
 
@@ -68,7 +82,7 @@ async def test_real_model_calculator_episode_traces_llm_tool_llm_with_token_ids(
         assert decoded.strip() == s.llm.completion.strip()
     first = next(s for s in spans if s.kind == "llm")
     assert first.llm.tool_calls[0].name == "calculator" and first.llm.tool_calls[0].arguments
-    assert trace.metadata["demo_messages"] == 4
+    assert trace.metadata["demo_messages"] == 6
 
 
 def _our_server(cfg) -> McpServerConfig:
