@@ -301,7 +301,7 @@ class ImproveJob:
             return
         tasks: dict = {}
         for env in self.s.envs:
-            tasks.update(environment_tasks(env, self.cfg))
+            tasks.update(environment_tasks(env, self.cfg)[1])
         out = self.dir / f"cycle{cyc.index}-{self.s.method}"
         filters = DatasetFilters(
             min_score=1.0, best_of_n=self.s.method == "sft", since=cyc.started, exclude_flagged=True
