@@ -79,11 +79,12 @@ def resolve_adapter(cfg: Config, engine: Any, request: str | None) -> str | None
     if candidate.is_dir() and (candidate / "adapter_config.json").is_file():
         path, name = candidate.resolve(), candidate.name
     else:
-        record = open_registry(cfg).resolve(request)
+        registry = open_registry(cfg)
+        record = registry.resolve(request)
         if record is None:
             return None
         name = record.version
-        path = open_registry(cfg).path(record.version)
+        path = registry.path(record.version)
     if cfg.model.backend == "local" and engine is not None and name not in engine.adapters():
         engine.load_adapter(name, path)
     return name

@@ -32,8 +32,7 @@ from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
-from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
-from langchain_core.messages import convert_to_openai_messages as _lc_to_openai
+from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.messages.tool import invalid_tool_call, tool_call
 from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.runnables import Runnable
@@ -41,6 +40,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field
 
 from agent.config import Config
+from agent.messages import to_message_dicts
 from agent.models import ModelError, check_model_dir, model_dir
 from agent.parsing import parse_tool_calls
 from agent.template import TemplateMode, chat_template_for, encode_prompt
@@ -597,15 +597,6 @@ def to_openai_tool(tool: Any) -> dict[str, Any]:
     return convert_to_openai_tool(tool)
 
 
-def to_openai_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
-    """LangChain messages as OpenAI-style dicts (tool results as role `tool`)."""
-    out = _lc_to_openai(list(messages))
-    for src, dst in zip(messages, out, strict=True):
-        if isinstance(src, ToolMessage) and src.name and "name" not in dst:
-            dst["name"] = src.name
-    return out
-
-
 def completion_to_message(c: Completion) -> AIMessage:
     """An AIMessage with parsed tool calls, usage and the response_metadata traces copy."""
     parsed = parse_tool_calls(c.text)
@@ -704,7 +695,7 @@ class ChatLocal(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         c = self.engine.generate(
-            to_openai_messages(messages),
+            to_message_dicts(list(messages)),
             kwargs.get("tools"),
             adapter=self.adapter,
             sampling=self._sampling(stop),
@@ -719,7 +710,7 @@ class ChatLocal(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         c = await self.engine.agenerate(
-            to_openai_messages(messages),
+            to_message_dicts(list(messages)),
             kwargs.get("tools"),
             adapter=self.adapter,
             sampling=self._sampling(stop),
