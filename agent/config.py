@@ -56,6 +56,11 @@ class ModelConfig(_Section):
     # what happens to a prompt longer than the model's context: refuse, or trim the oldest
     # turns (never the system turn or the last user turn) with a warning.
     overflow: Literal["error", "trim"] = "error"
+    # KV states of prompt prefixes that rows share (system prompt, tools, demonstrations) are
+    # computed once per adapter and reused; 0 turns it off. Prompts sharing fewer tokens than
+    # prefix_cache_min_tokens are run without it.
+    prefix_cache_entries: int = Field(default=8, ge=0, le=1024)
+    prefix_cache_min_tokens: int = Field(default=32, ge=1)
     # "active": whatever the registry's gate promoted last (the base model if none); or a
     # version ("v3"), "base", or an adapter folder
     adapter: str = "active"

@@ -131,6 +131,50 @@ def test_seeded_sampling_repeats_per_row_even_in_a_batch(engine):
     assert results[2].completion_token_ids != alone.completion_token_ids
 
 
+def test_greedy_and_sampled_rows_share_one_generate_call(engine):
+    greedy_alone = engine.generate(Q, sampling=GREEDY8)
+    before = len(engine.batcher.batch_sizes)
+    futures = [
+        engine.submit(Q, sampling=GREEDY8),
+        engine.submit(Q, sampling=Sampling(temperature=0.8, max_tokens=8, seed=1)),
+        engine.submit(Q, sampling=Sampling(temperature=1.2, top_p=0.5, max_tokens=8, seed=2)),
+    ]
+    results = [f.result() for f in futures]
+    assert engine.batcher.batch_sizes[before:] == [3]
+    assert results[0].completion_token_ids == greedy_alone.completion_token_ids
+    assert results[1].sampling["temperature"] == 0.8
+
+
+def test_shared_prompt_prefix_is_computed_once_and_changes_nothing(engine):
+    system = {"role": "system", "content": "You answer questions about birds. " * 12}
+    prompts = [
+        [system, {"role": "user", "content": f"Name a bird that lives in {place}."}]
+        for place in ("Norway", "Chile", "Kenya")
+    ]
+    engine.prefix_cache.max_entries = 0  # off: the reference answers
+    plain = [
+        f.result().completion_token_ids
+        for f in [engine.submit(p, sampling=GREEDY8) for p in prompts]
+    ]
+    engine.prefix_cache.max_entries = 8
+    hits = engine.prefix_cache.hits
+    for _ in range(2):
+        cached = [
+            f.result().completion_token_ids
+            for f in [engine.submit(p, sampling=GREEDY8) for p in prompts]
+        ]
+        assert cached == plain
+    # the second round found the system prompt's states from the first (at least once)
+    assert engine.prefix_cache.hits > hits
+    assert engine.prefix_cache.shared_length([_req(engine, p) for p in prompts]) >= 80
+
+
+def _req(engine, messages):
+    from agent.backends.local import _Request
+
+    return _Request(engine.prompt_ids(messages), None, GREEDY8)
+
+
 @pytest.mark.slow
 def test_adapters_load_switch_and_mix_in_one_batch(engine, adapters):
     base = engine.generate(Q, sampling=GREEDY8).completion_token_ids

@@ -5,11 +5,10 @@ Batching is the main speed lever on CPU (8 rows cost little more than 1), so eve
 through `MicroBatcher`: it waits at most `batch_wait_ms` for company (up to `max_batch_size`),
 then runs the batch on its worker thread so the caller's event loop stays free.
 
-Inside a batch, rows are grouped by sampling settings that can share a `generate` call:
-- greedy rows (temperature 0) all share one call, whatever their seeds;
-- unseeded sampled rows share a call when temperature and top_p match;
-- a seeded sampled row gets a call of its own after `torch.manual_seed(seed)`, because rows in
-  one call draw from one random stream, so a row's sample would depend on its neighbours.
+Every row of a batch shares one `generate` call, whatever its sampling settings: generation is
+greedy, and a logits processor draws each sampled row's token from its own temperature, top_p
+and random generator (seeded from the row's `seed`), then leaves only that token. A row's sample
+therefore never depends on its neighbours, and seeded rows are reproducible inside any batch.
 Per-row `max_tokens` and stop strings are honoured inside a shared call by a stopping criterion
 that finishes each row on its own. Rows with different adapters share a call too, through
 peft's mixed-adapter batches (`adapter_names=[...]`, "__base__" for the base model).
@@ -235,6 +234,8 @@ class LocalEngine:
         max_batch_size: int = 16,
         chat_template: TemplateMode = "auto",
         overflow: str = "error",
+        prefix_cache_entries: int = 8,
+        prefix_cache_min_tokens: int = 32,
     ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -267,6 +268,7 @@ class LocalEngine:
         self._peft: Any = None  # the PeftModel once an adapter is loaded
         self._adapters: dict[str, str] = {}
         self._model_lock = threading.RLock()
+        self.prefix_cache = PrefixCache(prefix_cache_entries, prefix_cache_min_tokens)
         self.batcher = MicroBatcher(self._run_batch, batch_wait_ms, max_batch_size)
 
     @classmethod
@@ -285,6 +287,8 @@ class LocalEngine:
             max_batch_size=m.max_batch_size,
             chat_template=m.chat_template,
             overflow=m.overflow,
+            prefix_cache_entries=m.prefix_cache_entries,
+            prefix_cache_min_tokens=m.prefix_cache_min_tokens,
         )
 
     # --- adapters ---
@@ -326,6 +330,7 @@ class LocalEngine:
                         f"adapter {name!r} is already loaded: unload it first or pass replace=True"
                     )
                 self._delete(name)
+            self.prefix_cache.forget(name)
             try:
                 if self._peft is None:
                     from peft import PeftModel
@@ -359,6 +364,7 @@ class LocalEngine:
                 warnings.simplefilter("ignore")  # "adapter X was active...": we name one per row
                 self._peft.delete_adapter(name)
         del self._adapters[name]
+        self.prefix_cache.forget(name)
 
     def _same_base(self, base: str) -> bool:
         ours = {self.name.lower(), self.path.name.lower(), str(self.path).lower()}
@@ -442,44 +448,22 @@ class LocalEngine:
         self.batcher.close()
 
     def _run_batch(self, batch: list[_Request]) -> None:
-        groups: dict[tuple, list[_Request]] = {}
-        for i, r in enumerate(batch):
-            s = r.sampling
-            if s.greedy:
-                key: tuple = ("greedy",)
-            elif s.seed is not None:
-                key = ("seeded", i)
-            else:
-                key = ("sample", s.temperature, s.top_p)
-            groups.setdefault(key, []).append(r)
-        for reqs in groups.values():
-            try:
-                results = self._generate_group(reqs)
-            except BaseException as e:  # noqa: BLE001 - fail this group only
-                for r in reqs:
-                    r.future.set_exception(e)
-                continue
-            for r, res in zip(reqs, results, strict=True):
-                r.future.set_result(res)
+        try:
+            results = self._generate_group(batch)
+        except BaseException as e:  # noqa: BLE001 - fail this batch's requests, not the worker
+            for r in batch:
+                r.future.set_exception(e)
+            return
+        for r, res in zip(batch, results, strict=True):
+            r.future.set_result(res)
 
     def _generate_group(self, reqs: list[_Request]) -> list[Completion]:
         import torch
-        from transformers import GenerationConfig, StoppingCriteriaList
+        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
-        width = max(len(r.prompt_ids) for r in reqs)
-        input_ids = torch.tensor(
-            [[self.pad_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in reqs]
-        )
-        attention = torch.tensor(
-            [[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in reqs]
-        )
-        s0 = reqs[0].sampling
         gen_cfg = GenerationConfig(
             max_new_tokens=max(r.sampling.max_tokens for r in reqs),
-            do_sample=not s0.greedy,
-            temperature=s0.temperature if not s0.greedy else None,
-            top_p=s0.top_p if not s0.greedy else None,
-            top_k=0 if not s0.greedy else None,
+            do_sample=False,  # sampled rows are drawn by _RowSampler, row by row
             pad_token_id=self.pad_id,
             eos_token_id=sorted(self.eos_ids),
         )
@@ -491,9 +475,22 @@ class LocalEngine:
             model = self._peft if self._peft is not None else self.model
             if self._peft is not None:
                 kwargs["adapter_names"] = [r.adapter or BASE for r in reqs]
+            shared = self.prefix_cache.shared_length(reqs)
+            if shared:
+                # [shared prefix][pad][own suffix]: the prefix's KV states come from the cache,
+                # positions follow the attention mask, so each suffix continues the prefix
+                kwargs["past_key_values"] = self._prefix_states(model, reqs, shared)
+            prefix = reqs[0].prompt_ids[:shared]
+            rests = [r.prompt_ids[shared:] for r in reqs]
+            pad = max(len(x) for x in rests)
+            input_ids = torch.tensor([prefix + [self.pad_id] * (pad - len(x)) + x for x in rests])
+            attention = torch.tensor(
+                [[1] * shared + [0] * (pad - len(x)) + [1] * len(x) for x in rests]
+            )
+            width = shared + pad
             limits = _RowLimits(width, reqs, self.tokenizer)
-            if s0.seed is not None and not s0.greedy:
-                torch.manual_seed(s0.seed)
+            if any(not r.sampling.greedy for r in reqs):
+                kwargs["logits_processor"] = LogitsProcessorList([_RowSampler(reqs, self.device)])
             with torch.inference_mode():
                 out = model.generate(
                     input_ids=input_ids.to(self.device),
@@ -503,6 +500,37 @@ class LocalEngine:
                     **kwargs,
                 )
         return [self._finish(r, out[i, width:].tolist()) for i, r in enumerate(reqs)]
+
+    def _prefix_states(self, model: Any, reqs: list[_Request], shared: int) -> Any:
+        """A DynamicCache holding the shared prefix's KV states for every row (each row's own
+        adapter), computed once per adapter and kept for the next batches."""
+        import torch
+        from transformers import DynamicCache
+
+        prefix = reqs[0].prompt_ids[:shared]
+        per_adapter: dict[str | None, list] = {}
+        for r in reqs:
+            if r.adapter in per_adapter:
+                continue
+            have, states = self.prefix_cache.longest(r.adapter, prefix)
+            if have < shared:  # compute the rest of the prefix on top of what is cached
+                kwargs = {"adapter_names": [r.adapter or BASE]} if self._peft is not None else {}
+                with torch.inference_mode():
+                    out = model(
+                        input_ids=torch.tensor([prefix[have:]], device=self.device),
+                        past_key_values=DynamicCache(states) if states else DynamicCache(),
+                        use_cache=True,
+                        **kwargs,
+                    )
+                states = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+                self.prefix_cache.put(r.adapter, prefix, states)
+            per_adapter[r.adapter] = states
+        rows = [per_adapter[r.adapter] for r in reqs]
+        layers = [
+            (torch.cat([row[i][0] for row in rows]), torch.cat([row[i][1] for row in rows]))
+            for i in range(len(rows[0]))
+        ]
+        return DynamicCache(layers)
 
     def _finish(self, r: _Request, new: list[int]) -> Completion:
         ids: list[int] = []
@@ -534,6 +562,69 @@ class LocalEngine:
         )
 
 
+class PrefixCache:
+    """KV states of recent prompt prefixes, keyed by adapter and token ids (least recently used
+    first out). Rows of one batch usually share a long prefix: the system prompt, the tool
+    schemas and the demonstrations. Measured on this CPU, a 446-token prompt costs 6.5 s of
+    prefill at batch 8 against 2.9 s for the 25 tokens decoded after it, so computing the shared
+    part once per adapter is the largest saving after batching itself."""
+
+    def __init__(self, max_entries: int = 8, min_tokens: int = 32) -> None:
+        from collections import OrderedDict
+
+        self.max_entries = max_entries
+        self.min_tokens = min_tokens
+        self._entries: OrderedDict[tuple, list] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def shared_length(self, reqs: Sequence[_Request]) -> int:
+        """How many leading tokens every row shares, leaving each row at least one token of its
+        own (generation needs one uncached input token); 0 when that is too short to pay."""
+        if not self.max_entries:
+            return 0
+        first = reqs[0].prompt_ids
+        n = min(len(r.prompt_ids) for r in reqs) - 1
+        for r in reqs[1:]:
+            ids = r.prompt_ids
+            k = 0
+            while k < n and ids[k] == first[k]:
+                k += 1
+            n = k
+        return n if n >= self.min_tokens else 0
+
+    def longest(self, adapter: str | None, prefix: Sequence[int]) -> tuple[int, list | None]:
+        """The longest cached entry for `adapter` that `prefix` starts with: (its length, its
+        KV states), or (0, None). A conversation's next turn starts with its previous prompt,
+        so an episode reuses its own earlier turns too."""
+        best: tuple | None = None
+        for key in self._entries:
+            a, ids = key
+            if (
+                a == adapter
+                and len(ids) <= len(prefix)
+                and (best is None or len(ids) > len(best[1]))
+            ):
+                if tuple(prefix[: len(ids)]) == ids:
+                    best = key
+        if best is None:
+            self.misses += 1
+            return 0, None
+        self._entries.move_to_end(best)
+        self.hits += 1
+        return len(best[1]), self._entries[best]
+
+    def put(self, adapter: str | None, prefix: Sequence[int], states: list) -> None:
+        self._entries[(adapter, tuple(prefix))] = states
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def forget(self, adapter: str | None) -> None:
+        """Drop an adapter's entries (it was unloaded or replaced by new weights)."""
+        for key in [k for k in self._entries if k[0] == adapter]:
+            del self._entries[key]
+
+
 def _earliest_stop(text: str, stops: Sequence[str]) -> int | None:
     found = [i for i in (text.find(s) for s in stops if s) if i != -1]
     return min(found) if found else None
@@ -546,6 +637,41 @@ def _oldest_droppable(msgs: list[dict[str, Any]]) -> int | None:
         return None
     start = 1 if msgs and msgs[0].get("role") == "system" else 0
     return start if start < last_user else None
+
+
+class _RowSampler:
+    """Draws each sampled row's next token with the row's own temperature, top_p and random
+    generator, and masks every other token, so the greedy step that follows picks it. Greedy
+    rows pass through untouched."""
+
+    def __init__(self, reqs: Sequence[_Request], device: str) -> None:
+        import torch
+
+        self.samplings = [r.sampling for r in reqs]
+        self.generators: list[Any] = []
+        for s in self.samplings:
+            g = None
+            if not s.greedy:
+                g = torch.Generator(device=device)
+                seed = s.seed if s.seed is not None else int(torch.randint(0, 2**62, ()).item())
+                g.manual_seed(seed)
+            self.generators.append(g)
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        for i, s in enumerate(self.samplings):
+            if s.greedy:
+                continue
+            probs = torch.softmax(scores[i].float() / s.temperature, dim=-1)
+            if s.top_p < 1.0:
+                sorted_p, order = torch.sort(probs, descending=True)
+                drop = torch.cumsum(sorted_p, dim=-1) - sorted_p > s.top_p  # keep the first
+                probs[order[drop]] = 0.0
+            token = torch.multinomial(probs, 1, generator=self.generators[i])
+            scores[i] = float("-inf")
+            scores[i, token] = 0.0
+        return scores
 
 
 class _RowLimits:
