@@ -166,6 +166,7 @@ def _suite(
     seed: int,
     as_json: bool,
     strict: bool,
+    hints: bool = False,
 ) -> None:
     from agent.episodes import run_suite
     from agent.report import print_suite
@@ -186,6 +187,7 @@ def _suite(
                 seed=seed,
                 progress=not as_json,
                 strict=strict,
+                hints=hints,
             )
         )
     except Exception as e:  # noqa: BLE001
@@ -253,6 +255,9 @@ def collect(
     seed: Seed = 0,
     as_json: Json = False,
     strict: Strict = False,
+    hints: Annotated[
+        bool, typer.Option(help="append each task's hint to its prompt (removed in datasets)")
+    ] = False,
 ) -> None:
     """Collect graded traces on the train split, several samples per task."""
     _suite(
@@ -268,6 +273,7 @@ def collect(
         seed,
         as_json,
         strict,
+        hints,
     )
 
 
@@ -335,6 +341,9 @@ def improve(
     few_shot: Annotated[
         int, typer.Option(help="demonstrations while collecting, while the model is weak")
     ] = 2,
+    hints: Annotated[
+        bool, typer.Option(help="a collection wave with the tasks' hints, where they have any")
+    ] = True,
     concurrency: Concurrency = 8,
     max_train_steps: Annotated[
         int, typer.Option(help="cap on training steps (-1: [tuner] epochs)")
@@ -357,6 +366,7 @@ def improve(
             collect_limit=collect_limit,
             eval_limit=eval_limit,
             few_shot=few_shot,
+            hints=hints,
             concurrency=concurrency,
             max_train_steps=max_train_steps,
             seed=seed,

@@ -92,7 +92,12 @@ from traces.schemas import Grade, Task, Trace
 log = logging.getLogger(__name__)
 
 ENVS_DIR = Path(__file__).parent / "envs"
-BUILTIN_ENVS = {"calculator": "calculator", "docs-qa": "docs_qa", "delegate": "delegate"}
+BUILTIN_ENVS = {
+    "calculator": "calculator",
+    "docs-qa": "docs_qa",
+    "delegate": "delegate",
+    "word-problems": "word_problems",
+}
 TASKS_FILE, DEMOS_FILE, MODULE_FILE = "tasks.jsonl", "demos.jsonl", "environment.py"
 _ROLES = {"system", "user", "assistant", "tool"}
 

@@ -179,10 +179,14 @@ async def run_suite(
     progress: bool = True,
     strict: bool = False,
     task_ids: set[str] | None = None,
+    hints: bool = False,
 ) -> SuiteResult:
     """Run `samples` episodes per task of `split` (first `limit` tasks), `concurrency` at once,
     grade each trace into the store, and summarise. Same seeds, same sampling for every
-    adapter, so two runs differ only in the adapter."""
+    adapter, so two runs differ only in the adapter.
+
+    `hints`: append each task's hint (if it has one) to its prompt; for collection only. The
+    trace records `hinted`, and training rows get the task's own prompt back."""
     environment = (
         env
         if isinstance(env, Environment)
@@ -213,8 +217,9 @@ async def run_suite(
             demos = demo_messages(
                 environment, few_shot, store, exclude_task=task.id, prompt=task.prompt
             )
+            hinted = bool(hints and task.hint)
             res: RunResult = await agent.run(
-                task.prompt,
+                f"{task.prompt}\n\nHint: {task.hint}" if hinted else task.prompt,
                 tools=task.tools if task.tools is not None else environment.tool_names,
                 extra_tools=extra,
                 subagents=environment.subagent_configs(),
@@ -229,6 +234,7 @@ async def run_suite(
                     "split": split,
                     "few_shot": few_shot,
                     "task_prompt": task.prompt,
+                    "hinted": hinted,
                     "task_answer": task.answer,
                     "task_grader": task.grader or environment.grader,
                 },

@@ -363,6 +363,25 @@ def test_demonstrations_in_the_prompt_are_removed_from_sft_rows(store: TraceStor
     assert "2 + 2" not in json.dumps(row)
 
 
+def test_collection_hints_are_replaced_by_the_task_prompt_in_every_kind(store: TraceStore):
+    plain = "A crate holds 48 jars. How many jars are in 97 crates?"
+    hinted = f"{plain}\n\nHint: call the calculator with 97 * 48"
+    meta = {"hinted": True, "task_prompt": plain, "task_answer": 4656}
+    good, ep = episode("a", answer="4656", demos=DEMOS, prompt=hinted, metadata=meta)
+    ep.call("calculator", {"expression": "97 * 48"}, "4656")
+    ep.final("The answer is 4656.")
+    bad, ep = episode("a", answer="4700", prompt=hinted, metadata=meta)
+    ep.final("The answer is 4700.")
+    save(store, good, grade(good, 1.0))
+    save(store, bad, grade(bad, 0.0))
+    assert any(m["content"] == hinted for m in good.spans[-1].llm.messages)  # the model saw it
+
+    for kind in ("sft", "dpo", "kto"):
+        result = build_dataset(store, kind, store.path.parent / kind, DatasetFilters())
+        text = (result.path / "train.jsonl").read_text()
+        assert "Hint:" not in text and plain in text, kind
+
+
 def test_subagent_conversations_become_rows_of_their_own():
     t, ep = episode(
         "a", answer="Ten days.", prompt="How many vacation days?", tools=[CALC, RESEARCHER]

@@ -30,12 +30,12 @@ def builtins():
 
 
 def test_builtins_are_listed_and_load_by_name_and_path(builtins):
-    assert list_environments() == ["calculator", "docs-qa", "delegate"]
+    assert list_environments() == ["calculator", "docs-qa", "delegate", "word-problems"]
     by_path = load_environment(builtins["calculator"].path)
     assert [t.id for t in by_path.tasks] == [t.id for t in builtins["calculator"].tasks]
 
 
-@pytest.mark.parametrize("name", ["calculator", "docs-qa", "delegate"])
+@pytest.mark.parametrize("name", ["calculator", "docs-qa", "delegate", "word-problems"])
 def test_builtin_sizes_splits_and_disjoint_prompts(builtins, name):
     env = builtins[name]
     train, test = env.split("train"), env.split("test")
@@ -49,11 +49,14 @@ def test_builtin_sizes_splits_and_disjoint_prompts(builtins, name):
         assert set(t.metadata["requires_tools"]) <= set(env.tool_names)
 
 
-def test_calculator_tasks_need_the_calculator(builtins):
-    env = builtins["calculator"]
+@pytest.mark.parametrize("name", ["calculator", "word-problems"])
+def test_calculator_tasks_need_the_calculator(builtins, name):
+    env = builtins[name]
     templates = {t.metadata["template"] for t in env.tasks}
     assert len(templates) >= 15
     for t in env.tasks:
+        # the hint names the reference expression (collection only)
+        assert t.hint == f"call the calculator with {t.metadata['expression']}"
         assert t.grader == "numeric"
         # the reference is exactly what the calculator says for the stored expression
         assert answer_number(calculator(t.metadata["expression"])) == pytest.approx(
@@ -93,7 +96,7 @@ def test_delegate_declares_its_researcher(builtins):
     assert str(t.metadata["lookup_value"]).replace(".0", "") in t.metadata["expression"]
 
 
-@pytest.mark.parametrize("name", ["calculator", "docs-qa", "delegate"])
+@pytest.mark.parametrize("name", ["calculator", "docs-qa", "delegate", "word-problems"])
 def test_demos_use_real_tool_names_and_correct_results(builtins, name):
     env = builtins[name]
     for demo in env.demos:

@@ -39,91 +39,91 @@ from traces.graders import (
 REAL_CALCULATOR = [
     # (task id, real answer, finish_reason, expected score)
     (
-        "calc-0210",
+        "wp-0210",
         "To solve this problem, we need to calculate the number of bolts made in 38 days.\n\nThe factory makes 4,171 bolts per day, so in 38 days, it makes 4,1",
         "length",
         0.0,
     ),
     (
-        "calc-0211",
+        "wp-0211",
         "To find out how many seats there are, we need to divide the total number of seats by the number of rows.\n\nThe stadium has 79 rows, so 79 rows * 143 seats = 1",
         "length",
         0.0,
     ),
     (
-        "calc-0212",
+        "wp-0212",
         "To solve this problem, we need to calculate the interest earned and the total amount in the account after one year.\n\nThe interest earned is the difference between the initial deposit and the interest paid. So, 2.25%",
         "length",
         0.0,
     ),
     (
-        "calc-0213",
+        "wp-0213",
         "To solve this problem, we need to convert 2,252 euros to a currency that can be represented on a scale of 1 to 100, with 1 being the most precise currency.\n\nA coin",
         "length",
         0.0,
     ),
     (
-        "calc-0214",
+        "wp-0214",
         "Let's break this down step by step:\n\n1. Calculate the total litres used on Monday: 2,064 litres (Monday) + 1,981 litres (Tuesday) = 3,945",
         "length",
         0.0,
     ),
     (
-        "calc-0215",
+        "wp-0215",
         "To find the volume of a rectangular box, we need to calculate its length × width × height. This is a fundamental concept in geometry, and it's closely related to the concept of volume.\n\nLet's denote the length of the",
         "length",
         0.0,
     ),
     (
-        "calc-0216",
+        "wp-0216",
         "To solve this problem, we need to break it down into manageable parts. We know that one part is made every 5 seconds, so we can calculate it as 1 part / 5 seconds = 1 part / 5 seconds",
         "length",
         0.0,
     ),
     (
-        "calc-0217",
+        "wp-0217",
         "To solve this problem, we need to calculate the area of the tiles and then multiply it by the ratio of the tiles to the floor.\n\nThe area of a square is calculated by multiplying its side length by itself, which is ",
         "length",
         0.0,
     ),
     (
-        "calc-0218",
+        "wp-0218",
         "To find the total, we need to calculate the VAT (Value Added Tax) and then add it to the invoice.\n\nThe VAT is 20% of $1974.64, which is 0.",
         "length",
         0.0,
     ),
     (
-        "calc-0219",
+        "wp-0219",
         "To find the total earnings of the 13 workers, we need to calculate the total earnings of the 13 workers and then add them together.\n\nThe total earnings of the 13 workers can be calculated by multiplying the",
         "length",
         0.0,
     ),
     (
-        "calc-0220",
+        "wp-0220",
         "Hugo buys 79 printer cartridges at $19.33 each, so he has 79 * $19.33 = $1499.67 in total.\nThe total cost of",
         "length",
         0.0,
     ),
     (
-        "calc-0221",
+        "wp-0221",
         "To solve this problem, we need to convert 2.5 hours to kilometers. 2.5 hours is equivalent to 0.5 hours, so we can multiply it by 1.5. This gives us 1.",
         "length",
         0.0,
     ),
     (
-        "calc-0222",
+        "wp-0222",
         "To find the area of the warehouse floor, we need to calculate the area of the floor cubed. \n\nThe floor cubed is the product of the floor cubed and itself. So, the area of the floor cubed is",
         "length",
         0.0,
     ),
     (
-        "calc-0223",
+        "wp-0223",
         "To find 73% of 57,572, you would multiply 57,572 by 0.73. \n\n57,572 * 0.73 = 3",
         "length",
         0.0,
     ),
     (
-        "calc-0224",
+        "wp-0224",
         "To find the sale price in dollars, we need to convert the price to dollars. 1.838 * 1.838 = 2.728 dollars.\n\nSo, the sale price is ",
         "length",
         0.0,
@@ -256,12 +256,15 @@ REAL_WITH_RESULT = [
 
 @pytest.fixture(scope="module")
 def envs():
-    return {"calculator": load_environment("calculator"), "docs-qa": load_environment("docs-qa")}
+    return {
+        "word-problems": load_environment("word-problems"),
+        "docs-qa": load_environment("docs-qa"),
+    }
 
 
 @pytest.mark.parametrize("task_id,answer,finish,expected", REAL_CALCULATOR + REAL_DOCS)
 def test_real_smollm2_answers_grade_as_read(envs, task_id, answer, finish, expected):
-    env = envs["calculator"] if task_id.startswith("calc") else envs["docs-qa"]
+    env = envs["word-problems"] if task_id.startswith("wp-") else envs["docs-qa"]
     t = env.task(task_id)
     trace = make_trace(answer, finish_reason=finish)
     grade = grade_trace(t, trace, requires_tools=env.requires_tools, demos=env.demos)

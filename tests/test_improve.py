@@ -20,71 +20,20 @@ from tuner.improve import JobState, curve_points, parse_every
 from tuner.registry import Registry
 
 SELFTUNE = str(Path(sys.executable).parent / "selftune")
-ITEMS = {
-    "teapot": "17.25", "kettle": "31.80", "lamp": "44.10", "rug": "120.00", "mirror": "63.40",
-    "stool": "22.95", "vase": "12.60", "clock": "39.99", "basket": "8.75", "candle": "4.30",
-    "blanket": "57.20", "shelf": "88.00", "bowl": "9.45", "jug": "14.10",
-}  # fmt: skip
-ENV_PY = """
-from tools import tool
-
-SYSTEM_PROMPT = "You answer price questions with the price_of tool."
-PRICES = %r
-
-@tool
-def price_of(item: str) -> str:
-    \"\"\"The price of an item at Mossgrove Market.
-
-    Args:
-        item: the item's name, e.g. "teapot"
-    \"\"\"
-    return PRICES.get(item.strip().lower(), "unknown item")
-
-TOOLS = [price_of]
-
-def grade(task, answer, trace):
-    return (1.0 if task.answer in (answer or "") else 0.0), "price in the answer"
-"""
-
-
-def make_env(folder: Path) -> Path:
-    """A small user environment: price look-ups through the environment's own tool, which the
-    base model gets right when it copies the tool's answer (calculator tasks are too hard for
-    it to collect enough passing traces in a test-sized run)."""
-    folder.mkdir()
-    names = list(ITEMS)
-    tasks = [
-        {"id": f"p-{n}", "prompt": f"What does a {n} cost at Mossgrove Market?", "answer": ITEMS[n],
-         "split": "train" if i < 8 else "test"}
-        for i, n in enumerate(names)
-    ]  # fmt: skip
-    (folder / "tasks.jsonl").write_text("\n".join(json.dumps(t) for t in tasks))
-    demos = []
-    for item, price in (("chair", "75.00"), ("tray", "19.90")):
-        demos.append({"messages": [
-            {"role": "user", "content": f"What does a {item} cost at Mossgrove Market?"},
-            {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "price_of", "arguments": {"item": item}}}]},
-            {"role": "tool", "tool_call_id": "c1", "name": "price_of", "content": price},
-            {"role": "assistant", "content": f"The answer is {price}."},
-        ]})  # fmt: skip
-    (folder / "demos.jsonl").write_text("\n".join(json.dumps(d) for d in demos))
-    (folder / "environment.py").write_text(ENV_PY % {**ITEMS, "chair": "75.00", "tray": "19.90"})
-    return folder
-
-
-def improve_args(env: Path) -> list[str]:
-    return [
-        "improve",
-        str(env),
-        "--collect-limit",
-        "8",
-        "--eval-limit",
-        "6",
-        "--max-train-steps",
-        "4",
-        "--concurrency",
-        "8",
-    ]
+# small limits: 8 train tasks collected in up to three waves (demonstrations, hints, similar
+# solved tasks), 4 training steps, 6 held-out tasks per model in the gate
+ARGS = [
+    "improve",
+    "calculator",
+    "--collect-limit",
+    "8",
+    "--eval-limit",
+    "6",
+    "--max-train-steps",
+    "4",
+    "--concurrency",
+    "8",
+]
 
 
 def _state(home: Path) -> JobState | None:
@@ -99,14 +48,8 @@ def _state(home: Path) -> JobState | None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
-@pytest.mark.skip(
-    reason="issue 6 open: the few-shot base model solved 0/8 of this environment's train tasks "
-    "(it calls 'price_of_<item>' instead of 'price_of'), so the cycle stops at 'too few traces' "
-    "before training; needs an environment the base model can bootstrap from"
-)
 def test_improve_cycle_killed_after_training_resumes_and_finishes(cfg, cli_env, tmp_path):
     home = cfg.workspace.root
-    ARGS = improve_args(make_env(tmp_path / "mossgrove"))
     env = dict(cli_env, SELFTUNE_TUNER__MIN_NEW_TRACES="1")
     first = subprocess.Popen(
         [SELFTUNE, *ARGS], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -144,6 +87,10 @@ def test_improve_cycle_killed_after_training_resumes_and_finishes(cfg, cli_env, 
     assert (
         cyc.done == ["collect", "dataset", "tune", "gate", "reload"] and cyc.candidate == candidate
     )
+
+    # collection bootstrapped: the demonstrations' wave, then the failed tasks with their hints
+    waves = [w["kind"] for w in cyc.collect["calculator"]["waves"]]
+    assert waves[:2] == ["demos", "hinted"] and cyc.dataset["rows"] >= 1
 
     # the gate ran on held-out tasks and its decision, with every number, is in the registry
     rec = reg.get(candidate)

@@ -252,10 +252,16 @@ def drop_demos(messages: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
 def training_conversation(
     trace: Trace, agent_span_id: str | None = None
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """`conversation_of`, with the orchestrator's demonstrations removed."""
+    """`conversation_of`, with the orchestrator's demonstrations removed, and the task's own
+    prompt put back where a collection hint was added to it (context distillation of both)."""
     messages, tools = conversation_of(trace, agent_span_id)
     if agent_span_id is None:
         messages = drop_demos(messages, demo_count(trace))
+        original = trace.metadata.get("task_prompt")
+        if trace.metadata.get("hinted") and original:
+            first_user = next((i for i, m in enumerate(messages) if m.get("role") == "user"), None)
+            if first_user is not None:
+                messages[first_user] = {**messages[first_user], "content": original}
     return messages, tools
 
 

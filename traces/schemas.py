@@ -173,6 +173,10 @@ class Task(_Schema):
     grader: str | None = None  # exact|numeric|contains|regex|judge|<module:function>
     split: Literal["train", "test"] = "train"
     tools: list[str] | None = None  # None = the environment's tools
+    # a hint for collection only (`collect --hints`, improve's last wave): appended to the prompt
+    # of tasks the model failed without it, and removed again from training rows (STaR's
+    # "rationalization"); never shown in eval
+    hint: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
