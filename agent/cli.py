@@ -336,15 +336,16 @@ def improve(
             "--resume/--fresh", help="resume the last unfinished job (default: if there is one)"
         ),
     ] = None,
-    collect_limit: Annotated[int, typer.Option(help="train tasks per environment per cycle")] = 64,
-    eval_limit: Annotated[int, typer.Option(help="held-out test tasks per environment")] = 40,
+    collect_limit: Annotated[int, typer.Option(help="train tasks per environment per cycle")] = 90,
+    eval_limit: Annotated[int, typer.Option(help="held-out test tasks per environment")] = 54,
     few_shot: Annotated[
         int, typer.Option(help="demonstrations while collecting, while the model is weak")
     ] = 2,
     hints: Annotated[
         bool, typer.Option(help="a collection wave with the tasks' hints, where they have any")
     ] = True,
-    concurrency: Concurrency = 8,
+    concurrency: Concurrency = 16,
+    max_tokens: Annotated[int, typer.Option(help="max new tokens per model call")] = 64,
     max_train_steps: Annotated[
         int, typer.Option(help="cap on training steps (-1: [tuner] epochs)")
     ] = -1,
@@ -368,6 +369,7 @@ def improve(
             few_shot=few_shot,
             hints=hints,
             concurrency=concurrency,
+            max_tokens=max_tokens,
             max_train_steps=max_train_steps,
             seed=seed,
             every_s=parse_every(every) if every else None,

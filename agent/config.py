@@ -91,7 +91,9 @@ class TunerConfig(_Section):
     lora_r: int = Field(default=16, ge=1, le=256)
     lora_alpha: int = Field(default=32, ge=1)
     lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    learning_rate: float = Field(default=2e-4, gt=0)
+    # LoRA on ~100 rows: on calculator's improve dataset (89 rows, 24 steps) 2e-4 left the model
+    # multiplying where it should add (57% zero-shot on test); 1e-3 reached 81.5%
+    learning_rate: float = Field(default=1e-3, gt=0)
     epochs: float = Field(default=2.0, gt=0)
     max_steps: int = Field(default=-1)
     batch_size: int = Field(default=8, ge=1)

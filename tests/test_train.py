@@ -74,6 +74,36 @@ def test_sft_trains_on_assistant_tokens_only(tmp_path, model_path):
     assert not trainer.args.gradient_checkpointing  # off for a 135M model: it costs 1.6x
 
 
+def test_sft_loss_on_kept_columns_equals_the_full_head_loss(tmp_path, model_path):
+    """The trainer runs the LM head only where a next token is trained; the loss and its
+    gradient must be what the full logits give."""
+    import torch
+
+    ds = write_dataset(tmp_path / "ds", "sft", n=3)
+    trainer = build_trainer(
+        "sft", ds, base_model_dir=model_path, work_dir=tmp_path / "w", config=TrainConfig(**TINY)
+    )
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    model = trainer.model
+    model.train()
+    lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n][0]
+    torch.nn.init.normal_(lora, std=0.02)  # LoRA B starts at zero: make its gradient non-trivial
+
+    loss = trainer.compute_loss(model, dict(batch))
+    loss.backward()
+    fast_grad, lora.grad = lora.grad.clone(), None
+
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    logits, labels = out.logits[:, :-1].float(), batch["labels"][:, 1:]
+    full = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+    )
+    full.backward()
+    assert loss.item() == pytest.approx(full.item(), rel=1e-5)
+    assert torch.allclose(fast_grad, lora.grad, rtol=1e-4, atol=1e-7)
+    assert (batch["labels"] != -100).float().mean() < 0.5  # most columns really were skipped
+
+
 @pytest.mark.slow
 def test_sft_adapter_is_standard_peft_and_changes_logits(tmp_path, model_path):
     import torch

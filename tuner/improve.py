@@ -46,18 +46,20 @@ class ImproveSettings:
     cycles: int = 1
     method: str = "sft"
     budget_minutes: float | None = None
-    collect_limit: int = 64  # train tasks per environment per cycle
+    collect_limit: int = 90  # train tasks per environment per cycle
     collect_samples: int = 1
     collect_temperature: float = 0.0
     few_shot: int = 2  # demonstrations while collecting, if the active model is weak
     hints: bool = True  # a wave with the tasks' hints for tasks failed without them
     weak_below: float = 0.8  # "weak": zero-shot test success under this -> collect few-shot
-    eval_limit: int = 40  # held-out test tasks per environment for the gate
-    concurrency: int = 8
+    eval_limit: int = 54  # held-out test tasks per environment for the gate
+    concurrency: int = 16  # episodes at once (per model in the gate); batches of up to 16
     max_train_steps: int = -1  # -1: epochs from [tuner]
     min_new_traces: int | None = None  # default [tuner] min_new_traces
     seed: int = 0
-    max_tokens: int = 128  # per model call; a rambling base model otherwise fills the default 256
+    # per model call: a tool call takes ~30 tokens and an answer ~10, while a rambling base model
+    # fills whatever it gets, and a batch lasts as long as its longest row
+    max_tokens: int = 64
     every_s: float | None = None
 
 
@@ -349,7 +351,7 @@ class ImproveJob:
         from agent.models import model_dir
         from agent.runtime import open_registry
         from tuner.schemas import TrainConfig
-        from tuner.train import train
+        from tuner.train import TrainError, train_in_subprocess
 
         registry = open_registry(self.cfg)
         active = registry.active()
@@ -358,16 +360,22 @@ class ImproveJob:
             overrides["max_steps"] = self.s.max_train_steps
         tc = TrainConfig.from_section(self.cfg.tuner, **overrides)
         out = self.dir / f"cycle{cyc.index}-adapter"
-        result = train(
-            self.s.method,
-            cyc.dataset["dir"],
-            base_model_dir=model_dir(self.cfg),
-            out_dir=out,
-            parent_adapter_dir=registry.path(active.version) if active else None,
-            config=tc,
-            resume="auto",  # a killed tune step goes on from its last checkpoint
-            progress=True,
-        )
+        try:
+            result = train_in_subprocess(
+                self.s.method,
+                cyc.dataset["dir"],
+                base_model_dir=model_dir(self.cfg),
+                out_dir=out,
+                parent_adapter_dir=registry.path(active.version) if active else None,
+                config=tc,
+                resume="auto",  # a killed tune step goes on from its last checkpoint
+                progress=True,
+            )
+        except TrainError as e:
+            raise ImproveError(
+                f"cycle {cyc.index}: training failed: {e} (`selftune improve` resumes from the "
+                "tune step and its last checkpoint)"
+            ) from None
         rec = registry.register(
             result.adapter_dir,
             base_model=self.cfg.model.name,
@@ -615,7 +623,7 @@ async def improve(
                             else ""
                         )
                     )
-            Console().print(f"learning curve: {png}")
+            Console().print(f"learning curve: {png}", soft_wrap=True)  # a path must not wrap
             if not settings.every_s:
                 return state
             resume = False

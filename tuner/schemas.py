@@ -37,7 +37,7 @@ class TrainConfig(_Schema):
     target_modules: list[str] = Field(default_factory=lambda: list(ALL_LINEAR))
     # the largest rank the serving side accepts (vLLM --max-lora-rank); lora_r must fit it
     max_lora_rank: int = Field(default=64, ge=1)
-    learning_rate: float = Field(default=2e-4, gt=0)
+    learning_rate: float = Field(default=1e-3, gt=0)
     epochs: float = Field(default=2.0, gt=0)
     max_steps: int = Field(default=-1, ge=-1)
     batch_size: int = Field(default=8, ge=1)
