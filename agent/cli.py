@@ -336,7 +336,7 @@ def improve(
             "--resume/--fresh", help="resume the last unfinished job (default: if there is one)"
         ),
     ] = None,
-    collect_limit: Annotated[int, typer.Option(help="train tasks per environment per cycle")] = 90,
+    collect_limit: Annotated[int, typer.Option(help="train tasks per environment per cycle")] = 108,
     eval_limit: Annotated[int, typer.Option(help="held-out test tasks per environment")] = 54,
     few_shot: Annotated[
         int, typer.Option(help="demonstrations while collecting, while the model is weak")

@@ -10,6 +10,7 @@ BENCHES = [
     "bench_mcp",
     "bench_retrieval",
     "bench_backend",
+    "bench_prefix",
     "bench_eval",
     "bench_tuner",
 ]

@@ -46,7 +46,7 @@ class ImproveSettings:
     cycles: int = 1
     method: str = "sft"
     budget_minutes: float | None = None
-    collect_limit: int = 90  # train tasks per environment per cycle
+    collect_limit: int = 108  # train tasks per environment per cycle (6 of each calculator kind)
     collect_samples: int = 1
     collect_temperature: float = 0.0
     few_shot: int = 2  # demonstrations while collecting, if the active model is weak
