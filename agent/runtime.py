@@ -69,7 +69,8 @@ def resolve_adapter(cfg: Config, engine: Any, request: str | None) -> str | None
 
     None/"base" -> None (the base model). "active" -> the registry's active version, or None.
     "vN" -> that version. A folder path -> loaded under its folder name. With the local
-    backend the adapter is loaded into the engine on first use (without reloading the base).
+    backend the adapter is loaded into the engine on first use (without reloading the base);
+    with the openai backend (vLLM) it is loaded into the server on first use, under that name.
     """
     if request in (None, "", "base"):
         return None
@@ -87,6 +88,10 @@ def resolve_adapter(cfg: Config, engine: Any, request: str | None) -> str | None
         path = registry.path(record.version)
     if cfg.model.backend == "local" and engine is not None and name not in engine.adapters():
         engine.load_adapter(name, path)
+    elif cfg.model.backend == "openai" and cfg.model.base_url:
+        from agent.backends.openai import ensure_served
+
+        ensure_served(cfg.model.base_url, name, path)
     return name
 
 

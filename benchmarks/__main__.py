@@ -13,6 +13,7 @@ BENCHES = [
     "bench_prefix",
     "bench_eval",
     "bench_tuner",
+    "bench_vllm",
 ]
 
 failed = [

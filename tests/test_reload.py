@@ -35,6 +35,19 @@ class FakeVllm(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def do_GET(self):
+        if self.path != "/v1/models":
+            return self._answer(404, "Not Found")
+        # vLLM lists the base model, then each LoRA with its path as root and the base as parent
+        data = [{"id": "base", "root": "/models/base", "parent": None}]
+        data += [{"id": n, "root": p, "parent": "base"} for n, p in self.server.loaded.items()]
+        body = json.dumps({"object": "list", "data": data})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body.encode())
+
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.server.requests.append((self.path, body))
@@ -77,18 +90,26 @@ PASS = GateResult(promote=True, reasons=[], numbers={})
 
 
 def test_promotion_swaps_the_served_adapter_in_place(tmp_path, vllm):
-    reg: Registry = make(tmp_path, 2)
+    reg: Registry = make(tmp_path, 3)
     reloader = VllmReloader(url(vllm))
+    p1, p2, p3 = (str(reg.path(v)) for v in ("v1", "v2", "v3"))
     asyncio.run(reloader.reload(reg.promote("v1", PASS)))
+    assert vllm.loaded == {"v1": p1, SERVED_NAME: p1}
     asyncio.run(reloader.reload(reg.promote("v2", PASS)))
-    assert vllm.loaded == {SERVED_NAME: str(reg.path("v2"))}
-    assert [p for p, _ in vllm.requests] == ["/v1/load_lora_adapter"] * 2
-    assert all(b["load_inplace"] is True for _, b in vllm.requests)
+    # the stable name now answers with v2; v1 stays for episodes that started on it
+    assert vllm.loaded == {"v1": p1, "v2": p2, SERVED_NAME: p2}
+    stable = [b for p, b in vllm.requests if b.get("lora_name") == SERVED_NAME]
+    assert len(stable) == 2 and all(b["load_inplace"] is True for b in stable)
+    asyncio.run(reloader.reload(reg.promote("v3", PASS)))
+    # v1 is retired twice over: unloaded, so retired adapters do not fill vLLM's LoRA slots
+    assert vllm.loaded == {"v2": p2, "v3": p3, SERVED_NAME: p3}
+    assert ("/v1/unload_lora_adapter", {"lora_name": "v1"}) in vllm.requests
     # rollback to the base model unloads the stable name
-    reg.rollback()
-    reg.rollback()
+    for _ in range(3):
+        reg.rollback()
+    assert reg.active() is None
     asyncio.run(reloader.reload(reg.active()))
-    assert vllm.loaded == {}
+    assert SERVED_NAME not in vllm.loaded
 
 
 def test_named_versions_load_and_unload(tmp_path, vllm):

@@ -22,6 +22,7 @@ registry folder must be visible to it at the same path.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Protocol
 
 import httpx
@@ -29,6 +30,7 @@ import httpx
 from tuner.schemas import AdapterRecord
 
 SERVED_NAME = "selftune-active"
+_VERSION = re.compile(r"v\d+")
 VLLM_HINT = (
     "start vLLM with --enable-lora, --max-lora-rank at least the adapter's rank, and the "
     "environment variable VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"
@@ -93,14 +95,42 @@ class VllmReloader:
         self.loaded: set[str] = set()  # names this reloader loaded, for unload bookkeeping
 
     async def reload(self, record: AdapterRecord | None) -> None:
-        """Serve `record` under the stable name; None unloads it (requests for the name then
-        fail, so point agents at the base model's name when rolling back to base)."""
+        """Serve `record` under the stable name and under its version; None unloads the stable
+        name (requests for it then fail: point agents at the base model's name for base).
+
+        selftune's own agents ask for the version ("v3"), so each trace names the adapter that
+        answered; anything else asks for the stable name and gets the new weights on its next
+        request. Version names other than this one and the one it replaces are unloaded, so
+        retired adapters do not pile up in vLLM's LoRA slots, while episodes that started on
+        the replaced version can still finish on it.
+        """
         if record is None:
             await self.unload(self.served_name, missing_ok=True)
             return
         if not record.path:
             raise ReloadError(f"record {record.version} has no path: read it from the Registry")
+        served = await self.served()
+        replaced = served.get(self.served_name)
+        if served.get(record.version) != str(record.path):
+            await self.load(record.version, record.path, inplace=record.version in served)
         await self.load(self.served_name, record.path, inplace=True)
+        for name, path in served.items():
+            if _VERSION.fullmatch(name) and path not in (str(record.path), replaced):
+                await self.unload(name, missing_ok=True)
+
+    async def served(self) -> dict[str, str]:
+        """The LoRA adapters the server has loaded: name -> path (vLLM's `root`)."""
+        url = self.base_url + "/v1/models"
+        try:
+            async with httpx.AsyncClient(timeout=self.timeout_s, headers=self.headers) as client:
+                resp = await client.get(url)
+            data = resp.json().get("data") or []
+        except (httpx.HTTPError, ValueError) as e:
+            raise ReloadError(
+                f"could not list the models at {url} ({type(e).__name__}: {e}): is vLLM running?"
+            ) from None
+        # vLLM lists a LoRA with its parent (the base model's name) and its path as root
+        return {m["id"]: str(m.get("root")) for m in data if m.get("parent")}
 
     async def load(self, name: str, path: str, *, inplace: bool = False) -> None:
         """Load the adapter at `path` as `name`; `inplace` replaces one already under that name."""

