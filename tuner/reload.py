@@ -4,16 +4,18 @@ Two kinds of serving, one protocol (`Reloader.reload(record)`; `None` means the 
 
 - in process (the local backend): `LocalReloader(engine)` loads the promoted version into the
   engine under its own name; the base model stays loaded.
-- vLLM: `VllmReloader(base_url)` loads the adapter under one stable name (`selftune-active`)
-  with `load_inplace`, so agents that send `model="selftune-active"` get the new weights on their
-  next request, with no change to their configuration.
+- vLLM: `VllmReloader(base_url)` loads the adapter under its version ("v3", what selftune's
+  agents ask for, so traces name the adapter that answered) and reloads the stable name
+  (`selftune-active`) in place with `load_inplace`, so other clients that send
+  `model="selftune-active"` get the new weights on their next request without a config change.
 
-vLLM must be started with LoRA and runtime updating enabled, and a rank limit that fits:
+vLLM must be started with LoRA and runtime updating enabled and a rank limit that fits;
+`selftune serve --engine vllm` does (`--print-command` shows the command):
 
     VLLM_ALLOW_RUNTIME_LORA_UPDATING=True \\
     python -m vllm.entrypoints.openai.api_server --model BASE_MODEL_DIR \\
-        --enable-lora --max-lora-rank 64 --max-loras 4 \\
-        --enable-auto-tool-choice --tool-call-parser hermes
+        --enable-lora --max-lora-rank 16 --max-loras 4 \\
+        --enable-auto-tool-choice --tool-call-parser hermes --chat-template TEMPLATE
 
 Routes used: `POST /v1/load_lora_adapter {"lora_name", "lora_path", "load_inplace"}` and
 `POST /v1/unload_lora_adapter {"lora_name"}`. `lora_path` is read by the vLLM server, so the
