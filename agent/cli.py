@@ -323,7 +323,7 @@ def improve(
         list[str] | None, typer.Argument(help="environments (default: calculator docs-qa)")
     ] = None,
     cycles: Annotated[int, typer.Option(help="improvement cycles to run")] = 1,
-    method: Annotated[str, typer.Option(help="sft, dpo or kto")] = "sft",
+    method: Annotated[str, typer.Option(help="sft, dpo, kto or grpo (online RL)")] = "sft",
     budget_minutes: Annotated[
         float | None, typer.Option(help="start no new cycle after this")
     ] = None,
@@ -347,7 +347,7 @@ def improve(
     concurrency: Concurrency = 16,
     max_tokens: Annotated[int, typer.Option(help="max new tokens per model call")] = 64,
     max_train_steps: Annotated[
-        int, typer.Option(help="cap on training steps (-1: [tuner] epochs)")
+        int, typer.Option(help="cap on training steps (-1: [tuner] epochs; grpo: 8)")
     ] = -1,
     seed: Seed = 0,
 ) -> None:
@@ -355,8 +355,8 @@ def improve(
     from tuner.improve import ImproveError, ImproveSettings, parse_every
     from tuner.improve import improve as run_improve
 
-    if method not in ("sft", "dpo", "kto"):
-        fail(f"--method must be sft, dpo or kto, got {method!r}")
+    if method not in ("sft", "dpo", "kto", "grpo"):
+        fail(f"--method must be sft, dpo, kto or grpo, got {method!r}")
     cfg = get_config(ctx)
     try:
         settings = ImproveSettings(

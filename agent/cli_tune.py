@@ -120,6 +120,56 @@ def tune_kto(
     _run_tune(ctx, "kto", dataset_dir, from_version, config, resume, max_steps)
 
 
+@tune_app.command("grpo")
+def tune_grpo(
+    ctx: typer.Context,
+    env: Annotated[str, typer.Argument(help="environment: built-in name or folder")],
+    from_version: Annotated[
+        str | None,
+        typer.Option("--from", help="start from this version (default: the active one; 'base')"),
+    ] = None,
+    group_size: Annotated[int, typer.Option(help="episodes per task per step (G)")] = 4,
+    steps: Annotated[int, typer.Option(help="policy updates")] = 8,
+    tasks_per_step: Annotated[int, typer.Option(help="train tasks per step")] = 4,
+    temperature: Annotated[float, typer.Option(help="rollout sampling temperature")] = 1.0,
+    max_tokens: Annotated[int, typer.Option(help="max new tokens per model turn")] = 64,
+    learning_rate: Annotated[float, typer.Option("--lr", help="AdamW learning rate")] = 5e-5,
+    beta: Annotated[float, typer.Option(help="KL penalty to the starting adapter")] = 0.0,
+    judge: Annotated[
+        bool, typer.Option(help="mix in the group judge's ranking (RULER-style)")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="task order and sampling seed")] = 0,
+    config: ConfigOpt = None,
+    resume: ResumeOpt = False,
+) -> None:
+    """Online RL: sample G episodes per task with the agent, grade, update (GRPO)."""
+    from agent.models import ModelError
+    from tuner.grpo import GrpoError, grpo
+    from tuner.registry import RegistryError
+    from tuner.schemas import GrpoConfig
+
+    cfg = _config(ctx, config)
+    try:
+        gc = GrpoConfig(
+            steps=steps,
+            group_size=group_size,
+            tasks_per_step=tasks_per_step,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            learning_rate=learning_rate,
+            beta=beta,
+            judge=judge,
+            seed=seed,
+        )
+        rec = asyncio.run(grpo(cfg, env, gc, start_from=from_version, resume=resume, console=err))
+    except (GrpoError, RegistryError, ModelError, ValueError) as e:
+        _fail(str(e))
+    console.print(
+        f"registered [bold]{rec.version}[/bold] (candidate) at {rec.path} after "
+        f"{rec.metrics['steps']} GRPO steps. Next: run the eval gate on it."
+    )
+
+
 def _when(t: float) -> str:
     return dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M")
 

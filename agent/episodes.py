@@ -39,6 +39,7 @@ class EpisodeOutcome:
     wall_s: float
     answer: str | None
     grade_error: str | None = None
+    grade_s: float = 0.0
 
 
 @dataclass
@@ -243,7 +244,9 @@ async def run_suite(
                 **sampling,
             )
         trace = store.get(res.trace_id)
+        t_grade = time.perf_counter()
         grade: Grade = await environment.agrade(task, trace, judge_model=judge_model)
+        grade_s = time.perf_counter() - t_grade
         store.add_grade(grade)
         tokens = sum(
             (s.llm.input_tokens or 0) + (s.llm.output_tokens or 0) for s in trace.spans if s.llm
@@ -261,6 +264,7 @@ async def run_suite(
             wall_s=res.latency_s,
             answer=res.answer,
             grade_error=grade.metadata.get("error"),
+            grade_s=grade_s,
         )
 
     adapter_name = (

@@ -6,6 +6,7 @@ and judge in it; adapters are loaded into that one engine by name.
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 from agent.config import Config
 
 _engines: dict[str, Any] = {}
+_VERSION = re.compile(r"v\d+")
 _engines_lock = threading.Lock()
 
 
@@ -74,6 +76,8 @@ def resolve_adapter(cfg: Config, engine: Any, request: str | None) -> str | None
     """
     if request in (None, "", "base"):
         return None
+    if cfg.model.backend == "local" and engine is not None and request in engine.adapters():
+        return request  # loaded by name already (a registry version, or a GRPO policy)
     path: Path | None = None
     name = request
     candidate = Path(request).expanduser()
@@ -81,6 +85,12 @@ def resolve_adapter(cfg: Config, engine: Any, request: str | None) -> str | None
         path, name = candidate.resolve(), candidate.name
     else:
         registry = open_registry(cfg)
+        if (
+            cfg.model.backend == "openai"
+            and request not in ("active",)
+            and not _VERSION.fullmatch(request)
+        ):
+            return request  # a name the server serves on its own (a GRPO policy, say)
         record = registry.resolve(request)
         if record is None:
             return None

@@ -14,6 +14,7 @@ BENCHES = [
     "bench_eval",
     "bench_tuner",
     "bench_vllm",
+    "bench_grpo",
 ]
 
 failed = [

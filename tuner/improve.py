@@ -244,6 +244,8 @@ class ImproveJob:
         from agent.environments import load_environment
         from agent.episodes import run_suite
 
+        if self.s.method == "grpo":
+            return  # GRPO collects its own rollouts, from the policy it trains
         agent = await self._agent_started()
         active = self._active()
         for env in self.s.envs:
@@ -317,6 +319,8 @@ class ImproveJob:
         from agent.runtime import open_store
         from traces.datasets import DatasetError, DatasetFilters, build_dataset
 
+        if self.s.method == "grpo":
+            return  # no dataset: GRPO learns from its rollouts' grades
         store = open_store(self.cfg)
         new_passing = sum(c.get("tasks_solved", c["successes"]) for c in cyc.collect.values())
         need = self.s.min_new_traces or self.cfg.tuner.min_new_traces
@@ -347,7 +351,33 @@ class ImproveJob:
             return
         cyc.dataset = {"dir": str(out), "rows": res.rows, "manifest": str(out / "manifest.json")}
 
-    def _tune(self, cyc: CycleState) -> None:
+    async def _tune_grpo(self, cyc: CycleState) -> None:
+        """Online RL from the active adapter; a killed run resumes at its last step."""
+        from tuner.grpo import GrpoError, GrpoRun
+        from tuner.schemas import GrpoConfig
+
+        if len(self.s.envs) != 1:
+            raise ImproveError("--method grpo trains on one environment: give exactly one")
+        gc = GrpoConfig(
+            steps=self.s.max_train_steps if self.s.max_train_steps > 0 else 8,
+            max_tokens=self.s.max_tokens,
+            concurrency=self.s.concurrency,
+            seed=self.s.seed,
+        )
+        agent = await self._agent_started()
+        try:
+            run = GrpoRun(self.cfg, self.s.envs[0], gc, resume=True, console=self.console)
+        except GrpoError:  # nothing to resume: a new run from the active adapter
+            run = GrpoRun(
+                self.cfg, self.s.envs[0], gc, start_from=self._active(), console=self.console
+            )
+        rec = await run.run(agent=agent)
+        cyc.candidate = rec.version
+        cyc.train_metrics = {"grpo_run": run.state.id, "steps": run.state.step}
+
+    def _tune(self, cyc: CycleState):
+        if self.s.method == "grpo":
+            return self._tune_grpo(cyc)
         from agent.models import model_dir
         from agent.runtime import open_registry
         from tuner.schemas import TrainConfig

@@ -84,6 +84,25 @@ class TrainConfig(_Schema):
         return cls.model_validate(data)
 
 
+class GrpoConfig(_Schema):
+    """One online GRPO run: rollouts by the agent, group-relative advantages, LoRA updates."""
+
+    steps: int = Field(default=8, ge=1)
+    group_size: int = Field(default=4, ge=2)  # episodes per task per step
+    tasks_per_step: int = Field(default=4, ge=1)
+    temperature: float = Field(default=1.0, gt=0.0)
+    max_tokens: int = Field(default=64, ge=1)  # per model turn
+    learning_rate: float = Field(default=5e-5, gt=0)
+    # KL penalty to the adapter the run started from (k3 estimator, per token); 0 skips the
+    # reference forward pass, which costs a third of an update on CPU
+    beta: float = Field(default=0.0, ge=0.0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    micro_batch: int = Field(default=8, ge=1)  # sequences per forward/backward
+    concurrency: int = Field(default=16, ge=1)  # episodes at once in a rollout
+    judge: bool = False  # also rank each group with the LLM judge (RULER-style), mixed 50/50
+    seed: int = 0
+
+
 class TrainResult(_Schema):
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 

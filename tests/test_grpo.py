@@ -1,0 +1,182 @@
+"""GRPO with the agent as the rollout: advantages, the loss mask on real rollout token ids, a
+real step on SmolLM2, equal groups and a throwing grader, and kill -9 / resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_agent_real import WORKED_EXAMPLE
+
+from agent.agent import Agent
+from tuner.grpo import GrpoRun, TurnSample, collate, group_advantages, turn_samples
+from tuner.schemas import GrpoConfig
+
+# A reward that varies between samples of one task (so groups carry signal), a task whose
+# grader throws, and a task every sample of which gets the same reward.
+ENV_PY = """
+NAME = "grpo-toy"
+SYSTEM_PROMPT = "Answer briefly."
+TOOL_NAMES = ["calculator"]
+
+
+def grade(task, answer, trace):
+    kind = task.metadata.get("kind")
+    if kind == "boom":
+        raise RuntimeError("this grader is broken on purpose")
+    if kind == "flat":
+        return 0.5, "every answer is worth the same"
+    words = set(answer.lower().split())
+    return min(1.0, len(words) / 40), f"{len(words)} distinct words"
+
+
+GRADER = grade
+"""
+
+
+def _toy_env(root: Path, kinds: list[str]) -> Path:
+    env = root / "grpo_toy"
+    env.mkdir()
+    (env / "environment.py").write_text(ENV_PY)
+    prompts = {
+        "words": "Describe the sea in a few words.",
+        "boom": "Name a fruit.",
+        "flat": "Say yes.",
+        "words2": "Describe a forest.",
+    }
+    rows = [
+        {"id": k, "prompt": prompts[k], "metadata": {"kind": k.rstrip("2")}, "split": "train"}
+        for k in kinds
+    ]
+    (env / "tasks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return env
+
+
+def test_group_advantages_normalise_skip_equal_groups_and_cap_flagged():
+    adv, why = group_advantages([1.0, 0.0, 0.0, 1.0], [False] * 4)
+    assert why is None and adv == pytest.approx([1.0, -1.0, -1.0, 1.0])
+    adv, why = group_advantages([0.5] * 4, [False] * 4)
+    assert adv == [0.0] * 4 and "all 4 rewards equal" in why
+    # a flagged winner gets no positive advantage; a flagged loser keeps its negative one
+    adv, _ = group_advantages([1.0, 0.0, 1.0, 0.0], [True, True, False, False])
+    assert adv[0] == 0.0 and adv[1] < 0 and adv[2] > 0
+    assert group_advantages([1.0], [False])[1] == "fewer than 2 graded episodes"
+
+
+def test_collate_left_pads_and_masks_only_completions():
+    a = TurnSample([5, 6, 7, 4], [8, 9], 1.0)
+    b = TurnSample([5], [8, 9, 10, 11], -1.0)
+    batch = collate([a, b], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 4, 8, 9], [0, 5, 8, 9, 10, 11]]
+    assert batch["loss_mask"].tolist() == [[0, 0, 0, 0, 1, 1], [0, 0, 1, 1, 1, 1]]
+    assert batch["position_ids"].tolist()[1] == [0, 0, 1, 2, 3, 4]  # padding does not shift
+    assert batch["keep"] == 5  # the longest completion + 1: the LM head runs on those only
+
+
+@pytest.mark.slow
+async def test_loss_mask_leaves_out_prompts_and_tool_results_of_a_real_rollout(cfg):
+    cfg.model.max_new_tokens = 48
+    async with Agent(cfg) as agent:
+        res = await agent.run("What is 48 * 97?", tools=["calculator"], demos=WORKED_EXAMPLE)
+        trace = agent.tracer.store.get(res.trace_id)
+        tok = agent.engine.tokenizer
+    samples = turn_samples(trace, advantage=1.0)
+    assert len(samples) == 2  # the tool call, then the answer after the tool result
+    batch = collate(samples, tok.pad_token_id)
+    rows = zip(
+        batch["input_ids"], batch["loss_mask"], batch["attention_mask"], samples, strict=True
+    )
+    for row, mask, attn, s in rows:
+        trained = tok.decode([int(t) for t, m in zip(row, mask, strict=True) if m])
+        masked = tok.decode(
+            [int(t) for t, m, a in zip(row, mask, attn, strict=True) if a and not m]
+        )
+        # what is trained is exactly what the model generated in that turn (ids from the trace)
+        assert trained == tok.decode(s.completion_ids)
+        assert "What is 48 * 97?" in masked and "What is 48 * 97?" not in trained
+    second = samples[1]
+    second_masked = tok.decode(second.prompt_ids)  # all of it is masked (collate's mask above)
+    # the calculator's result reached the model as a tool turn, and that turn is not trained on
+    assert "4656" in second_masked and "tool" in second_masked
+    assert "<tool_call>" in tok.decode(samples[0].completion_ids)
+
+
+def _lora_weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+@pytest.mark.slow
+async def test_one_grpo_step_on_the_real_model_changes_the_adapter(cfg, tmp_path):
+    env = _toy_env(tmp_path, ["words", "words2"])
+    gc = GrpoConfig(steps=1, group_size=4, tasks_per_step=2, max_tokens=24, temperature=1.0,
+                    learning_rate=1e-3)  # fmt: skip
+    run = GrpoRun(cfg, str(env), gc)
+    rec = await run.run()
+    log = run.state.log[0]
+    assert log["groups"] == 2 and log["skipped_groups"] == 0
+    assert log["sequences"] > 0 and log["trained_tokens"] > 0 and log["update_s"] > 0
+    # the candidate is in the registry with its lineage, and its weights moved off LoRA's init
+    weights = _lora_weights(Path(rec.path))
+    b = [v for k, v in weights.items() if "lora_B" in k]
+    assert b and any(float(t.abs().max()) > 0 for t in b)  # B starts at zero
+    assert rec.status == "candidate" and rec.train_config["method"] == "grpo"
+    # every rollout is a stored trace tagged with its run and step
+    from agent.runtime import open_store
+    from traces.schemas import TraceQuery
+
+    found = open_store(cfg).query(TraceQuery(tag="grpo-step:1", limit=None))
+    assert len(found) == 8 and all(f"grpo:{run.state.id}" in t.tags for t in found)
+    assert (run.dir / "reward.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+async def test_equal_groups_and_a_throwing_grader_are_skipped_and_logged(cfg, tmp_path):
+    env = _toy_env(tmp_path, ["boom", "flat"])
+    gc = GrpoConfig(steps=1, group_size=4, tasks_per_step=2, max_tokens=12)
+    run = GrpoRun(cfg, str(env), gc)
+    await run.run()
+    log = run.state.log[0]
+    assert log["groups"] == 2 and log["skipped_groups"] == 2
+    assert log["grader_errors"] == 4 and log["sequences"] == 0
+    reasons = " ".join(log["skipped"])
+    assert "boom: fewer than 2 graded episodes" in reasons
+    assert "flat: all 4 rewards equal (0.5)" in reasons
+
+
+@pytest.mark.slow
+def test_killed_grpo_run_resumes_at_the_next_step(cli_env, cfg, tmp_path):
+    env = _toy_env(tmp_path, ["words", "words2"])
+    args = [sys.executable, "-m", "agent.cli", "tune", "grpo", str(env), "--steps", "3",
+            "--group-size", "2", "--tasks-per-step", "2", "--max-tokens", "12", "--lr", "1e-3"]  # fmt: skip
+    proc = subprocess.Popen(args, env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)  # fmt: skip
+    runs = cfg.workspace.jobs
+    deadline = time.time() + 600
+    state = None
+    while time.time() < deadline and proc.poll() is None:
+        states = list(runs.glob("grpo-*/state.json"))
+        if states and json.loads(states[0].read_text())["step"] >= 1:
+            state = states[0]
+            break
+        time.sleep(0.5)
+    assert state is not None, proc.stderr.read().decode()[-2000:] if proc.poll() else "no step"
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-way through step 2
+    proc.wait()
+    killed_at = json.loads(state.read_text())["step"]
+    assert killed_at in (1, 2)
+    out = subprocess.run([*args, "--resume"], env=cli_env, capture_output=True, text=True,
+                         timeout=900)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resuming GRPO run" in out.stderr and f"after step {killed_at}" in out.stderr
+    final = json.loads(state.read_text())
+    assert final["finished"] and final["step"] == 3
+    assert [r["step"] for r in final["log"]] == [1, 2, 3]  # no step lost or run twice
+    assert "registered v1 (candidate)" in out.stdout
