@@ -293,7 +293,8 @@ class GrpoRun:
 
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(str(tmp))
+        # embeddings are never trained; "auto" would look the base config up on the hub
+        self.model.save_pretrained(str(tmp), save_embedding_layers=False)
         _finish_adapter_config(tmp, self.cfg.model.name)
         return tmp
 
