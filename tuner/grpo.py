@@ -430,7 +430,7 @@ class GrpoRun:
                 total_tokens=total,
             )
             loss.backward()
-            loss_sum += float(loss)
+            loss_sum += float(loss.detach())
             kl_sum += kl
         params = [p for p in self.model.parameters() if p.requires_grad]
         torch.nn.utils.clip_grad_norm_(params, self.gc.max_grad_norm)
