@@ -76,21 +76,19 @@ def resolve_adapter(cfg: Config, engine: Any, request: str | None) -> str | None
     """
     if request in (None, "", "base"):
         return None
-    if cfg.model.backend == "local" and engine is not None and request in engine.adapters():
-        return request  # loaded by name already (a registry version, or a GRPO policy)
     path: Path | None = None
     name = request
     candidate = Path(request).expanduser()
     if candidate.is_dir() and (candidate / "adapter_config.json").is_file():
         path, name = candidate.resolve(), candidate.name
     else:
+        if request != "active" and not _VERSION.fullmatch(request):
+            # not a registry name: one the backend serves on its own (a GRPO policy, say)
+            if cfg.model.backend == "openai":
+                return request
+            if engine is not None and request in engine.adapters():
+                return request
         registry = open_registry(cfg)
-        if (
-            cfg.model.backend == "openai"
-            and request not in ("active",)
-            and not _VERSION.fullmatch(request)
-        ):
-            return request  # a name the server serves on its own (a GRPO policy, say)
         record = registry.resolve(request)
         if record is None:
             return None
