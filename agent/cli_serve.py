@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import typer
@@ -50,6 +51,10 @@ def _serve_vllm(host: str, port: int, print_command: bool, config: Path | None) 
     if print_command:
         typer.echo(shell_command(server.argv, server.env))
         return
+    # Ctrl-C and SIGTERM (systemd, kill) both stop vLLM cleanly, even where a shell started us
+    # with SIGINT ignored (a background job)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     typer.echo(f"starting vLLM (log: {server.log_path})", err=True)
     server.start()
     try:

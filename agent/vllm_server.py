@@ -278,10 +278,11 @@ class VllmServer:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """SIGINT (vLLM shuts its engine down cleanly), then SIGKILL if it lingers."""
+        """SIGTERM (vLLM shuts its engine down cleanly), then SIGKILL if it lingers. Not
+        SIGINT: a shell starts background jobs with SIGINT ignored, and vLLM inherits that."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        for sig, wait in ((signal.SIGINT, timeout_s), (signal.SIGKILL, 10.0)):
+        for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10.0)):
             try:
                 os.killpg(self.proc.pid, sig)
             except ProcessLookupError:

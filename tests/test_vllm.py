@@ -221,7 +221,7 @@ async def test_killed_server_fails_the_episode_clearly_and_serve_starts_again(se
         assert httpx.get(server.url.removesuffix("/v1") + "/health", timeout=5).status_code == 200
     finally:
         proc.send_signal(signal.SIGINT)  # Ctrl-C: stops vLLM cleanly
-        proc.wait(60)
+        proc.wait(120)
     assert proc.returncode == 0
     with pytest.raises(httpx.HTTPError):  # and nothing is left listening
         httpx.get(server.url.removesuffix("/v1") + "/health", timeout=2)
