@@ -367,6 +367,11 @@ def build_trainer(
         if not (parent / "adapter_config.json").is_file():
             raise TrainError(f"parent adapter {parent} has no adapter_config.json")
         model = PeftModel.from_pretrained(model, str(parent), is_trainable=True)
+        # the parent names its base by name; saving would look that name up on the hub to see
+        # whether the vocabulary changed. Point it at the local folder (the saved adapter's
+        # config gets the name back in _finish_adapter_config).
+        for peft_cfg in model.peft_config.values():
+            peft_cfg.base_model_name_or_path = str(base_dir)
     else:
         model = get_peft_model(model, lora_config(cfg))
     args = trainer_args(kind, cfg, Path(work_dir), device=device, big=big)
