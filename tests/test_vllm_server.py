@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -51,6 +53,42 @@ def test_command_has_the_flags_selftune_needs(cfg, tmp_path):
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     assert env["VLLM_NO_USAGE_STATS"] == "1" and env["DO_NOT_TRACK"] == "1"  # no telemetry
     assert env["HF_HUB_OFFLINE"] == "1"
+
+
+def test_rollout_command_serves_the_base_weights_reloadable_on_loopback_only(cfg, tmp_path):
+    kw = {"python": "/p", "model_dir": tmp_path / "m", "template": tmp_path / "t.jinja"}
+    argv, env = serve_command(cfg, **kw, lora=False, served_names=["grpo-run1"], weight_reload=True)
+    line = " ".join(argv)
+    assert "--served-model-name grpo-run1 --host" in line  # only the policy's name
+    assert "--enable-lora" not in line and "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in env
+    assert env["VLLM_SERVER_DEV_MODE"] == "1"  # /collective_rpc and /reset_prefix_cache
+    assert "VLLM_SERVER_DEV_MODE" not in serve_command(cfg, **kw)[1]  # never by default
+    with pytest.raises(VllmError, match="must not listen on 0.0.0.0"):
+        serve_command(cfg, **kw, host="0.0.0.0", lora=False, weight_reload=True)
+
+
+def test_an_owned_server_dies_with_the_process_that_started_it(tmp_path):
+    # a parent that starts an owned "server" (a sleeper), prints its pid and waits; kill -9 it
+    script = (
+        "import sys, time; from agent.vllm_server import VllmServer; "
+        f"s = VllmServer([sys.executable, '-c', 'import time; time.sleep(600)'], {{}}, "
+        f"__import__('pathlib').Path({str(tmp_path / 's.log')!r}), 'http://x/v1', owned=True); "
+        "s.start(); print(s.proc.pid, flush=True); time.sleep(600)"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    for _ in range(100):  # until the launcher has set the death signal and exec'd the server
+        if b"prctl" not in Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[2]:
+            break
+        time.sleep(0.05)
+    assert _state(child) not in (None, "Z", "X")
+    parent.kill()
+    parent.wait(10)
+    for _ in range(50):
+        if _state(child) in (None, "Z", "X"):
+            break
+        time.sleep(0.1)
+    assert _state(child) in (None, "Z", "X"), "the owned server outlived its parent"
 
 
 def test_half_made_venv_is_not_trusted(tmp_path):
