@@ -20,11 +20,17 @@ vLLM must be started with LoRA and runtime updating enabled and a rank limit tha
 Routes used: `POST /v1/load_lora_adapter {"lora_name", "lora_path", "load_inplace"}` and
 `POST /v1/unload_lora_adapter {"lora_name"}`. `lora_path` is read by the vLLM server, so the
 registry folder must be visible to it at the same path.
+
+A GRPO run on a vLLM server of its own (`rollout_engine = "vllm"`) replaces the served base
+weights instead (`VllmReloader.reload_weights`): `POST /collective_rpc {"method":
+"reload_weights"}` and `POST /reset_prefix_cache`, routes vLLM only has with
+VLLM_SERVER_DEV_MODE=1, which is why only a loopback server of the run's own turns them on.
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
@@ -36,6 +42,11 @@ _VERSION = re.compile(r"v\d+")
 VLLM_HINT = (
     "start vLLM with --enable-lora, --max-lora-rank at least the adapter's rank, and the "
     "environment variable VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"
+)
+
+WEIGHTS_HINT = (
+    "reloading weights needs a vLLM server started with VLLM_SERVER_DEV_MODE=1 on loopback, "
+    "like the one a GRPO run with rollout_engine = 'vllm' starts for itself"
 )
 
 
@@ -149,18 +160,27 @@ class VllmReloader:
                 raise
         self.loaded.discard(name)
 
-    async def _post(self, route: str, body: dict[str, Any]) -> str:
+    async def reload_weights(self, folder: Path | str) -> None:
+        """Replace the served base weights, in place, with the safetensors in `folder` (the same
+        architecture under the checkpoint's names), then drop the prefix cache computed with
+        the old ones. Only a server started with weight reloading answers
+        (`agent.vllm_server.rollout_server`, the one a GRPO run with rollout_engine = "vllm"
+        starts for itself): every client of the server gets the new weights."""
+        body = {"method": "reload_weights", "kwargs": {"weights_path": str(folder)}}
+        await self._post("/collective_rpc", body, hint=WEIGHTS_HINT)
+        await self._post("/reset_prefix_cache", {}, hint=WEIGHTS_HINT)
+
+    async def _post(self, route: str, body: dict[str, Any], *, hint: str = VLLM_HINT) -> str:
         url = self.base_url + route
         try:
             async with httpx.AsyncClient(timeout=self.timeout_s, headers=self.headers) as client:
                 resp = await client.post(url, json=body)
         except httpx.HTTPError as e:
             raise ReloadError(
-                f"could not reach vLLM at {url} ({type(e).__name__}: {e}): is it running? "
-                + VLLM_HINT
+                f"could not reach vLLM at {url} ({type(e).__name__}: {e}): is it running? " + hint
             ) from None
         if resp.status_code >= 400:
-            hint = VLLM_HINT if resp.status_code in (404, 405) else "see the server's log"
+            hint = hint if resp.status_code in (404, 405) else "see the server's log"
             raise ReloadError(
                 f"vLLM at {url} answered HTTP {resp.status_code} for {body}: "
                 f"{resp.text.strip()[:500]} ({hint})"
