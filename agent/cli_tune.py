@@ -139,11 +139,19 @@ def tune_grpo(
         bool, typer.Option(help="mix in the group judge's ranking (RULER-style)")
     ] = False,
     seed: Annotated[int, typer.Option(help="task order and sampling seed")] = 0,
+    rollout_engine: Annotated[
+        str | None,
+        typer.Option(
+            help="agent: the agent's backend; vllm: a vLLM server of the run's own serving the "
+            "merged policy (default: [tuner] grpo_rollout_engine)"
+        ),
+    ] = None,
     config: ConfigOpt = None,
     resume: ResumeOpt = False,
 ) -> None:
     """Online RL: sample G episodes per task with the agent, grade, update (GRPO)."""
     from agent.models import ModelError
+    from agent.vllm_server import VllmError
     from tuner.grpo import GrpoError, grpo
     from tuner.registry import RegistryError
     from tuner.schemas import GrpoConfig
@@ -160,9 +168,10 @@ def tune_grpo(
             beta=beta,
             judge=judge,
             seed=seed,
+            rollout_engine=rollout_engine or cfg.tuner.grpo_rollout_engine,
         )
         rec = asyncio.run(grpo(cfg, env, gc, start_from=from_version, resume=resume, console=err))
-    except (GrpoError, RegistryError, ModelError, ValueError) as e:
+    except (GrpoError, RegistryError, ModelError, VllmError, ValueError) as e:
         _fail(str(e))
     console.print(
         f"registered [bold]{rec.version}[/bold] (candidate) at {rec.path} after "

@@ -103,6 +103,9 @@ class TunerConfig(_Section):
     gate_margin: float = Field(default=0.05, ge=0.0, le=1.0)
     guard_margin: float = Field(default=0.05, ge=0.0, le=1.0)
     min_new_traces: int = Field(default=16, ge=1)
+    # where GRPO's rollouts run (`tune grpo --rollout-engine`, `improve --method grpo`): "agent"
+    # = the agent's backend; "vllm" = a vLLM server of the run's own, merged policy weights
+    grpo_rollout_engine: Literal["agent", "vllm"] = "agent"
 
 
 class Config(_Section):

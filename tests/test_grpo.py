@@ -107,6 +107,44 @@ async def test_loss_mask_leaves_out_prompts_and_tool_results_of_a_real_rollout(c
     assert "<tool_call>" in tok.decode(samples[0].completion_ids)
 
 
+def test_merged_weights_are_peft_merge_under_the_checkpoint_names():
+    import copy
+
+    import torch
+    from _runtime_fixtures import require_model
+    from peft import get_peft_model
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from tuner.grpo import merged_state_dict
+    from tuner.schemas import TrainConfig
+    from tuner.train import lora_config
+
+    mdir = require_model()
+    base = AutoModelForCausalLM.from_pretrained(str(mdir), dtype=torch.float32)
+    model = get_peft_model(base, lora_config(TrainConfig(lora_r=8)))
+    torch.manual_seed(0)
+    with torch.no_grad():  # a trained-looking adapter: B moved off its zero init
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    lora_before = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
+    merged = merged_state_dict(model)
+    expected = copy.deepcopy(model).merge_and_unload().state_dict()
+    with safe_open(str(mdir / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    # exactly the base checkpoint's tensors (the tied lm_head is stored once), LoRA folded in
+    assert set(merged) == names
+    for k in names:
+        torch.testing.assert_close(merged[k], expected[k])
+    q = "model.layers.0.self_attn.q_proj.weight"
+    with safe_open(str(mdir / "model.safetensors"), "pt") as f:
+        assert not torch.allclose(merged[q], f.get_tensor(q).float())
+    # the trainable adapter was not merged in place
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in lora_before.items())
+
+
 def _lora_weights(folder: Path) -> dict:
     from safetensors.torch import load_file
 

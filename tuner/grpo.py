@@ -85,6 +85,7 @@ class StepLog:
     grade_s: float
     update_s: float
     skipped: list[str] = field(default_factory=list)
+    sync_s: float = 0.0  # getting this step's policy to the rollout engine, before its rollouts
 
 
 @dataclass
@@ -203,6 +204,28 @@ def policy_loss(logp, advantages, mask, *, ref_logp=None, beta: float = 0.0, tot
     return (per_token * m).sum() / total_tokens, float((kl * m).sum())
 
 
+def merged_state_dict(model) -> dict[str, Any]:
+    """The policy's weights with its LoRA folded in, under the base checkpoint's names, on CPU:
+    what a vLLM server reloads in place (the way TRL syncs a PEFT policy into vLLM). The
+    trainable adapter is left as it is."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    out: dict[str, Any] = {}
+    with torch.no_grad():
+        for name, t in base.state_dict().items():
+            if ".lora_" not in name:
+                out[name.replace(".base_layer.", ".")] = t
+        for name, module in base.named_modules():
+            if isinstance(module, LoraLayer) and module.active_adapters:
+                delta = module.get_delta_weight(module.active_adapters[0])
+                out[f"{name}.weight"] = module.base_layer.weight + delta
+    if getattr(base.config, "tie_word_embeddings", False):
+        out.pop("lm_head.weight", None)  # the checkpoint holds the shared tensor once
+    return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+
+
 # -- the run ----------------------------------------------------------------------------------
 
 
@@ -224,6 +247,9 @@ class GrpoRun:
         runs = cfg.workspace.jobs
         runs.mkdir(parents=True, exist_ok=True)
         self.dir, self.state = self._open(runs, start_from, resume)
+        self.server = None  # the run's own vLLM server (rollout_engine = "vllm")
+        self.server_start_s: float | None = None
+        self.rollout_cfg = cfg  # the config the rollouts run with
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -262,9 +288,10 @@ class GrpoRun:
         from agent.models import model_dir
         from agent.runtime import open_registry
         from tuner.schemas import TrainConfig
-        from tuner.train import load_tokenizer, lora_config
+        from tuner.train import load_tokenizer, lora_config, pick_device
 
         torch.manual_seed(self.gc.seed)
+        self.device = pick_device(TrainConfig.from_section(self.cfg.tuner))
         mdir = model_dir(self.cfg)
         self.tokenizer = load_tokenizer(mdir)
         base = AutoModelForCausalLM.from_pretrained(str(mdir), dtype=torch.float32)
@@ -276,17 +303,18 @@ class GrpoRun:
             self.model = PeftModel.from_pretrained(base, str(source), is_trainable=True)
         else:
             self.model = get_peft_model(base, lora_config(TrainConfig.from_section(self.cfg.tuner)))
+        self.model.to(self.device)
         self.ref = None
         if self.gc.beta > 0:  # a frozen copy of where the run started
             ref = AutoModelForCausalLM.from_pretrained(str(mdir), dtype=torch.float32)
             if start is not None:
                 ref = PeftModel.from_pretrained(ref, str(start)).merge_and_unload()
-            self.ref = ref.eval().requires_grad_(False)
+            self.ref = ref.to(self.device).eval().requires_grad_(False)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=self.gc.learning_rate, weight_decay=0.0)
         if self.state.checkpoint:
             opt = Path(self.state.checkpoint) / "optimizer.pt"
-            self.optimizer.load_state_dict(torch.load(opt, weights_only=True))
+            self.optimizer.load_state_dict(torch.load(opt, map_location="cpu", weights_only=True))
 
     def _save_adapter(self, folder: Path) -> Path:
         from tuner.train import _finish_adapter_config
@@ -313,10 +341,32 @@ class GrpoRun:
         if old and Path(old) != folder:
             shutil.rmtree(old, ignore_errors=True)
 
+    def _write_merged(self) -> Path:
+        """The policy's merged weights as a checkpoint folder (complete or absent)."""
+        from safetensors.torch import save_file
+
+        from agent.models import model_dir
+
+        folder = self.dir / "policy-weights"
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file(merged_state_dict(self.model), tmp / "model.safetensors")
+        shutil.copy(model_dir(self.cfg) / "config.json", tmp / "config.json")
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+        return folder
+
     async def _sync_policy(self, agent, step: int, folder: Path) -> str:
-        """Serve the adapter in `folder` (the step's checkpoint) to the rollouts under a name of
-        their own per step (no KV cache computed with older weights can be reused), then drop
-        the previous one."""
+        """Serve the policy to the rollouts. The run's own vLLM server reloads the merged
+        weights in place and drops its prefix cache; otherwise the adapter in `folder` (the
+        step's checkpoint) is loaded under a name of its own per step (no KV cache computed
+        with older weights can be reused) and the previous one dropped."""
+        if self.server is not None:
+            from tuner.reload import VllmReloader
+
+            await VllmReloader(self.server.url, timeout_s=600).reload_weights(self._write_merged())
+            return self._served
         name = f"grpo-{self.state.id}-s{step}"
         if self.cfg.model.backend == "openai":
             from tuner.reload import VllmReloader
@@ -346,7 +396,7 @@ class GrpoRun:
 
         tasks = self._tasks(environment, step)
         return await run_suite(
-            self.cfg,
+            self.rollout_cfg,
             environment,
             split="train",
             task_ids={t.id for t in tasks},
@@ -407,7 +457,10 @@ class GrpoRun:
         # similar lengths together: less padding per micro-batch
         order = sorted(samples, key=lambda s: len(s.prompt_ids) + len(s.completion_ids))
         for i in range(0, len(order), mb):
-            batch = collate(order[i : i + mb], pad)
+            batch = {
+                k: v.to(self.device) if hasattr(v, "to") else v
+                for k, v in collate(order[i : i + mb], pad).items()
+            }
             logp = token_logprobs(self.model, batch)
             mask = batch["loss_mask"][:, -batch["keep"] + 1 :]
             ref_logp = None
@@ -474,7 +527,10 @@ class GrpoRun:
     # -- the loop -------------------------------------------------------------------------------
 
     async def run(self, agent=None):
-        """Run the remaining steps, register the adapter as a candidate, return its record."""
+        """Run the remaining steps, register the adapter as a candidate, return its record.
+
+        `agent` rolls out on its own backend; with rollout_engine = "vllm" the run starts a
+        vLLM server for itself and an agent pointed at it instead."""
         from agent.agent import Agent
         from agent.environments import load_environment
         from agent.runtime import open_registry
@@ -485,33 +541,49 @@ class GrpoRun:
             )
         if self.cfg.model.backend == "openai" and not self.cfg.model.base_url:
             raise GrpoError('[model] backend = "openai" needs base_url (the vLLM server)')
+        if self.gc.rollout_engine == "vllm" and self.gc.judge:
+            raise GrpoError(
+                "the run's vLLM server serves the policy's weights, so it cannot also judge as "
+                "the base model: drop --judge, or use --rollout-engine agent"
+            )
         environment = load_environment(self.env_name, config=self.cfg.agent)
         self._load_policy()
+        self._served = None
+        if self.gc.rollout_engine == "vllm":
+            agent = None
+            self._start_server()
         own = agent is None
-        agent = agent or Agent(self.cfg, checkpoints=False)
-        await agent.start()
         try:
-            self._served = None
+            agent = agent or Agent(self.rollout_cfg, checkpoints=False)
+            await agent.start()
             if self.state.checkpoint:  # resuming: the last step's weights
                 start = Path(self.state.checkpoint)
             else:  # the adapter the run starts from (a fresh LoRA is the base model)
                 start = self.dir / "start"
                 shutil.rmtree(start, ignore_errors=True)
                 self._save_adapter(start).rename(start)
+            t0 = time.perf_counter()
             policy = await self._sync_policy(agent, self.state.step, start)
+            sync_s = time.perf_counter() - t0
             while self.state.step < self.gc.steps:
                 step = self.state.step + 1
                 self.console.rule(f"GRPO step {step}/{self.gc.steps}")
                 log = await self.step(agent, environment, step, policy)
+                log.sync_s = sync_s
                 self._report(log)
                 self.state.log.append(asdict(log))
                 self.state.step = step
                 self._checkpoint(step)
+                t0 = time.perf_counter()
                 policy = await self._sync_policy(agent, step, Path(self.state.checkpoint))
+                sync_s = time.perf_counter() - t0
                 self.plot(self.dir / "reward.png")
         finally:
-            if own:
+            if own and agent is not None:
                 await agent.aclose()
+            if self.server is not None:
+                self.server.stop()
+                shutil.rmtree(self.dir / "policy-weights", ignore_errors=True)
         registry = open_registry(self.cfg)
         final = self.dir / "adapter"  # a copy: the checkpoint stays until the state says done
         shutil.rmtree(final, ignore_errors=True)
@@ -529,14 +601,33 @@ class GrpoRun:
         self.console.print(f"reward curve: {self.dir / 'reward.png'}", soft_wrap=True)
         return rec
 
+    def _start_server(self) -> None:
+        """A vLLM server of the run's own, serving the policy as `grpo-<run>`; rollouts go to
+        it. It stops with the run, and with this process if that is killed."""
+        from agent.vllm_server import rollout_server
+
+        self._served = f"grpo-{self.state.id}"
+        self.server = rollout_server(self.cfg, self._served, log=self.console.print)
+        t0 = time.perf_counter()
+        self.console.print(f"starting the run's vLLM server (log: {self.server.log_path})")
+        self.server.start()
+        try:
+            self.server.wait_healthy()
+        except BaseException:
+            self.server.stop()
+            raise
+        self.server_start_s = time.perf_counter() - t0
+        model = self.cfg.model.model_copy(update={"backend": "openai", "base_url": self.server.url})
+        self.rollout_cfg = self.cfg.model_copy(update={"model": model})
+
     def _report(self, log: StepLog) -> None:
         t = Table("step", "reward mean ± sd", "success", "skipped groups", "flagged",
-                  "sequences", "loss", "rollout s", "grade s", "update s")  # fmt: skip
+                  "sequences", "loss", "sync s", "rollout s", "grade s", "update s")  # fmt: skip
         t.add_row(
             str(log.step), f"{log.reward_mean:.3f} ± {log.reward_std:.3f}",
             f"{log.success_rate:.0%}", f"{log.skipped_groups}/{log.groups}", str(log.flagged),
-            str(log.sequences), f"{log.loss:+.4f}", f"{log.rollout_s:.1f}", f"{log.grade_s:.2f}",
-            f"{log.update_s:.1f}",
+            str(log.sequences), f"{log.loss:+.4f}", f"{log.sync_s:.1f}", f"{log.rollout_s:.1f}",
+            f"{log.grade_s:.2f}", f"{log.update_s:.1f}",
         )  # fmt: skip
         self.console.print(t)
         for why in log.skipped:

@@ -363,8 +363,10 @@ class ImproveJob:
             max_tokens=self.s.max_tokens,
             concurrency=self.s.concurrency,
             seed=self.s.seed,
+            rollout_engine=self.cfg.tuner.grpo_rollout_engine,
         )
-        agent = await self._agent_started()
+        # a run on its own vLLM server makes its own agent, pointed at that server
+        agent = await self._agent_started() if gc.rollout_engine == "agent" else None
         try:
             run = GrpoRun(self.cfg, self.s.envs[0], gc, resume=True, console=self.console)
         except GrpoError:  # nothing to resume: a new run from the active adapter

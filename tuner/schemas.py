@@ -21,7 +21,7 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 # Keys of the `[tuner]` config section that belong to the gate or the improve job, not training.
-_NON_TRAINING_KEYS = {"gate_margin", "guard_margin", "min_new_traces"}
+_NON_TRAINING_KEYS = {"gate_margin", "guard_margin", "min_new_traces", "grpo_rollout_engine"}
 
 
 class _Schema(BaseModel):
@@ -100,6 +100,10 @@ class GrpoConfig(_Schema):
     micro_batch: int = Field(default=8, ge=1)  # sequences per forward/backward
     concurrency: int = Field(default=16, ge=1)  # episodes at once in a rollout
     judge: bool = False  # also rank each group with the LLM judge (RULER-style), mixed 50/50
+    # where the rollouts run: "agent" = the agent's own backend (in process, or the [model]
+    # server with the policy hot-loaded as a LoRA each step); "vllm" = a vLLM server the run
+    # starts for itself, serving the policy's merged weights, reloaded in place each step
+    rollout_engine: Literal["agent", "vllm"] = "agent"
     seed: int = 0
 
 
