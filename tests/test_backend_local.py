@@ -185,6 +185,8 @@ def test_adapters_load_switch_and_mix_in_one_batch(engine, adapters):
         one = engine.generate(Q, adapter="one", sampling=GREEDY8).completion_token_ids
         two = engine.generate(Q, adapter="two", sampling=GREEDY8).completion_token_ids
         assert len({tuple(base), tuple(one), tuple(two)}) == 3
+        # a batch of base rows alone runs with the adapters switched off
+        assert engine.generate(Q, sampling=GREEDY8).completion_token_ids == base
         before = len(engine.batcher.batch_sizes)
         futs = [engine.submit(Q, adapter=a, sampling=GREEDY8) for a in ("two", None, "one")]
         mixed = [f.result() for f in futs]
