@@ -1,12 +1,19 @@
-"""Seconds per GRPO step (rollout, grading, update) on the local backend and on vLLM, one run.
+"""Seconds per GRPO step (sync, rollout, grading, update) on three rollout engines, one run.
 
     .venv/bin/python -m benchmarks.bench_grpo [--steps 2] [--group-size 4] [--tasks 8]
 
 G=4 episodes for each of 8 tasks per step, 64 new tokens per turn, temperature 1, on an
 environment made here whose reward varies between samples (distinct words in the answer), so
-every group carries signal and every step trains. The same run is done with rollouts in
-process and with rollouts on a vLLM server (policy weights pushed to it after each update).
-Prints a table and writes benchmarks/results/bench_grpo.json.
+every group carries signal and every step trains. The same run is done with rollouts
+
+- `local`: in process (the local backend, the policy as a LoRA adapter);
+- `vllm-lora`: on a vLLM server like `selftune serve --engine vllm` starts, the policy
+  hot-loaded as a LoRA adapter after each update;
+- `vllm-own` (rollout_engine = "vllm"): on a vLLM server the run starts for itself, without
+  LoRA, the policy's merged weights reloaded in place after each update.
+
+"sync" is the time to get the step's policy to the engine. Prints a table and writes
+benchmarks/results/bench_grpo.json.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
+import os
 import statistics
 import tempfile
 from pathlib import Path
@@ -23,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
+ENGINES = ("local", "vllm-lora", "vllm-own")
 MODEL = ROOT / ".selftune/models/smollm2-135m-instruct"
 PROMPTS = [
     "Describe the sea.", "Describe a forest.", "Describe a city at night.", "Describe winter.",
@@ -52,63 +60,79 @@ def _env(root: Path, n: int) -> Path:
     return env
 
 
-def _home(venv_root: Path) -> Path:
+def _home(venv_root: Path | None) -> Path:
     home = Path(tempfile.mkdtemp(prefix="bench-grpo-"))
     (home / "models").mkdir()
     (home / "models" / MODEL.name).symlink_to(MODEL)
-    (home / "engines").mkdir()
-    (home / "engines" / venv_root.name).symlink_to(venv_root)
+    if venv_root is not None:
+        (home / "engines").mkdir()
+        (home / "engines" / venv_root.name).symlink_to(venv_root)
     return home
 
 
-def _steps(cfg, env: Path, gc) -> list[dict]:
+def _run(cfg, env: Path, gc) -> dict:
     from tuner.grpo import GrpoRun
 
     run = GrpoRun(cfg, str(env), gc, console=Console(stderr=True, quiet=True))
     asyncio.run(run.run())
-    return run.state.log
-
-
-def _summary(log: list[dict]) -> dict:
-    keys = ("rollout_s", "grade_s", "update_s", "sequences", "trained_tokens", "reward_mean")
+    log = run.state.log
+    keys = ("sync_s", "rollout_s", "grade_s", "update_s", "sequences", "trained_tokens",
+            "reward_mean")  # fmt: skip
     out = {k: statistics.fmean(r[k] for r in log) for k in keys}
-    out["step_s"] = out["rollout_s"] + out["grade_s"] + out["update_s"]
+    out["step_s"] = out["sync_s"] + out["rollout_s"] + out["grade_s"] + out["update_s"]
+    out["server_start_s"] = run.server_start_s
     return out
 
 
-def measure(steps: int, group: int, tasks: int) -> dict:
+def measure(steps: int, group: int, tasks: int, engines: tuple[str, ...] = ENGINES) -> dict:
     from agent.config import load_config
-    from agent.vllm_server import VllmEnv, prepare
+    from agent.vllm_server import VllmEnv, free_port, prepare
     from tuner.schemas import GrpoConfig
 
-    venv = VllmEnv.for_config(load_config(environ={"SELFTUNE_HOME": str(ROOT / ".selftune")}))
-    venv.ensure()
+    venv = None
+    if any(e != "local" for e in engines):
+        venv = VllmEnv.for_config(load_config(environ={"SELFTUNE_HOME": str(ROOT / ".selftune")}))
+        venv.ensure()
     gc = GrpoConfig(steps=steps, group_size=group, tasks_per_step=tasks, max_tokens=64)
-    home = _home(venv.root)
-    env = _env(home, tasks)
+    env = _env(Path(tempfile.mkdtemp(prefix="bench-grpo-env-")), tasks)
     out: dict = {"steps": steps, "group_size": group, "tasks_per_step": tasks}
-    out["local"] = _summary(_steps(load_config(environ={"SELFTUNE_HOME": str(home)}), env, gc))
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    home2 = _home(venv.root)  # a fresh registry and job folder for the vLLM run
-    server = prepare(load_config(environ={"SELFTUNE_HOME": str(home2)}), port=port, install=False)
-    server.start()
-    try:
-        server.wait_healthy()
-        vcfg = load_config(
-            environ={
-                "SELFTUNE_HOME": str(home2),
-                "SELFTUNE_MODEL__BACKEND": "openai",
-                "SELFTUNE_MODEL__BASE_URL": server.url,
-            }
-        )
-        out["vllm"] = _summary(_steps(vcfg, env, gc))
-    finally:
-        server.stop()
-    out["rollout_ratio_vllm_over_local"] = out["vllm"]["rollout_s"] / out["local"]["rollout_s"]
+    for name in engines:
+        home = _home(venv.root if venv else None)  # a fresh registry and job folder per run
+        cfg = load_config(environ={"SELFTUNE_HOME": str(home)})
+        if name == "local":
+            out[name] = _run(cfg, env, gc)
+        elif name == "vllm-own":
+            out[name] = _run(cfg, env, gc.model_copy(update={"rollout_engine": "vllm"}))
+        else:  # a server like `selftune serve --engine vllm`, the policy hot-loaded as LoRA
+            server = prepare(cfg, port=free_port(), install=False)
+            server.start()
+            try:
+                server.wait_healthy()
+                vcfg = load_config(
+                    environ={
+                        "SELFTUNE_HOME": str(home),
+                        "SELFTUNE_MODEL__BACKEND": "openai",
+                        "SELFTUNE_MODEL__BASE_URL": server.url,
+                    }
+                )
+                out[name] = _run(vcfg, env, gc)
+            finally:
+                server.stop()
+    if "local" in out:
+        for name in engines:
+            if name != "local":
+                ratio = out[name]["rollout_s"] / out["local"]["rollout_s"]
+                out[f"rollout_ratio_{name}_over_local"] = ratio
+    out["device"] = _device()
     return out
+
+
+def _device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({os.cpu_count()} cores)"
 
 
 def main() -> None:
@@ -116,21 +140,28 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--group-size", type=int, default=4)
     p.add_argument("--tasks", type=int, default=8)
+    p.add_argument("--engines", default=",".join(ENGINES), help="of " + ", ".join(ENGINES))
     a = p.parse_args()
-    res = measure(a.steps, a.group_size, a.tasks)
-    console = Console()
-    t = Table("rollouts on", "step s", "rollout s", "grade s", "update s", "sequences",
-              "trained tokens", "reward mean",
-              title=f"GRPO step, G={a.group_size} x {a.tasks} tasks, mean of {a.steps} steps")  # fmt: skip
-    for name in ("local", "vllm"):
+    engines = tuple(a.engines.split(","))
+    if not set(engines) <= set(ENGINES):
+        p.error(f"--engines takes {', '.join(ENGINES)}")
+    res = measure(a.steps, a.group_size, a.tasks, engines)
+    console = Console(width=max(Console().width, 130))  # the table is wide
+    t = Table("rollouts on", "step s", "sync s", "rollout s", "grade s", "update s",
+              "sequences", "trained tokens", "reward mean", "engine start s",
+              title=f"GRPO step, G={a.group_size} x {a.tasks} tasks, mean of {a.steps} steps, "
+                    f"{res['device']}")  # fmt: skip
+    for name in engines:
         r = res[name]
-        t.add_row(name, f"{r['step_s']:.1f}", f"{r['rollout_s']:.1f}", f"{r['grade_s']:.3f}",
-                  f"{r['update_s']:.1f}", f"{r['sequences']:.0f}", f"{r['trained_tokens']:.0f}",
-                  f"{r['reward_mean']:.3f}")  # fmt: skip
+        start = "-" if r["server_start_s"] is None else f"{r['server_start_s']:.0f}"
+        t.add_row(name, f"{r['step_s']:.1f}", f"{r['sync_s']:.1f}", f"{r['rollout_s']:.1f}",
+                  f"{r['grade_s']:.3f}", f"{r['update_s']:.1f}", f"{r['sequences']:.0f}",
+                  f"{r['trained_tokens']:.0f}", f"{r['reward_mean']:.3f}", start)  # fmt: skip
     console.print(t)
-    console.print(
-        f"rollout time on vLLM / local: {res['rollout_ratio_vllm_over_local']:.2f} (goal ≤ 0.5)"
-    )
+    for name in engines:
+        if f"rollout_ratio_{name}_over_local" in res:
+            ratio = res[f"rollout_ratio_{name}_over_local"]
+            console.print(f"rollout time on {name} / local: {ratio:.2f} (goal ≤ 0.5)")
     path = ROOT / "benchmarks" / "results" / "bench_grpo.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=2))
