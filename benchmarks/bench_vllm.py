@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -85,7 +84,7 @@ def _first_answer_s(cfg, reloader, rec, adapter: str, engine=None) -> float:
 def measure(limit: int, conc: int) -> dict:
     from agent.agent import Agent
     from agent.config import load_config
-    from agent.vllm_server import ACTIVE_NAME, VllmEnv, prepare
+    from agent.vllm_server import ACTIVE_NAME, VllmEnv, free_port, prepare
     from tuner.reload import LocalReloader, VllmReloader
 
     venv = VllmEnv.for_config(load_config(environ={"SELFTUNE_HOME": str(ROOT / ".selftune")}))
@@ -110,10 +109,7 @@ def measure(limit: int, conc: int) -> dict:
     )
     engine.close()
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = prepare(local_cfg, port=port, install=False)  # serves v1, the active adapter
+    server = prepare(local_cfg, port=free_port(), install=False)  # serves v1, the active adapter
     t0 = time.perf_counter()
     server.start()
     try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,19 +26,13 @@ from agent.agent import Agent
 from agent.backends import LocalEngine, make_chat_model
 from agent.backends.openai import forget_served
 from agent.config import DEFAULT_MODEL, load_config
-from agent.vllm_server import ACTIVE_NAME, VllmEnv, VllmUnavailable, prepare
+from agent.vllm_server import ACTIVE_NAME, VllmEnv, VllmUnavailable, free_port, prepare
 from tuner.reload import VllmReloader
 from tuner.schemas import GateResult
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = ["What is 48 * 97?", "How many days are in 3 weeks?", "Name a color."]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +69,7 @@ def _cfg(home: Path, url: str | None = None):
 
 @pytest.fixture(scope="module")
 def server(home):
-    srv = prepare(_cfg(home), port=_free_port(), install=False)
+    srv = prepare(_cfg(home), port=free_port(), install=False)
     srv.start()
     try:
         srv.wait_healthy(timeout_s=600)

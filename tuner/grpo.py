@@ -291,7 +291,8 @@ class GrpoRun:
         from tuner.train import load_tokenizer, lora_config, pick_device
 
         torch.manual_seed(self.gc.seed)
-        self.device = pick_device(TrainConfig.from_section(self.cfg.tuner))
+        tc = TrainConfig.from_section(self.cfg.tuner)
+        self.device = pick_device(tc)
         mdir = model_dir(self.cfg)
         self.tokenizer = load_tokenizer(mdir)
         base = AutoModelForCausalLM.from_pretrained(str(mdir), dtype=torch.float32)
@@ -302,7 +303,7 @@ class GrpoRun:
         if source is not None:
             self.model = PeftModel.from_pretrained(base, str(source), is_trainable=True)
         else:
-            self.model = get_peft_model(base, lora_config(TrainConfig.from_section(self.cfg.tuner)))
+            self.model = get_peft_model(base, lora_config(tc))
         self.model.to(self.device)
         self.ref = None
         if self.gc.beta > 0:  # a frozen copy of where the run started
@@ -362,15 +363,13 @@ class GrpoRun:
         weights in place and drops its prefix cache; otherwise the adapter in `folder` (the
         step's checkpoint) is loaded under a name of its own per step (no KV cache computed
         with older weights can be reused) and the previous one dropped."""
-        if self.server is not None:
-            from tuner.reload import VllmReloader
+        from tuner.reload import VllmReloader
 
+        if self.server is not None:
             await VllmReloader(self.server.url, timeout_s=600).reload_weights(self._write_merged())
             return self._served
         name = f"grpo-{self.state.id}-s{step}"
         if self.cfg.model.backend == "openai":
-            from tuner.reload import VllmReloader
-
             reloader = VllmReloader(self.cfg.model.base_url)
             await reloader.load(name, folder, inplace=True)
             if self._served:
