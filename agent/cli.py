@@ -352,8 +352,13 @@ def improve(
     seed: Seed = 0,
 ) -> None:
     """Collect, grade, build a dataset, tune, gate, promote and reload: the self-improvement loop."""
+    from agent.models import ModelError
+    from agent.vllm_server import VllmError
+    from tuner.grpo import GrpoError
     from tuner.improve import ImproveError, ImproveSettings, parse_every
     from tuner.improve import improve as run_improve
+    from tuner.registry import RegistryError
+    from tuner.train import TrainError
 
     if method not in ("sft", "dpo", "kto", "grpo"):
         fail(f"--method must be sft, dpo, kto or grpo, got {method!r}")
@@ -375,7 +380,8 @@ def improve(
             every_s=parse_every(every) if every else None,
         )
         asyncio.run(run_improve(cfg, settings, resume=resume, console=console))
-    except ImproveError as e:
+    # errors whose message says what to do (run `selftune setup`, say): one line, no traceback
+    except (ImproveError, ModelError, GrpoError, RegistryError, TrainError, VllmError) as e:
         fail(str(e))
 
 

@@ -133,6 +133,16 @@ def test_a_second_job_is_refused_while_one_holds_the_lock(cfg):
                 pass
 
 
+def test_a_missing_model_is_one_line_that_says_run_setup(tmp_path):
+    env = dict(os.environ, SELFTUNE_HOME=str(tmp_path / "empty"))
+    out = subprocess.run(
+        [SELFTUNE, "improve", "calculator"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 1
+    assert "does not exist: run `selftune setup`" in out.stdout + out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+
+
 def test_every_parses_durations():
     assert parse_every("30m") == 1800 and parse_every("6h") == 21600 and parse_every("1d") == 86400
     with pytest.raises(Exception, match="not a duration"):
