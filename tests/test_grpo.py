@@ -218,3 +218,23 @@ def test_killed_grpo_run_resumes_at_the_next_step(cli_env, cfg, tmp_path):
     assert final["finished"] and final["step"] == 3
     assert [r["step"] for r in final["log"]] == [1, 2, 3]  # no step lost or run twice
     assert "registered v1 (candidate)" in out.stdout
+
+
+def test_step_report_keeps_every_number_in_a_log_file():
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from tuner.grpo import GrpoRun, StepLog
+
+    buf = io.StringIO()  # not a terminal: a table would be squeezed into 80 columns
+    run = SimpleNamespace(console=Console(file=buf))
+    log = StepLog(3, 0.792, 0.406, 0.79, 6, 3, 1, 2, 22, 900, 0.0123, 0.0, 7.04, 0.008, 28.9)
+    log.skipped = ["calc-1: all 4 rewards equal (1)"]
+    GrpoRun._report(run, log)
+    out = buf.getvalue()
+    for part in ("step 3", "reward mean ± sd 0.792 ± 0.406", "skipped groups 3/6", "flagged 1",
+                 "sequences 22", "loss +0.0123", "rollout 7.0 s", "update 28.9 s",
+                 "skipped group calc-1", "2 episodes had grader errors"):  # fmt: skip
+        assert part in out, (part, out)

@@ -620,15 +620,25 @@ class GrpoRun:
         self.rollout_cfg = self.cfg.model_copy(update={"model": model})
 
     def _report(self, log: StepLog) -> None:
-        t = Table("step", "reward mean ± sd", "success", "skipped groups", "flagged",
-                  "sequences", "loss", "sync s", "rollout s", "grade s", "update s")  # fmt: skip
-        t.add_row(
-            str(log.step), f"{log.reward_mean:.3f} ± {log.reward_std:.3f}",
-            f"{log.success_rate:.0%}", f"{log.skipped_groups}/{log.groups}", str(log.flagged),
-            str(log.sequences), f"{log.loss:+.4f}", f"{log.sync_s:.1f}", f"{log.rollout_s:.1f}",
-            f"{log.grade_s:.2f}", f"{log.update_s:.1f}",
-        )  # fmt: skip
-        self.console.print(t)
+        row = {
+            "step": str(log.step),
+            "reward mean ± sd": f"{log.reward_mean:.3f} ± {log.reward_std:.3f}",
+            "success": f"{log.success_rate:.0%}",
+            "skipped groups": f"{log.skipped_groups}/{log.groups}",
+            "flagged": str(log.flagged),
+            "sequences": str(log.sequences),
+            "loss": f"{log.loss:+.4f}",
+            "sync": f"{log.sync_s:.1f} s",
+            "rollout": f"{log.rollout_s:.1f} s",
+            "grade": f"{log.grade_s:.2f} s",
+            "update": f"{log.update_s:.1f} s",
+        }
+        if self.console.is_terminal:
+            t = Table(*row)
+            t.add_row(*row.values())
+            self.console.print(t)
+        else:  # a log file: rich would squeeze the table into 80 columns and cut the numbers
+            self.console.print(", ".join(f"{k} {v}" for k, v in row.items()), soft_wrap=True)
         for why in log.skipped:
             self.console.print(f"  skipped group {why}", style="dim")
         if log.grader_errors:
