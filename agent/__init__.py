@@ -25,11 +25,11 @@ def __getattr__(name: str):
 
         return getattr(_agent, name)
     if name == "load_environment":
-        from agent.environments import load_environment
+        from agent.envs import load_environment
 
         return load_environment
     if name == "run_suite":
-        from agent.episodes import run_suite
+        from agent.envs.run import run_suite
 
         return run_suite
     raise AttributeError(f"module 'agent' has no attribute {name!r}")

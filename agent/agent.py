@@ -137,7 +137,7 @@ class Agent:
         async with self._start_lock:
             if self._started:
                 return
-            from agent.runtime import get_engine, open_tracer
+            from agent.workspace import get_engine, open_tracer
 
             self.cfg.workspace.ensure()
             self._stack = AsyncExitStack()
@@ -224,7 +224,7 @@ class Agent:
 
     def _search_tool(self) -> Tool:
         if "search" not in self._extra_tools:
-            from agent.runtime import open_collection
+            from agent.workspace import open_collection
             from retrieval import make_search_tool
 
             coll = open_collection(self.cfg)
@@ -417,7 +417,7 @@ class Agent:
         depth: int,
         sampling: dict[str, Any],
     ) -> _Scope:
-        from agent.backends import make_chat_model
+        from agent.model import make_chat_model
 
         tools = self._resolve_tools(tool_names, subagents, depth, extra_tools)
         model = make_chat_model(self.cfg, engine=self._engine, adapter=adapter, **sampling)
@@ -488,7 +488,7 @@ class Agent:
     def resolve_adapter(self, request: str | None) -> str | None:
         """'active' -> the registry's active version name (or None for the base model); a
         version or folder is loaded into the local engine on first use."""
-        from agent.runtime import resolve_adapter
+        from agent.model.adapters import resolve_adapter
 
         return resolve_adapter(self.cfg, self._engine, request)
 
@@ -599,7 +599,7 @@ def _raw_arguments(reply: AIMessage, raw_completion: str) -> list[str]:
     wire = reply.additional_kwargs.get("tool_calls") or []
     if wire:
         return [str(c.get("function", {}).get("arguments", "")) for c in wire]
-    from agent.parsing import parse_tool_calls
+    from agent.model.parsing import parse_tool_calls
 
     return [c.raw_arguments for c in parse_tool_calls(raw_completion).calls]
 

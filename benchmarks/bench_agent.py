@@ -31,7 +31,7 @@ async def measure(episodes: int, latency_s: float) -> dict:
     from _agent_fixtures import Scripted, call
     from langchain_core.messages import AIMessage
 
-    import agent.backends as backends
+    import agent.model as backends
     from agent.agent import Agent
     from agent.config import load_config
     from traces.store import TraceStore

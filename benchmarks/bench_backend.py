@@ -26,9 +26,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from agent.backends.local import LocalEngine, Sampling
 from agent.config import load_config
-from agent.models import model_dir
+from agent.model.files import model_dir
+from agent.model.local import LocalEngine, Sampling
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPICS = ["dragons", "the sea", "a robot", "autumn", "a city", "trains", "the moon", "bread"]

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 async def measure(limit: int, baseline_envs: list[str], baseline_limit: int) -> dict:
     from agent.agent import Agent
     from agent.config import load_config
-    from agent.episodes import run_suite
+    from agent.envs.run import run_suite
 
     home = Path(tempfile.mkdtemp(prefix="bench-eval-"))
     (home / "models").mkdir()

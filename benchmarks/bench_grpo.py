@@ -86,7 +86,7 @@ def _run(cfg, env: Path, gc) -> dict:
 
 def measure(steps: int, group: int, tasks: int, engines: tuple[str, ...] = ENGINES) -> dict:
     from agent.config import load_config
-    from agent.vllm_server import VllmEnv, free_port, prepare
+    from agent.serving.vllm import VllmEnv, free_port, prepare
     from tuner.schemas import GrpoConfig
 
     venv = None

@@ -18,9 +18,9 @@ import os
 import time
 from pathlib import Path
 
-from agent.backends.local import LocalEngine, Sampling
-from agent.environments import load_environment
-from agent.episodes import demo_messages
+from agent.envs import load_environment
+from agent.envs.run import demo_messages
+from agent.model.local import LocalEngine, Sampling
 from tools.builtins import calculator_tool
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -53,7 +53,7 @@ def _promote(cfg, seed: int, tmp: Path):
 
 
 async def _rollouts(cfg, agent, limit: int, conc: int) -> dict:
-    from agent.episodes import run_suite
+    from agent.envs.run import run_suite
 
     # the base model on both engines (the registry holds a promoted adapter by the vLLM run)
     kw = dict(few_shot=2, agent=agent, progress=False, max_tokens=64, adapter="base")
@@ -71,7 +71,7 @@ async def _rollouts(cfg, agent, limit: int, conc: int) -> dict:
 def _first_answer_s(cfg, reloader, rec, adapter: str, engine=None) -> float:
     from langchain_core.messages import HumanMessage
 
-    from agent.backends import make_chat_model
+    from agent.model import make_chat_model
 
     t0 = time.perf_counter()
     asyncio.run(reloader.reload(rec))
@@ -84,7 +84,7 @@ def _first_answer_s(cfg, reloader, rec, adapter: str, engine=None) -> float:
 def measure(limit: int, conc: int) -> dict:
     from agent.agent import Agent
     from agent.config import load_config
-    from agent.vllm_server import ACTIVE_NAME, VllmEnv, free_port, prepare
+    from agent.serving.vllm import SERVED_NAME, VllmEnv, free_port, prepare
     from tuner.reload import LocalReloader, VllmReloader
 
     venv = VllmEnv.for_config(load_config(environ={"SELFTUNE_HOME": str(ROOT / ".selftune")}))
@@ -130,7 +130,7 @@ def measure(limit: int, conc: int) -> dict:
         out["vllm"] = asyncio.run(vllm_run())
         rec2 = _promote(vcfg, 2, home)
         out["vllm"]["promotion_to_answer_s"] = _first_answer_s(
-            vcfg, VllmReloader(server.url), rec2, ACTIVE_NAME
+            vcfg, VllmReloader(server.url), rec2, SERVED_NAME
         )
     finally:
         server.stop()

@@ -71,7 +71,7 @@ def scripted_fixture(monkeypatch):
     def factory(cfg, *, engine=None, adapter=None, **sampling):
         return holder["model"]
 
-    monkeypatch.setattr("agent.backends.make_chat_model", factory)
+    monkeypatch.setattr("agent.model.make_chat_model", factory)
 
     def set_script(*items, delay_s: float = 0.0) -> Scripted:
         holder["model"] = Scripted(script=list(items), seen=[], delay_s=delay_s)

@@ -1,7 +1,7 @@
 """Helpers for the grader, flag and environment tests: traces built from parts, and chat models.
 
 `ChatHF` is a minimal LangChain chat model over a transformers model (greedy), used where the
-lead's local backend (agent.backends) is not importable. `ScriptedChat` replays fixed replies
+lead's local backend (agent.model) is not importable. `ScriptedChat` replays fixed replies
 (junk included) for the judge's failure paths.
 """
 
@@ -116,7 +116,7 @@ class ChatHF(BaseChatModel):
 
 def local_chat_model(model_path: Path, max_new_tokens: int = 64) -> BaseChatModel:
     """The real SmolLM2 (conftest's `model_path`) as a LangChain chat model, greedy.
-    agent.backends has no LangChain chat model yet, so this wraps transformers directly."""
+    agent.model has no LangChain chat model yet, so this wraps transformers directly."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -19,7 +19,7 @@ os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
 @pytest.fixture(scope="session")
 def model_path() -> Path:
     """The converted SmolLM2 folder. Converts it once if `selftune setup` has not run."""
-    from agent.models import check_model_dir, setup_model
+    from agent.model.files import check_model_dir, setup_model
 
     cfg = load_config(environ={"SELFTUNE_HOME": str(REPO / ".selftune")})
     path = cfg.workspace.models / DEFAULT_MODEL

@@ -12,10 +12,10 @@ from _runtime_fixtures import make_random_adapter, require_model
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.tools import tool
 
-from agent.backends import ChatLocal, LocalEngine, Sampling, make_chat_model
-from agent.backends.local import AdapterError, ContextOverflowError, cpu_supports_bf16
 from agent.config import load_config
-from agent.models import ModelError
+from agent.model import ChatLocal, LocalEngine, Sampling, make_chat_model
+from agent.model.files import ModelError
+from agent.model.local import AdapterError, ContextOverflowError, cpu_supports_bf16
 
 Q = [{"role": "user", "content": "Tell me a long story about a dragon."}]
 GREEDY8 = Sampling(max_tokens=8)
@@ -182,7 +182,7 @@ def test_shared_prompt_prefix_is_computed_once_and_changes_nothing(engine):
 
 
 def _req(engine, messages):
-    from agent.backends.local import _Request
+    from agent.model.local import _Request
 
     return _Request(engine.prompt_ids(messages), None, GREEDY8)
 
@@ -244,7 +244,7 @@ def test_context_overflow_is_refused_or_trimmed_with_a_warning(engine, caplog):
         engine.prompt_ids(long_turns, max_tokens=16)
     engine.overflow = "trim"
     try:
-        with caplog.at_level(logging.WARNING, logger="agent.backends.local"):
+        with caplog.at_level(logging.WARNING, logger="agent.model.local"):
             ids = engine.prompt_ids(long_turns, max_tokens=16)
         text = engine.tokenizer.decode(ids)
         assert len(ids) <= engine.context_length - 16
@@ -299,7 +299,7 @@ def test_chat_local_sends_tool_results_and_reports_bad_calls(engine):
     assert "<|im_start|>tool\n12<|im_end|>" in prompt
     assert '<tool_call>{"name": "calculator", "arguments": {"expression": "3 * 4"}}' in prompt
     # an unparseable call from the model lands in invalid_tool_calls with the error
-    from agent.backends.local import Completion, completion_to_message
+    from agent.model.local import Completion, completion_to_message
 
     bad = completion_to_message(
         Completion("<tool_call>calc(1)</tool_call>", [1], [2], "stop", None, "m", {})

@@ -14,10 +14,10 @@ import uvicorn
 from _runtime_fixtures import make_random_adapter, require_model
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 
-from agent.backends import LocalEngine, make_chat_model
-from agent.backends.openai import ChatOpenAICompatible
 from agent.config import load_config
-from agent.openai_server import build_app
+from agent.model import LocalEngine, make_chat_model
+from agent.model.openai import ChatOpenAICompatible
+from agent.serving.openai_server import build_app
 
 META_KEYS = {
     "model_name",
@@ -171,7 +171,7 @@ def test_lora_routes_and_adapter_by_model_name(server, engine, tmp_path):
     direct = engine.generate(
         [{"role": "user", "content": "What is the capital of France?"}],
         adapter="calc",
-        sampling=__import__("agent.backends", fromlist=["Sampling"]).Sampling(max_tokens=8),
+        sampling=__import__("agent.model", fromlist=["Sampling"]).Sampling(max_tokens=8),
     )
     assert tuned.response_metadata["completion_token_ids"] == direct.completion_token_ids
     assert (

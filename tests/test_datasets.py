@@ -686,7 +686,7 @@ def test_since_filter_drops_older_traces():
 def test_sft_rows_encode_with_the_training_template(model_path: Path):
     from transformers import AutoTokenizer
 
-    from agent.template import encode_for_training
+    from agent.model.template import encode_for_training
 
     t, ep = episode(
         "a", answer="Ten days.", prompt="Vacation?", tools=[CALC, RESEARCHER], demos=DEMOS
@@ -717,7 +717,7 @@ def test_sft_rows_encode_with_the_training_template(model_path: Path):
 def test_cli_builds_from_the_workspace_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from typer.testing import CliRunner
 
-    from agent.cli_dataset import dataset_app
+    from agent.cli.dataset import dataset_app
 
     home = tmp_path / "ws"
     monkeypatch.setenv("SELFTUNE_HOME", str(home))
@@ -749,8 +749,8 @@ def test_cli_grpo_takes_answers_from_the_real_environment(tmp_path: Path, monkey
     import datasets
     from typer.testing import CliRunner
 
-    from agent.cli_dataset import dataset_app
-    from agent.environments import load_environment
+    from agent.cli.dataset import dataset_app
+    from agent.envs import load_environment
 
     env = load_environment("docs-qa")
     train = env.split("train")[:2]
@@ -786,7 +786,7 @@ def test_trl_trainers_tokenize_the_rows(store: TraceStore, tmp_path: Path, model
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
 
-    from agent.template import chat_template_for
+    from agent.model.template import chat_template_for
 
     _populate(store)
     tok = AutoTokenizer.from_pretrained(str(model_path))

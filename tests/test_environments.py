@@ -12,7 +12,7 @@ import pytest
 from _graders_fixtures import make_trace
 
 from agent.config import AgentConfig, SubagentConfig
-from agent.environments import (
+from agent.envs import (
     EnvironmentLoadError,
     demo_tool_calls,
     list_environments,

@@ -13,7 +13,7 @@ import pexpect
 import pytest
 
 from agent.agent import Agent
-from agent.episodes import run_suite, wilson_interval
+from agent.envs.run import run_suite, wilson_interval
 from traces.schemas import TraceQuery
 from traces.store import TraceStore
 from traces.tracer import Tracer

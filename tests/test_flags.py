@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from _graders_fixtures import ScriptedChat, make_trace, task
 
-from agent.environments import load_environment
+from agent.envs import load_environment
 from traces.flags import (
     copied_from_demo,
     copied_from_prompt,

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 from _graders_fixtures import ScriptedChat, local_chat_model, make_trace, task
 
-from agent.environments import load_environment
+from agent.envs import load_environment
 from traces.graders import (
     GraderError,
     GradeResult,

@@ -167,7 +167,7 @@ async def test_one_grpo_step_on_the_real_model_changes_the_adapter(cfg, tmp_path
     assert b and any(float(t.abs().max()) > 0 for t in b)  # B starts at zero
     assert rec.status == "candidate" and rec.train_config["method"] == "grpo"
     # every rollout is a stored trace tagged with its run and step
-    from agent.runtime import open_store
+    from agent.workspace import open_store
     from traces.schemas import TraceQuery
 
     found = open_store(cfg).query(TraceQuery(tag="grpo-step:1", limit=None))

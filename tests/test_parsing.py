@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.parsing import FORMAT_HINT, parse_tool_calls
+from agent.model.parsing import FORMAT_HINT, parse_tool_calls
 
 CALC = ("calculator", {"expression": "48 + 97"})
 

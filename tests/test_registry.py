@@ -166,7 +166,7 @@ def test_adapters_cli_list_show_promote_rollback_diff(tmp_path, monkeypatch):
     import typer
     from typer.testing import CliRunner
 
-    from agent.cli_tune import adapters_app
+    from agent.cli.tune import adapters_app
 
     make(tmp_path, 2)  # registry at tmp_path/adapters = the workspace's adapters folder
     monkeypatch.setenv("SELFTUNE_HOME", str(tmp_path))

@@ -8,7 +8,7 @@ import json
 import pytest
 from _runtime_fixtures import require_model
 
-from agent.template import (
+from agent.model.template import (
     SELFTUNE_TEMPLATE,
     TemplateError,
     chat_template_for,

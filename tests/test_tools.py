@@ -238,7 +238,7 @@ def test_cli_lists_and_calls_tools(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
     from typer.testing import CliRunner
 
-    from agent.cli_tools import tools_app
+    from agent.cli.tools import tools_app
 
     monkeypatch.chdir(tmp_path)  # no selftune.toml here
     monkeypatch.setenv("SELFTUNE_HOME", str(tmp_path / "ws"))

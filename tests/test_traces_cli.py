@@ -11,7 +11,7 @@ import typer
 from _traces_fixtures import make_trace
 from typer.testing import CliRunner
 
-from agent.cli_traces import traces_app
+from agent.cli.traces import traces_app
 from traces.schemas import Grade
 from traces.store import TraceStore
 

@@ -165,7 +165,7 @@ def test_tune_cli_registers_and_continues_from_a_version(tmp_path, cfg, monkeypa
     from safetensors.torch import load_file
     from typer.testing import CliRunner
 
-    from agent.cli_tune import tune_app
+    from agent.cli.tune import tune_app
     from tuner.registry import Registry
 
     ds = write_dataset(tmp_path / "ds", "sft", n=4)

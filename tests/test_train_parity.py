@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from _tuner_fixtures import CALCULATOR, calc_conversation
 
-from agent.template import encode_for_training, encode_prompt
+from agent.model.template import encode_for_training, encode_prompt
 from tuner.schemas import TrainConfig
 from tuner.train import build_trainer, load_rows, sft_dataset, train
 
@@ -133,7 +133,7 @@ def test_rows_are_read_exactly_and_trl_alone_would_render_some_differently(tmp_p
     TRL's own rendering writes the OpenAI-style row differently from the live path."""
     import datasets
 
-    from agent.template import chat_template_for, render
+    from agent.model.template import chat_template_for, render
 
     rows = mixed_rows()
     assert load_rows("sft", write_rows(tmp_path / "ds", rows)) == rows

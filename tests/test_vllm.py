@@ -23,10 +23,10 @@ from langchain_core.messages import HumanMessage
 from test_agent_real import WORKED_EXAMPLE
 
 from agent.agent import Agent
-from agent.backends import LocalEngine, make_chat_model
-from agent.backends.openai import forget_served
 from agent.config import DEFAULT_MODEL, load_config
-from agent.vllm_server import ACTIVE_NAME, VllmEnv, VllmUnavailable, free_port, prepare
+from agent.model import LocalEngine, make_chat_model
+from agent.model.openai import forget_served
+from agent.serving.vllm import SERVED_NAME, VllmEnv, VllmUnavailable, free_port, prepare
 from tuner.reload import VllmReloader
 from tuner.schemas import GateResult
 
@@ -149,7 +149,7 @@ def test_promoted_adapter_is_hot_loaded_and_answers_like_the_local_backend(serve
     before = _answers(vllm_base)
     t0 = time.perf_counter()
     asyncio.run(VllmReloader(server.url).reload(rec))
-    stable = make_chat_model(cfg, adapter=ACTIVE_NAME, max_tokens=24)
+    stable = make_chat_model(cfg, adapter=SERVED_NAME, max_tokens=24)
     after = _answers(stable)
     print(f"promotion to first answer on vLLM: {time.perf_counter() - t0:.2f} s")
 
@@ -227,7 +227,7 @@ async def test_grpo_on_its_own_vllm_server_rolls_out_the_updated_policy(home, tm
     and after the update the server answers like the new adapter on the local backend."""
     from test_grpo import _toy_env
 
-    from agent.runtime import open_store
+    from agent.workspace import open_store
     from traces.schemas import TraceQuery
     from tuner.grpo import GrpoRun
     from tuner.schemas import GrpoConfig

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.vllm_server import (
+from agent.serving.vllm import (
     BROKEN_ON_CPU,
     VllmEnv,
     VllmError,
@@ -70,7 +70,7 @@ def test_rollout_command_serves_the_base_weights_reloadable_on_loopback_only(cfg
 def test_an_owned_server_dies_with_the_process_that_started_it(tmp_path):
     # a parent that starts an owned "server" (a sleeper), prints its pid and waits; kill -9 it
     script = (
-        "import sys, time; from agent.vllm_server import VllmServer; "
+        "import sys, time; from agent.serving.vllm import VllmServer; "
         f"s = VllmServer([sys.executable, '-c', 'import time; time.sleep(600)'], {{}}, "
         f"__import__('pathlib').Path({str(tmp_path / 's.log')!r}), 'http://x/v1', owned=True); "
         "s.start(); print(s.proc.pid, flush=True); time.sleep(600)"
@@ -104,7 +104,7 @@ def test_half_made_venv_is_not_trusted(tmp_path):
 
 
 def test_no_avx2_says_so_and_points_to_the_local_backend(tmp_path, monkeypatch):
-    monkeypatch.setattr("agent.vllm_server.cpu_flags", lambda: {"sse4_2"})
+    monkeypatch.setattr("agent.serving.vllm.cpu_flags", lambda: {"sse4_2"})
     with pytest.raises(VllmUnavailable, match='AVX2.*backend = "local"'):
         VllmEnv(root=tmp_path / "v", cuda=False).ensure(log=lambda m: None)
     assert not (tmp_path / "v").exists()

@@ -285,8 +285,8 @@ class GrpoRun:
         from peft import PeftModel, get_peft_model
         from transformers import AutoModelForCausalLM
 
-        from agent.models import model_dir
-        from agent.runtime import open_registry
+        from agent.model.files import model_dir
+        from tuner.registry import open_registry
         from tuner.schemas import TrainConfig
         from tuner.train import load_tokenizer, lora_config, pick_device
 
@@ -346,7 +346,7 @@ class GrpoRun:
         """The policy's merged weights as a checkpoint folder (complete or absent)."""
         from safetensors.torch import save_file
 
-        from agent.models import model_dir
+        from agent.model.files import model_dir
 
         folder = self.dir / "policy-weights"
         tmp = folder.with_name(folder.name + ".tmp")
@@ -391,7 +391,7 @@ class GrpoRun:
         return rng.sample(tasks, min(self.gc.tasks_per_step, len(tasks)))
 
     async def _rollout(self, agent, environment, step: int, policy: str):
-        from agent.episodes import run_suite
+        from agent.envs.run import run_suite
 
         tasks = self._tasks(environment, step)
         return await run_suite(
@@ -412,7 +412,7 @@ class GrpoRun:
 
     async def _judge(self, agent, tasks, by_task, store) -> dict[str, float]:
         """RULER-style: each group ranked by the base model as judge; trace id -> score."""
-        from agent.backends import make_chat_model
+        from agent.model import make_chat_model
         from traces.graders import agrade_group
 
         judge = make_chat_model(self.cfg, engine=agent.engine, max_tokens=128, temperature=0.0)
@@ -531,8 +531,8 @@ class GrpoRun:
         `agent` rolls out on its own backend; with rollout_engine = "vllm" the run starts a
         vLLM server for itself and an agent pointed at it instead."""
         from agent.agent import Agent
-        from agent.environments import load_environment
-        from agent.runtime import open_registry
+        from agent.envs import load_environment
+        from tuner.registry import open_registry
 
         if self.state.finished:
             raise GrpoError(
@@ -603,7 +603,7 @@ class GrpoRun:
     def _start_server(self) -> None:
         """A vLLM server of the run's own, serving the policy as `grpo-<run>`; rollouts go to
         it. It stops with the run, and with this process if that is killed."""
-        from agent.vllm_server import rollout_server
+        from agent.serving.vllm import rollout_server
 
         self._served = f"grpo-{self.state.id}"
         self.server = rollout_server(self.cfg, self._served, log=self.console.print)
@@ -681,7 +681,7 @@ async def grpo(
     console: Console | None = None,
 ):
     """Train a LoRA adapter on `env` with GRPO; returns the registered candidate's record."""
-    from agent.runtime import open_registry
+    from tuner.registry import open_registry
 
     if start_from in ("active", None) and not resume:
         active = open_registry(cfg).active()

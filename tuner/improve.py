@@ -195,7 +195,7 @@ class ImproveJob:
         self, env: str, adapter: str | None, few_shot: int = 0, progress: bool = True
     ) -> dict[str, Any]:
         """Held-out test split, greedy, fixed seed: what every model in the job is judged on."""
-        from agent.episodes import run_suite
+        from agent.envs.run import run_suite
 
         agent = await self._agent_started()
         res = await run_suite(
@@ -226,7 +226,7 @@ class ImproveJob:
                 self._save()
 
     def _active(self) -> str | None:
-        from agent.runtime import open_registry
+        from tuner.registry import open_registry
 
         rec = open_registry(self.cfg).active()
         return rec.version if rec else None
@@ -241,8 +241,8 @@ class ImproveJob:
         Measured on calculator with the base SmolLM2: a demonstration's operator is copied
         (0 of 132 sampled tries at temperature 1 found "+", "-" or "/" when both showed "*"),
         hints fix about half of those, and similar solved examples most of the rest."""
-        from agent.environments import load_environment
-        from agent.episodes import run_suite
+        from agent.envs import load_environment
+        from agent.envs.run import run_suite
 
         if self.s.method == "grpo":
             return  # GRPO collects its own rollouts, from the policy it trains
@@ -315,8 +315,8 @@ class ImproveJob:
         return self.state.baseline.get("base", {}).get(env) if adapter is None else None
 
     def _dataset(self, cyc: CycleState) -> None:
-        from agent.cli_dataset import environment_tasks
-        from agent.runtime import open_store
+        from agent.envs import environment_tasks
+        from agent.workspace import open_store
         from traces.datasets import DatasetError, DatasetFilters, build_dataset
 
         if self.s.method == "grpo":
@@ -380,8 +380,8 @@ class ImproveJob:
     def _tune(self, cyc: CycleState):
         if self.s.method == "grpo":
             return self._tune_grpo(cyc)
-        from agent.models import model_dir
-        from agent.runtime import open_registry
+        from agent.model.files import model_dir
+        from tuner.registry import open_registry
         from tuner.schemas import TrainConfig
         from tuner.train import TrainError, train_in_subprocess
 
@@ -422,8 +422,8 @@ class ImproveJob:
 
     async def _gate(self, cyc: CycleState) -> None:
         """Active and candidate on the same held-out tasks, same seed and sampling, in one run."""
-        from agent.runtime import open_registry
         from tuner.gate import decide, gate_table, guards_from
+        from tuner.registry import open_registry
 
         registry = open_registry(self.cfg)
         active = self._active()
@@ -471,7 +471,8 @@ class ImproveJob:
 
     async def _reload(self, cyc: CycleState) -> None:
         """Make running agents answer with the new active adapter (or keep the old one)."""
-        from agent.runtime import open_registry, reloader_for
+        from tuner.registry import open_registry
+        from tuner.reload import reloader_for
 
         rec = open_registry(self.cfg).active()
         agent = await self._agent_started()
@@ -551,7 +552,7 @@ def _summary(res) -> EvalSummary:
 
 def _pooled(sums: list[EvalSummary]) -> EvalSummary:
     """All environments' episodes as one summary (the gate's target metric)."""
-    from agent.episodes import wilson_interval
+    from agent.envs.run import wilson_interval
 
     n = sum(s.n for s in sums)
     wins = sum(s.successes for s in sums)

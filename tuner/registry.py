@@ -21,7 +21,6 @@ import fcntl
 import hashlib
 import json
 import os
-import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -30,16 +29,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from agent.config import Config
+from agent.model.adapters import POINTER, RECORD, VERSION, RegistryError, read_pointer, versions
 from tuner.schemas import AdapterRecord, GateResult
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-RECORD = "record.json"
-POINTER = "active"
-_VERSION_DIR = re.compile(r"^v(\d+)$")
-
-
-class RegistryError(RuntimeError):
-    """A registry problem; the message names the file or version and what to do."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -112,26 +106,12 @@ class Registry:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
     def _dir(self, version: str) -> Path:
-        if not _VERSION_DIR.match(version):
+        if not VERSION.fullmatch(version):
             raise RegistryError(f"{version!r} is not a version name: use v1, v2, ... (see `list`)")
         return self.root / version
 
     def _read_pointer(self) -> dict[str, Any]:
-        path = self.root / POINTER
-        if not path.exists():
-            return {"active": None, "history": [], "events": []}
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(data, dict) or "active" not in data:
-                raise ValueError("no 'active' key")
-        except (OSError, ValueError) as e:
-            raise RegistryError(
-                f"the active pointer {path} is corrupt ({e}): delete it to fall back to the base "
-                "model, then `selftune adapters promote VERSION` to choose an adapter again"
-            ) from None
-        data.setdefault("history", [])
-        data.setdefault("events", [])
-        return data
+        return read_pointer(self.root)
 
     def _write_pointer(self, data: dict[str, Any]) -> None:
         write_atomic(self.root / POINTER, json.dumps(data, indent=2))
@@ -141,12 +121,7 @@ class Registry:
         write_atomic(folder / RECORD, record.model_dump_json(indent=2))
 
     def _versions(self) -> list[str]:
-        found = [
-            (int(m.group(1)), p.name)
-            for p in self.root.iterdir()
-            if (m := _VERSION_DIR.match(p.name))
-        ]
-        return [name for _, name in sorted(found)]
+        return versions(self.root)
 
     def _sweep(self) -> None:
         """Remove temp files a killed writer left (every write holds the lock). A `.tmp-vN`
@@ -394,3 +369,8 @@ class Registry:
 def _passed_gate(rec: AdapterRecord) -> bool:
     gates = [e["gate"] for e in rec.eval_results if "gate" in e]
     return bool(gates) and bool(gates[-1].get("promote"))
+
+
+def open_registry(cfg: Config) -> Registry:
+    """The registry in the workspace's `adapters/` folder."""
+    return Registry(cfg.workspace.adapters)

@@ -35,9 +35,10 @@ from typing import Any, Protocol
 
 import httpx
 
+from agent.config import Config
+from agent.serving.vllm import SERVED_NAME
 from tuner.schemas import AdapterRecord
 
-SERVED_NAME = "selftune-active"
 _VERSION = re.compile(r"v\d+")
 VLLM_HINT = (
     "start vLLM with --enable-lora, --max-lora-rank at least the adapter's rank, and the "
@@ -61,7 +62,7 @@ class Reloader(Protocol):
 
 
 class AdapterHost(Protocol):
-    """What the in-process local engine (agent.backends.local.LocalEngine) offers."""
+    """What the in-process local engine (agent.model.local.LocalEngine) offers."""
 
     def adapters(self) -> dict[str, str]: ...
 
@@ -164,7 +165,7 @@ class VllmReloader:
         """Replace the served base weights, in place, with the safetensors in `folder` (the same
         architecture under the checkpoint's names), then drop the prefix cache computed with
         the old ones. Only a server started with weight reloading answers
-        (`agent.vllm_server.rollout_server`, the one a GRPO run with rollout_engine = "vllm"
+        (`agent.serving.vllm.rollout_server`, the one a GRPO run with rollout_engine = "vllm"
         starts for itself): every client of the server gets the new weights."""
         body = {"method": "reload_weights", "kwargs": {"weights_path": str(folder)}}
         await self._post("/collective_rpc", body, hint=WEIGHTS_HINT)
@@ -186,3 +187,12 @@ class VllmReloader:
                 f"{resp.text.strip()[:500]} ({hint})"
             )
         return resp.text
+
+
+def reloader_for(cfg: Config, engine: Any) -> Reloader:
+    """How a promotion reaches running agents: the in-process engine, or vLLM over HTTP."""
+    if cfg.model.backend == "openai":
+        if not cfg.model.base_url:
+            raise ValueError("[model] backend = 'openai' needs [model] base_url to reload adapters")
+        return VllmReloader(cfg.model.base_url)
+    return LocalReloader(engine)

@@ -12,13 +12,13 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from agent.serving.vllm import LORA_RANKS
+
 TrainKind = Literal["sft", "dpo", "kto"]
 AdapterStatus = Literal["candidate", "active", "rejected", "retired"]
 
 # Every linear projection of a Llama-style block (SmolLM2, Llama, Qwen, Mistral...).
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# vLLM's --max-lora-rank accepts these values only.
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 # Keys of the `[tuner]` config section that belong to the gate or the improve job, not training.
 _NON_TRAINING_KEYS = {"gate_margin", "guard_margin", "min_new_traces", "grpo_rollout_engine"}
@@ -63,10 +63,10 @@ class TrainConfig(_Schema):
                 "serve the adapter. Lower [tuner] lora_r, or raise max_lora_rank and start vLLM "
                 f"with --max-lora-rank {self.lora_r} or more"
             )
-        if self.max_lora_rank not in VLLM_LORA_RANKS:
+        if self.max_lora_rank not in LORA_RANKS:
             raise ValueError(
                 f"max_lora_rank={self.max_lora_rank} is not a value vLLM accepts: use one of "
-                f"{', '.join(map(str, VLLM_LORA_RANKS))}"
+                f"{', '.join(map(str, LORA_RANKS))}"
             )
         return self
 

@@ -10,7 +10,7 @@ Settings chosen on purpose (TRL's defaults are for GPUs): bf16 only where the ha
 (CPUs without avx512_bf16/amx fail or crawl), gradient checkpointing only for models of 1B
 parameters or more (on the 135M model it cost 1.6x), the loss on assistant tokens only with
 selftune's chat template (SmolLM2's own has no `{% generation %}` markers, and TRL then
-trains on nothing). SFT rows are tokenized here by `agent.template.encode_for_training`, the
+trains on nothing). SFT rows are tokenized here by `agent.model.template.encode_for_training`, the
 renderer of the live prompt, and handed to TRL as token ids: what the model trains on is what it
 sees when it runs. Checkpoints go to `<out_dir>.work/` every `save_steps`; `resume=True`
 continues from the last one.
@@ -142,7 +142,7 @@ def load_rows(kind: TrainKind, dataset_dir: Path) -> list[dict[str, Any]]:
 
 def sft_dataset(rows: list[dict[str, Any]], tokenizer: Any, max_length: int | None):
     """SFT rows pre-tokenized for TRL: `input_ids` and `assistant_masks` from
-    `agent.template.encode_for_training` on each row's exact messages and tools (the renderer the
+    `agent.model.template.encode_for_training` on each row's exact messages and tools (the renderer the
     live prompt comes from), cut to `max_length` tokens. Other columns (`subagent`...) stay out.
 
     Returns `(dataset, report)`; the report counts rows `truncated` and rows `dropped` because no
@@ -150,7 +150,7 @@ def sft_dataset(rows: list[dict[str, Any]], tokenizer: Any, max_length: int | No
     """
     import datasets
 
-    from agent.template import TemplateError, encode_for_training
+    from agent.model.template import TemplateError, encode_for_training
 
     ids: list[list[int]] = []
     masks: list[list[int]] = []
@@ -185,7 +185,7 @@ def load_tokenizer(base_model_dir: Path):
     """The base tokenizer with selftune's chat template (tools + generation markers)."""
     from transformers import AutoTokenizer
 
-    from agent.template import chat_template_for
+    from agent.model.template import chat_template_for
 
     tok = AutoTokenizer.from_pretrained(str(base_model_dir))
     tok.chat_template = chat_template_for(tok)
@@ -599,7 +599,7 @@ def tune(
     `<workspace>/jobs/tune-<kind>-<dataset>/`, so `resume=True` finds the killed job's checkpoints.
     Returns the new AdapterRecord (status `candidate`: the eval gate decides the rest).
     """
-    from agent.models import model_dir, resolve_model
+    from agent.model.files import model_dir, resolve_model
     from tuner.registry import Registry
 
     dataset_dir = Path(dataset_dir).resolve()

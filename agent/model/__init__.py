@@ -6,8 +6,8 @@ from typing import Any
 
 from langchain_core.language_models import BaseChatModel
 
-from agent.backends.local import ChatLocal, Completion, LocalEngine, Sampling
 from agent.config import Config
+from agent.model.local import ChatLocal, Completion, LocalEngine, Sampling
 
 __all__ = ["ChatLocal", "Completion", "LocalEngine", "Sampling", "make_chat_model"]
 
@@ -31,7 +31,7 @@ def make_chat_model(
     settings = {"temperature": m.temperature, "top_p": m.top_p, "max_tokens": m.max_new_tokens}
     settings.update(sampling)
     if m.backend == "openai":
-        from agent.backends.openai import make_openai_chat_model
+        from agent.model.openai import make_openai_chat_model
 
         return make_openai_chat_model(cfg, adapter=adapter, **settings)
     return ChatLocal(engine=engine or LocalEngine.from_config(cfg), adapter=adapter, **settings)

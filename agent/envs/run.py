@@ -18,7 +18,7 @@ from typing import Any
 
 from agent.agent import Agent, RunResult
 from agent.config import Config
-from agent.environments import Environment, load_environment
+from agent.envs import Environment, load_environment
 from tools.base import Tool
 from traces.schemas import Grade, Task, Trace
 
@@ -95,7 +95,7 @@ def env_tools(cfg: Config, env: Environment) -> list[Tool]:
     over that corpus (indexed incrementally into its own collection first)."""
     tools = list(env.tools)
     if env.corpus_dir is not None:
-        from agent.runtime import open_collection
+        from agent.workspace import open_collection
         from retrieval import index_paths, make_search_tool
 
         coll = open_collection(cfg, env.collection or f"env-{env.name}")

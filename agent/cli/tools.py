@@ -1,4 +1,4 @@
-"""CLI commands for tools, MCP and retrieval; agent/cli.py mounts them.
+"""CLI commands for tools, MCP and retrieval; agent/cli/__init__.py mounts them.
 
 - `selftune tools list` / `selftune tools call NAME 'JSON'` (tools_app)
 - `selftune mcp serve [--transport stdio|http] [--port N]` (mcp_app)
@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from agent.cli_context import current_config
+from agent.cli.common import current_config
 from agent.config import Config
 from tools import Tool, ToolError, builtin_tools, load_module_tools
 from tools.mcp_client import McpManager

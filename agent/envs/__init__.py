@@ -76,7 +76,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from agent.config import AgentConfig, SubagentConfig
+from agent.config import AgentConfig, Config, SubagentConfig
 from tools.base import Tool
 from traces.graders import (
     BUILTIN_GRADERS,
@@ -91,7 +91,7 @@ from traces.schemas import Grade, Task, Trace
 
 log = logging.getLogger(__name__)
 
-ENVS_DIR = Path(__file__).parent / "envs"
+ENVS_DIR = Path(__file__).parent
 BUILTIN_ENVS = {
     "calculator": "calculator",
     "docs-qa": "docs_qa",
@@ -478,3 +478,20 @@ def describe(env: Environment) -> dict[str, Any]:
         "corpus": str(env.corpus_dir) if env.corpus_dir else None,
         "errors": len(env.load_errors),
     }
+
+
+def environment_tasks(env: str, cfg: Config) -> tuple[str, dict[tuple[str, str], Task]]:
+    """The environment's name as its traces record it ("docs-qa" loads the folder docs_qa) and
+    its tasks keyed by (name, task_id), each with the environment's default grader filled in.
+    When `env` is not a loadable environment: `env` itself and no tasks (traces may come from
+    tasks given on the command line; GRPO then reads answers from trace metadata)."""
+    try:
+        loaded = load_environment(env, config=cfg.agent)
+    except EnvironmentLoadError as e:
+        log.warning("no task records for %s (%s)", env, e)
+        return env, {}
+    tasks = {
+        (loaded.name, t.id): t if t.grader else t.model_copy(update={"grader": loaded.grader})
+        for t in loaded.tasks
+    }
+    return loaded.name, tasks

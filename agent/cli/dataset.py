@@ -3,31 +3,19 @@
     selftune dataset build sft --env calculator --min-score 1 --exclude-flagged --best-of-n \\
         --format openai --out .selftune/datasets/calc-sft
 
-`build_from_config` is the Python entry the command calls: it opens the workspace's trace
-store, looks the environment's tasks up (GRPO needs their answers and graders; test-split tasks
-are never trained on) and calls `traces.datasets.build_dataset`.
+The command calls `agent.workspace.build_from_config`, which a user can call from Python too.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from agent.config import Config, ConfigError, load_config
-from traces.datasets import (
-    DATASET_KINDS,
-    DatasetError,
-    DatasetFilters,
-    DatasetResult,
-    build_dataset,
-)
-from traces.schemas import Task
+from agent.config import ConfigError, load_config
+from traces.datasets import DATASET_KINDS, DatasetError, DatasetFilters
 
 dataset_app = typer.Typer(
     help="Build training datasets (SFT, DPO, KTO, GRPO) from graded traces.",
@@ -36,62 +24,11 @@ dataset_app = typer.Typer(
     add_completion=False,
 )
 console = Console(stderr=True)
-log = logging.getLogger("selftune.dataset")
 
 
 @dataset_app.callback()
 def _group() -> None:
     """Build training datasets (SFT, DPO, KTO, GRPO) from graded traces."""  # keeps `build` a sub-command
-
-
-def environment_tasks(env: str, cfg: Config) -> tuple[str, dict[tuple[str, str], Task]]:
-    """The environment's name as its traces record it ("docs-qa" loads the folder docs_qa) and
-    its tasks keyed by (name, task_id), each with the environment's default grader filled in.
-    When `env` is not a loadable environment: `env` itself and no tasks (traces may come from
-    tasks given on the command line; GRPO then reads answers from trace metadata)."""
-    from agent.environments import EnvironmentLoadError, load_environment
-
-    try:
-        loaded = load_environment(env, config=cfg.agent)
-    except EnvironmentLoadError as e:
-        log.warning("no task records for %s (%s)", env, e)
-        return env, {}
-    tasks = {
-        (loaded.name, t.id): t if t.grader else t.model_copy(update={"grader": loaded.grader})
-        for t in loaded.tasks
-    }
-    return loaded.name, tasks
-
-
-def build_from_config(
-    cfg: Config,
-    kind: str,
-    out: str | Path | None = None,
-    filters: DatasetFilters = DatasetFilters(),
-    formats: Sequence[str] = ("trl",),
-) -> DatasetResult:
-    """Build a dataset from the workspace's traces; `out` defaults to
-    `<workspace>/datasets/<env>-<kind>`."""
-    from agent.runtime import open_store
-
-    tasks = None
-    if filters.env:
-        name, tasks = environment_tasks(filters.env, cfg)
-        filters = replace(filters, env=name)
-    out = Path(out) if out else cfg.workspace.datasets / f"{filters.env or 'all'}-{kind}"
-    store = open_store(cfg)
-    try:
-        return build_dataset(
-            store,
-            kind,
-            out,
-            filters,
-            formats=formats,
-            tasks=tasks,
-            scrub_patterns=cfg.traces.scrub_patterns,
-        )
-    finally:
-        store.close()
 
 
 @dataset_app.command("build")
@@ -136,6 +73,8 @@ def build(
             grader=grader,
         )
         formats = ("trl", "openai") if fmt == "openai" else ("trl",)
+        from agent.workspace import build_from_config
+
         result = build_from_config(cfg, kind, out, filters, formats)
     except (ConfigError, DatasetError) as e:
         _fail(str(e))

@@ -32,7 +32,7 @@ def serve(
         if engine == "vllm":
             _serve_vllm(host, port, print_command, config)
             return
-        from agent.openai_server import run_server
+        from agent.serving.openai_server import run_server
 
         run_server(engine=engine, host=host, port=port, adapters=adapter, config=config)
     except (ValueError, RuntimeError) as e:  # ConfigError, ModelError, VllmError: say why
@@ -42,7 +42,7 @@ def serve(
 
 def _serve_vllm(host: str, port: int, print_command: bool, config: Path | None) -> None:
     from agent.config import load_config
-    from agent.vllm_server import prepare, shell_command
+    from agent.serving.vllm import prepare, shell_command
 
     cfg = load_config(config)
     server = prepare(

@@ -1,4 +1,5 @@
-"""Process-wide runtime pieces: the loaded model, the trace store, adapter resolution.
+"""The workspace's shared pieces: the loaded model, the trace store, the tracer, the Chroma
+collection, and one plain model turn.
 
 The base model is loaded once per process and shared by every agent, subagent, eval worker
 and judge in it; adapters are loaded into that one engine by name.
@@ -6,22 +7,23 @@ and judge in it; adapters are loaded into that one engine by name.
 
 from __future__ import annotations
 
-import re
 import threading
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from agent.config import Config
+from traces.datasets import DatasetFilters, DatasetResult, build_dataset
 
 _engines: dict[str, Any] = {}
-_VERSION = re.compile(r"v\d+")
 _engines_lock = threading.Lock()
 
 
 def get_engine(cfg: Config):
     """The process's LocalEngine for the configured model (loaded on first use)."""
-    from agent.backends import LocalEngine
-    from agent.models import model_dir
+    from agent.model import LocalEngine
+    from agent.model.files import model_dir
 
     path = model_dir(cfg)
     key = f"{path}|{cfg.model.dtype}|{cfg.model.device}"
@@ -60,49 +62,6 @@ def open_collection(cfg: Config, name: str | None = None):
     return get_collection(client, name or cfg.retrieval.collection)
 
 
-def open_registry(cfg: Config):
-    from tuner.registry import Registry
-
-    return Registry(cfg.workspace.adapters)
-
-
-def resolve_adapter(cfg: Config, engine: Any, request: str | None) -> str | None:
-    """Turn an adapter request into the name the backend serves it under.
-
-    None/"base" -> None (the base model). "active" -> the registry's active version, or None.
-    "vN" -> that version. A folder path -> loaded under its folder name. With the local
-    backend the adapter is loaded into the engine on first use (without reloading the base);
-    with the openai backend (vLLM) it is loaded into the server on first use, under that name.
-    """
-    if request in (None, "", "base"):
-        return None
-    path: Path | None = None
-    name = request
-    candidate = Path(request).expanduser()
-    if candidate.is_dir() and (candidate / "adapter_config.json").is_file():
-        path, name = candidate.resolve(), candidate.name
-    else:
-        if request != "active" and not _VERSION.fullmatch(request):
-            # not a registry name: one the backend serves on its own (a GRPO policy, say)
-            if cfg.model.backend == "openai":
-                return request
-            if engine is not None and request in engine.adapters():
-                return request
-        registry = open_registry(cfg)
-        record = registry.resolve(request)
-        if record is None:
-            return None
-        name = record.version
-        path = registry.path(record.version)
-    if cfg.model.backend == "local" and engine is not None and name not in engine.adapters():
-        engine.load_adapter(name, path)
-    elif cfg.model.backend == "openai" and cfg.model.base_url:
-        from agent.backends.openai import ensure_served
-
-        ensure_served(cfg.model.base_url, name, path)
-    return name
-
-
 def chat_once(
     cfg: Config,
     prompt: str,
@@ -114,7 +73,8 @@ def chat_once(
     """One model turn with no tools (what `selftune chat` prints)."""
     from langchain_core.messages import HumanMessage
 
-    from agent.backends import make_chat_model
+    from agent.model import make_chat_model
+    from agent.model.adapters import resolve_adapter
 
     engine = get_engine(cfg) if cfg.model.backend == "local" else None
     sampling: dict[str, Any] = {}
@@ -132,12 +92,32 @@ def chat_once(
     return reply.content if isinstance(reply.content, str) else str(reply.content)
 
 
-def reloader_for(cfg: Config, engine: Any):
-    """How a promotion reaches running agents: the in-process engine, or vLLM over HTTP."""
-    from tuner.reload import LocalReloader, VllmReloader
+def build_from_config(
+    cfg: Config,
+    kind: str,
+    out: str | Path | None = None,
+    filters: DatasetFilters = DatasetFilters(),
+    formats: Sequence[str] = ("trl",),
+) -> DatasetResult:
+    """Build a dataset from the workspace's traces; `out` defaults to
+    `<workspace>/datasets/<env>-<kind>`."""
+    from agent.envs import environment_tasks
 
-    if cfg.model.backend == "openai":
-        if not cfg.model.base_url:
-            raise ValueError("[model] backend = 'openai' needs [model] base_url to reload adapters")
-        return VllmReloader(cfg.model.base_url)
-    return LocalReloader(engine)
+    tasks = None
+    if filters.env:
+        name, tasks = environment_tasks(filters.env, cfg)
+        filters = replace(filters, env=name)
+    out = Path(out) if out else cfg.workspace.datasets / f"{filters.env or 'all'}-{kind}"
+    store = open_store(cfg)
+    try:
+        return build_dataset(
+            store,
+            kind,
+            out,
+            filters,
+            formats=formats,
+            tasks=tasks,
+            scrub_patterns=cfg.traces.scrub_patterns,
+        )
+    finally:
+        store.close()

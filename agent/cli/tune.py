@@ -63,7 +63,7 @@ def _registry(ctx: typer.Context):
 
 
 def _run_tune(ctx, kind, dataset_dir, from_version, config, resume, max_steps) -> None:
-    from agent.models import ModelError
+    from agent.model.files import ModelError
     from tuner.registry import RegistryError
     from tuner.train import TrainError, tune
 
@@ -150,8 +150,8 @@ def tune_grpo(
     resume: ResumeOpt = False,
 ) -> None:
     """Online RL: sample G episodes per task with the agent, grade, update (GRPO)."""
-    from agent.models import ModelError
-    from agent.vllm_server import VllmError
+    from agent.model.files import ModelError
+    from agent.serving.vllm import VllmError
     from tuner.grpo import GrpoError, grpo
     from tuner.registry import RegistryError
     from tuner.schemas import GrpoConfig

@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from agent.cli_context import current_config
+from agent.cli.common import current_config
 from agent.config import Config
 
 app = typer.Typer(
@@ -56,7 +56,7 @@ def setup(
     ] = False,
 ) -> None:
     """Convert the embedded model into a safetensors folder in the workspace (idempotent)."""
-    from agent.models import ModelError, setup_model
+    from agent.model.files import ModelError, setup_model
 
     cfg = get_config(ctx)
     try:
@@ -70,7 +70,7 @@ def doctor(ctx: typer.Context) -> None:
     """Show what is installed and where, the configuration, and whether each part is reachable."""
     from rich.table import Table
 
-    from agent.doctor import run_checks
+    from agent.cli.doctor import run_checks
 
     cfg = get_config(ctx)
     table = Table(title="selftune doctor", show_lines=False)
@@ -104,7 +104,7 @@ def chat(
     ] = None,
 ) -> None:
     """One model turn, no tools: print the model's answer."""
-    from agent.runtime import chat_once
+    from agent.workspace import chat_once
 
     cfg = get_config(ctx)
     try:
@@ -168,8 +168,8 @@ def _suite(
     strict: bool,
     hints: bool = False,
 ) -> None:
-    from agent.episodes import run_suite
-    from agent.report import print_suite
+    from agent.cli.show import print_suite
+    from agent.envs.run import run_suite
 
     cfg = get_config(ctx)
     try:
@@ -286,8 +286,8 @@ def feedback(
     who: Annotated[str | None, typer.Option(help="who gives it (default: $USER)")] = None,
 ) -> None:
     """Record a human thumbs up or down on a trace."""
-    from agent.feedback import record_feedback
-    from agent.runtime import open_store
+    from agent.workspace import open_store
+    from traces.feedback import record_feedback
 
     if verdict not in ("up", "down"):
         fail(f"verdict must be 'up' or 'down', got {verdict!r}")
@@ -308,8 +308,8 @@ def review(
     who: Annotated[str | None, typer.Option(help="who gives it (default: $USER)")] = None,
 ) -> None:
     """Walk through traces one by one: u = up, d = down, s = skip, n = note, q = quit."""
-    from agent.feedback import review_loop
-    from agent.runtime import open_store
+    from agent.workspace import open_store
+    from traces.feedback import review_loop
 
     store = open_store(get_config(ctx))
     counts = review_loop(store, env=env, ungraded=ungraded, limit=limit, who=who, console=out)
@@ -352,8 +352,8 @@ def improve(
     seed: Seed = 0,
 ) -> None:
     """Collect, grade, build a dataset, tune, gate, promote and reload: the self-improvement loop."""
-    from agent.models import ModelError
-    from agent.vllm_server import VllmError
+    from agent.model.files import ModelError
+    from agent.serving.vllm import VllmError
     from tuner.grpo import GrpoError
     from tuner.improve import ImproveError, ImproveSettings, parse_every
     from tuner.improve import improve as run_improve
@@ -387,7 +387,11 @@ def improve(
 
 def _wire_subcommands() -> None:
     """Sub-command groups live beside the library code they call."""
-    from agent import cli_dataset, cli_serve, cli_tools, cli_traces, cli_tune
+    from agent.cli import dataset as cli_dataset
+    from agent.cli import serve as cli_serve
+    from agent.cli import tools as cli_tools
+    from agent.cli import traces as cli_traces
+    from agent.cli import tune as cli_tune
 
     app.add_typer(cli_traces.traces_app, name="traces", help="List, show, export and prune traces.")
     app.add_typer(
@@ -417,7 +421,3 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print("interrupted")
         sys.exit(130)
-
-
-if __name__ == "__main__":
-    main()

@@ -21,9 +21,9 @@ from langchain_core.messages.tool import invalid_tool_call, tool_call
 from langchain_core.outputs import ChatResult
 from langchain_openai import ChatOpenAI
 
-from agent.backends.local import response_metadata
 from agent.config import Config
-from agent.parsing import parse_tool_calls
+from agent.model.local import response_metadata
+from agent.model.parsing import parse_tool_calls
 
 
 class ModelServerError(RuntimeError):

@@ -40,9 +40,9 @@ from pydantic import ConfigDict, Field
 
 from agent.config import Config
 from agent.messages import to_message_dicts
-from agent.models import ModelError, check_model_dir, model_dir
-from agent.parsing import parse_tool_calls
-from agent.template import TemplateMode, chat_template_for, encode_prompt
+from agent.model.files import ModelError, check_model_dir, model_dir
+from agent.model.parsing import parse_tool_calls
+from agent.model.template import TemplateMode, chat_template_for, encode_prompt
 
 log = logging.getLogger(__name__)
 

@@ -60,7 +60,7 @@ def _http_ok(url: str, timeout: float = 2.0) -> tuple[bool, str]:
 
 def run_checks(cfg: Config) -> list[Check]:
     """Every check `selftune doctor` prints, in order. Never raises."""
-    from agent.models import ModelError, check_model_dir, embedded_gguf_path, resolve_model
+    from agent.model.files import ModelError, check_model_dir, embedded_gguf_path, resolve_model
 
     checks = [
         Check("python", True, f"{sys.version.split()[0]} at {sys.executable}"),

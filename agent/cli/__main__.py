@@ -1,0 +1,5 @@
+"""`python -m agent.cli` is the `selftune` command."""
+
+from agent.cli import main
+
+main()
