@@ -183,12 +183,9 @@ class Agent:
         """Every tool this agent can offer, by name: built-ins, module tools, MCP tools,
         subagents and tools passed in. `search` is built on first request (it loads Chroma)."""
         if self._tool_cache is None:
-            from tools.registry import builtin_tools, load_module_tools
+            from tools.catalog import local_tools
 
-            found: dict[str, Tool] = dict(builtin_tools())
-            for mod in self.cfg.agent.tool_modules:
-                for t in load_module_tools(mod):
-                    found[t.name] = t
+            found = local_tools(self.cfg.agent.tool_modules)
             if self._mcp is not None:
                 for t in self._mcp.tools():
                     found[t.name] = t

@@ -8,12 +8,14 @@ and judge in it; adapters are loaded into that one engine by name.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from agent.config import Config
+from tools import Tool, ToolError, local_tools
 from traces.datasets import DatasetFilters, DatasetResult, build_dataset
 
 _engines: dict[str, Any] = {}
@@ -121,3 +123,24 @@ def build_from_config(
         )
     finally:
         store.close()
+
+
+@asynccontextmanager
+async def open_tools(cfg: Config, with_mcp: bool = True) -> AsyncIterator[dict[str, Tool]]:
+    """Every tool the agent could use, MCP servers' included (sessions open for the block)."""
+    from tools.mcp_client import McpManager
+
+    tools = local_tools(cfg.agent.tool_modules)
+    if with_mcp and cfg.mcp:
+        async with McpManager(cfg.mcp) as manager:
+            yield {**tools, **{t.name: t for t in manager.tools()}}
+    else:
+        yield tools
+
+
+async def call_tool(cfg: Config, name: str, arguments: dict) -> str:
+    """Call one tool by name (starting MCP servers only if the name is an MCP tool's)."""
+    async with open_tools(cfg, with_mcp="__" in name) as tools:
+        if name not in tools:
+            raise ToolError(f"unknown tool {name!r}: available are {sorted(tools)}")
+        return await tools[name].ainvoke(arguments)

@@ -1,7 +1,7 @@
 """Tools: the Tool abstraction, built-ins, the MCP client and server."""
 
 from tools.base import Tool, ToolError, tool
-from tools.registry import ToolLoadError, builtin_tools, load_module_tools, resolve_tools
+from tools.catalog import ToolLoadError, builtin_tools, load_module_tools, local_tools
 
 __all__ = [
     "Tool",
@@ -9,6 +9,6 @@ __all__ = [
     "ToolLoadError",
     "builtin_tools",
     "load_module_tools",
-    "resolve_tools",
+    "local_tools",
     "tool",
 ]

@@ -77,7 +77,7 @@ def serve(
 
 
 def main(argv: list[str] | None = None) -> None:
-    from tools.registry import builtin_tools
+    from tools.catalog import builtin_tools
 
     p = argparse.ArgumentParser(description="Serve selftune's built-in tools over MCP.")
     p.add_argument("--transport", choices=["stdio", "http"], default="stdio")

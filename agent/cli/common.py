@@ -1,10 +1,10 @@
-"""The one way every `selftune` sub-command gets its configuration: the root's `--config`
-(kept in the root click context), then SELFTUNE_* variables; a bad config ends the command
-with its message and exit code 2."""
+"""What every command shares: the one way to get the configuration, the one way to fail, the
+consoles, and the option types several commands take."""
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
 
 import click
 import typer
@@ -12,15 +12,46 @@ from rich.console import Console
 
 from agent.config import Config, ConfigError, load_config
 
+console = Console(stderr=True)  # progress, errors, notes
+out = Console()  # results a script may read
 
-def current_config(**overrides: Any) -> Config:
-    ctx = click.get_current_context(silent=True)
+
+def config_path(ctx: click.Context | None) -> Path | None:
+    """The root's `--config` (kept in the root context's obj), or None for ./selftune.toml."""
     root = ctx.find_root() if ctx is not None else None
-    path = (
-        (root.obj or {}).get("config") if root is not None and isinstance(root.obj, dict) else None
-    )
+    obj = root.obj if root is not None else None
+    return obj.get("config") if isinstance(obj, dict) else None
+
+
+def get_config(
+    ctx: click.Context | None = None, path: Path | None = None, **overrides: Any
+) -> Config:
+    """The validated config for this invocation: `path`, else the root's `--config`, else
+    ./selftune.toml; then SELFTUNE_* variables and `overrides` (None values are ignored).
+    A bad config ends the command with its message and exit code 2."""
+    ctx = ctx if ctx is not None else click.get_current_context(silent=True)
     try:
-        return load_config(path, overrides={k: v for k, v in overrides.items() if v})
+        return load_config(
+            path or config_path(ctx),
+            overrides={k: v for k, v in overrides.items() if v is not None},
+        )
     except ConfigError as e:
-        Console(stderr=True).print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
+        fail(str(e), 2)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """End the command with one readable line on stderr and a non-zero exit code."""
+    console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+Env = Annotated[str, typer.Argument(help="a built-in environment name or a path")]
+Limit = Annotated[int | None, typer.Option(help="run only the first N tasks")]
+Concurrency = Annotated[int, typer.Option(help="episodes at once (the local backend batches them)")]
+AdapterOpt = Annotated[
+    str | None, typer.Option(help="vN, 'active' or 'base' (default: configured)")
+]
+FewShot = Annotated[int, typer.Option("--few-shot", help="K demonstrations as prior turns")]
+Seed = Annotated[int, typer.Option(help="sampling seed of sample 0 (sample i uses seed+i)")]
+Json = Annotated[bool, typer.Option("--json", help="write the result as JSON on stdout")]
+Strict = Annotated[bool, typer.Option(help="a bad task line is an error, not a warning")]

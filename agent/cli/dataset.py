@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-from agent.config import ConfigError, load_config
+from agent.cli.common import fail, get_config
 from traces.datasets import DATASET_KINDS, DatasetError, DatasetFilters
 
 dataset_app = typer.Typer(
@@ -23,7 +22,6 @@ dataset_app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console(stderr=True)
 
 
 @dataset_app.callback()
@@ -58,12 +56,13 @@ def build(
 ) -> None:
     """Build a dataset folder: train.jsonl, manifest.json, SUMMARY.md (and openai.jsonl)."""
     if kind not in DATASET_KINDS:
-        _fail(f"unknown dataset kind {kind!r}: choose one of {', '.join(DATASET_KINDS)}", 2)
+        fail(f"unknown dataset kind {kind!r}: choose one of {', '.join(DATASET_KINDS)}", 2)
     if fmt not in ("trl", "openai"):
-        _fail(f"unknown --format {fmt!r}: choose trl or openai", 2)
-    path = (ctx.obj or {}).get("config") if ctx.obj else None
+        fail(f"unknown --format {fmt!r}: choose trl or openai", 2)
+    from agent.workspace import build_from_config
+
+    cfg = get_config(ctx)
     try:
-        cfg = load_config(path)
         filters = DatasetFilters(
             env=env,
             min_score=min_score,
@@ -73,15 +72,8 @@ def build(
             grader=grader,
         )
         formats = ("trl", "openai") if fmt == "openai" else ("trl",)
-        from agent.workspace import build_from_config
-
         result = build_from_config(cfg, kind, out, filters, formats)
-    except (ConfigError, DatasetError) as e:
-        _fail(str(e))
+    except DatasetError as e:
+        fail(str(e))
     m = result.manifest
     typer.echo(f"{m['rows']} {kind} rows from {len(m['trace_ids'])} traces -> {result.path}")
-
-
-def _fail(message: str, code: int = 1) -> None:
-    console.print(f"[red]error:[/red] {message}")
-    raise typer.Exit(code)

@@ -7,11 +7,15 @@ from pathlib import Path
 
 import typer
 
+from agent.cli.common import fail, get_config
+from agent.config import Config
+
 serve_app = typer.Typer(help="Serve the model over the OpenAI protocol.")
 
 
 @serve_app.callback(invoke_without_command=True)
 def serve(
+    ctx: typer.Context,
     engine: str = typer.Option(
         "local", help="local (in this process) or vllm (a vLLM server from its own venv)"
     ),
@@ -25,26 +29,28 @@ def serve(
         "--print-command",
         help="vllm: print the command that starts vLLM (to run it yourself) and exit",
     ),
-    config: Path | None = typer.Option(None, "--config", help="selftune.toml to use"),
+    config: Path | None = typer.Option(
+        None, "--config", help="selftune.toml to use (default: the root --config)"
+    ),
 ) -> None:
     """Serve /v1/chat/completions, /v1/models and vLLM's LoRA routes on HOST:PORT."""
+    if engine not in ("local", "vllm"):
+        fail(f"--engine must be local or vllm, not {engine!r}", 2)
+    cfg = get_config(ctx, config)
     try:
         if engine == "vllm":
-            _serve_vllm(host, port, print_command, config)
+            _serve_vllm(cfg, host, port, print_command)
             return
         from agent.serving.openai_server import run_server
 
-        run_server(engine=engine, host=host, port=port, adapters=adapter, config=config)
-    except (ValueError, RuntimeError) as e:  # ConfigError, ModelError, VllmError: say why
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+        run_server(cfg, host=host, port=port, adapters=adapter)
+    except (ValueError, RuntimeError) as e:  # ModelError, VllmError, a bad --adapter: say why
+        fail(str(e), 2)
 
 
-def _serve_vllm(host: str, port: int, print_command: bool, config: Path | None) -> None:
-    from agent.config import load_config
+def _serve_vllm(cfg: Config, host: str, port: int, print_command: bool) -> None:
     from agent.serving.vllm import prepare, shell_command
 
-    cfg = load_config(config)
     server = prepare(
         cfg, host=host, port=port, install=not print_command, log=lambda m: typer.echo(m, err=True)
     )

@@ -1,4 +1,4 @@
-"""CLI commands for tools, MCP and retrieval; agent/cli/__init__.py mounts them.
+"""`selftune tools | mcp | index | search`: tools, MCP and retrieval.
 
 - `selftune tools list` / `selftune tools call NAME 'JSON'` (tools_app)
 - `selftune mcp serve [--transport stdio|http] [--port N]` (mcp_app)
@@ -10,66 +10,34 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from agent.cli.common import current_config
-from agent.config import Config
-from tools import Tool, ToolError, builtin_tools, load_module_tools
-from tools.mcp_client import McpManager
+from agent.cli.common import console as err
+from agent.cli.common import get_config, out
+from agent.workspace import call_tool, open_tools
+from tools import Tool, ToolError, local_tools
 
 tools_app = typer.Typer(help="List and call the agent's tools.", no_args_is_help=True)
 mcp_app = typer.Typer(help="Serve selftune's tools over MCP.", no_args_is_help=True)
-out = Console()
-err = Console(stderr=True)
-
-
-def local_tools(cfg: Config) -> dict[str, Tool]:
-    """Built-ins plus the tools of `[agent] tool_modules` (no MCP servers started)."""
-    tools = dict(builtin_tools())
-    for module in cfg.agent.tool_modules:
-        for t in load_module_tools(module):
-            tools[t.name] = t
-    return tools
-
-
-@asynccontextmanager
-async def all_tools(cfg: Config, with_mcp: bool = True):
-    """Every tool the agent could use, MCP servers' included (sessions open for the block)."""
-    tools = local_tools(cfg)
-    if with_mcp and cfg.mcp:
-        async with McpManager(cfg.mcp) as manager:
-            yield {**tools, **{t.name: t for t in manager.tools()}}
-    else:
-        yield tools
-
-
-async def call_tool(cfg: Config, name: str, arguments: dict) -> str:
-    """Call one tool by name (starting MCP servers only if the name is an MCP tool's)."""
-    async with all_tools(cfg, with_mcp="__" in name) as tools:
-        if name not in tools:
-            raise ToolError(f"unknown tool {name!r}: available are {sorted(tools)}")
-        return await tools[name].ainvoke(arguments)
 
 
 @tools_app.command("list")
 def list_cmd(
+    ctx: typer.Context,
     mcp: Annotated[
         bool, typer.Option(help="Also start the [[mcp]] servers and list their tools.")
     ] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the OpenAI tool schemas.")] = False,
 ) -> None:
     """List the tools the agent can use."""
-    cfg = current_config()
+    cfg = get_config(ctx)
 
     async def run() -> list[Tool]:
-        async with all_tools(cfg, with_mcp=mcp) as tools:
+        async with open_tools(cfg, with_mcp=mcp) as tools:
             return list(tools.values())
 
     tools = asyncio.run(run())
@@ -85,6 +53,7 @@ def list_cmd(
 
 @tools_app.command("call")
 def call_cmd(
+    ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="The tool's name (see `selftune tools list`).")],
     arguments: Annotated[str, typer.Argument(help="The arguments as a JSON object.")] = "{}",
 ) -> None:
@@ -95,7 +64,7 @@ def call_cmd(
         err.print(f"arguments are not valid JSON ({e}): pass an object like '{{\"x\": 1}}'")
         raise typer.Exit(2) from None
     try:
-        print(asyncio.run(call_tool(current_config(), name, args)))
+        print(asyncio.run(call_tool(get_config(ctx), name, args)))
     except ToolError as e:
         err.print(f"[red]tool error:[/red] {e}")
         raise typer.Exit(1) from None
@@ -103,6 +72,7 @@ def call_cmd(
 
 @mcp_app.command("serve")
 def serve_cmd(
+    ctx: typer.Context,
     transport: Annotated[
         str, typer.Option(help="stdio, or http (streamable HTTP at /mcp).")
     ] = "stdio",
@@ -117,12 +87,13 @@ def serve_cmd(
         raise typer.Exit(2)
     from agent.agent import ask_agent_tool
 
-    cfg = current_config()
-    tools = [*local_tools(cfg).values(), ask_agent_tool(cfg)]
+    cfg = get_config(ctx)
+    tools = [*local_tools(cfg.agent.tool_modules).values(), ask_agent_tool(cfg)]
     serve(tools, transport=transport, host=host, port=port)  # type: ignore[arg-type]
 
 
 def index_cmd(
+    ctx: typer.Context,
     paths: Annotated[list[Path], typer.Argument(help="Files or folders to index.")],
     collection: Annotated[
         str | None, typer.Option(help="Collection name (default: [retrieval] collection).")
@@ -133,7 +104,7 @@ def index_cmd(
 
     from retrieval import get_collection, index_paths, open_client
 
-    cfg = current_config()
+    cfg = get_config(ctx)
     rc = cfg.retrieval
     col = get_collection(open_client(rc, cfg.workspace.chroma), collection or rc.collection)
     with Progress(console=err, transient=True) as progress:
@@ -153,6 +124,7 @@ def index_cmd(
 
 
 def search_cmd(
+    ctx: typer.Context,
     query: Annotated[str, typer.Argument(help="What to look for.")],
     collection: Annotated[
         str | None, typer.Option(help="Collection name (default: [retrieval] collection).")
@@ -162,7 +134,7 @@ def search_cmd(
     """Search the retrieval store and print what the agent would see."""
     from retrieval import format_passages, get_collection, open_client, search
 
-    cfg = current_config()
+    cfg = get_config(ctx)
     rc = cfg.retrieval
     col = get_collection(open_client(rc, cfg.workspace.chroma), collection or rc.collection)
     try:
@@ -171,12 +143,3 @@ def search_cmd(
         err.print(str(e))
         raise typer.Exit(2) from None
     print(format_passages(passages))
-
-
-if __name__ == "__main__":  # pragma: no cover - for trying the commands before cli.py mounts them
-    app = typer.Typer()
-    app.add_typer(tools_app, name="tools")
-    app.add_typer(mcp_app, name="mcp")
-    app.command("index")(index_cmd)
-    app.command("search")(search_cmd)
-    app(sys.argv[1:])

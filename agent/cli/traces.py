@@ -1,7 +1,7 @@
 """`selftune traces ...`: list, show, export, stats and prune stored traces.
 
-Wired into the root app with `app.add_typer(traces_app, name="traces")`. The store is
-`[traces] db`, else `<workspace>/traces.db`; the root app's `--config` arrives in `ctx.obj`.
+Also `selftune feedback` and `selftune review`, a person's thumbs up or down on traces. The
+store is `[traces] db`, else `<workspace>/traces.db`.
 """
 
 from __future__ import annotations
@@ -13,16 +13,16 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-from agent.config import ConfigError, load_config
+from agent.cli.common import fail, get_config
+from agent.cli.common import out as console
+from agent.workspace import open_store, trace_db_path
 from traces.otel import export_otlp_json
 from traces.render import stats_table, trace_table, trace_tree
 from traces.schemas import TraceQuery
 from traces.store import TraceStore, TraceStoreError, export_jsonl
 
 traces_app = typer.Typer(help="Inspect, export and prune recorded traces.", no_args_is_help=True)
-console = Console()
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -49,24 +49,13 @@ def parse_time(s: str | None) -> float | None:
         ) from None
 
 
-def _config(ctx: typer.Context):
-    path = ctx.obj.get("config") if isinstance(ctx.obj, dict) else None
-    return load_config(path)
-
-
 def _open(ctx: typer.Context, must_exist: bool = True) -> TraceStore:
-    cfg = _config(ctx)
-    path = Path(cfg.traces.db or cfg.workspace.traces_db)
+    path = trace_db_path(get_config(ctx))
     if must_exist and not path.exists():
         raise TraceStoreError(
             f"no trace store at {path}: run an episode first, or set [traces] db / SELFTUNE_HOME"
         )
     return TraceStore(path)
-
-
-def _fail(e: Exception) -> typer.Exit:
-    console.print(f"[red]error:[/red] {e}", highlight=False)
-    return typer.Exit(1)
 
 
 # the filter options shared by list and export
@@ -114,8 +103,8 @@ def list_cmd(
         with _open(ctx) as store:
             traces = store.query(q)
             console.print(trace_table(traces, {t.id: store.grades(t.id) for t in traces}))
-    except (TraceStoreError, ConfigError) as e:
-        raise _fail(e) from None
+    except TraceStoreError as e:
+        fail(str(e))
 
 
 @traces_app.command("show")
@@ -127,8 +116,8 @@ def show_cmd(
         with _open(ctx) as store:
             trace = store.get(trace_id)
             console.print(trace_tree(trace, store.grades(trace.id)))
-    except (TraceStoreError, ConfigError) as e:
-        raise _fail(e) from None
+    except TraceStoreError as e:
+        fail(str(e))
 
 
 @traces_app.command("export")
@@ -153,7 +142,7 @@ def export_cmd(
         raise typer.BadParameter(f"--format {fmt!r}: use jsonl or otel-json")
     q = _query(env, task, adapter, status, tag, since, until, min_grade, max_grade, grader, limit)
     try:
-        cfg = _config(ctx)
+        cfg = get_config(ctx)
         with _open(ctx) as store:
             patterns = cfg.traces.scrub_patterns
             if fmt == "jsonl":
@@ -164,8 +153,8 @@ def export_cmd(
                     store.query(q, with_spans=True), out, cfg.traces.capture_content, patterns
                 )
                 console.print(f"wrote {n} OTel spans to {out}")
-    except (TraceStoreError, ConfigError) as e:
-        raise _fail(e) from None
+    except TraceStoreError as e:
+        fail(str(e))
 
 
 @traces_app.command("stats")
@@ -174,8 +163,8 @@ def stats_cmd(ctx: typer.Context, env: Env = None, since: Since = None) -> None:
     try:
         with _open(ctx) as store:
             console.print(stats_table(store.stats(env=env, since=parse_time(since))))
-    except (TraceStoreError, ConfigError) as e:
-        raise _fail(e) from None
+    except TraceStoreError as e:
+        fail(str(e))
 
 
 @traces_app.command("prune")
@@ -199,5 +188,40 @@ def prune_cmd(
                 raise typer.Exit(1)
             deleted = store.prune(older_than_s=age, env=env)
             console.print(f"deleted {deleted} traces and vacuumed {store.path}")
-    except (TraceStoreError, ConfigError) as e:
-        raise _fail(e) from None
+    except TraceStoreError as e:
+        fail(str(e))
+
+
+def feedback(
+    ctx: typer.Context,
+    trace_id: Annotated[str, typer.Argument(help="a trace id or a unique prefix")],
+    verdict: Annotated[str, typer.Argument(help="up or down")],
+    note: Annotated[str | None, typer.Option(help="why")] = None,
+    who: Annotated[str | None, typer.Option(help="who gives it (default: $USER)")] = None,
+) -> None:
+    """Record a human thumbs up or down on a trace."""
+    from traces.feedback import record_feedback
+
+    if verdict not in ("up", "down"):
+        fail(f"verdict must be 'up' or 'down', got {verdict!r}")
+    store = open_store(get_config(ctx))
+    try:
+        grade = record_feedback(store, trace_id, verdict == "up", note=note, who=who)
+    except KeyError as e:
+        fail(str(e))
+    console.print(f"recorded {verdict} on {grade.trace_id} as {grade.grader}")
+
+
+def review(
+    ctx: typer.Context,
+    env: Annotated[str | None, typer.Option(help="only this environment")] = None,
+    ungraded: Annotated[bool, typer.Option(help="only traces with no human feedback yet")] = False,
+    limit: Annotated[int, typer.Option(help="at most N traces")] = 50,
+    who: Annotated[str | None, typer.Option(help="who gives it (default: $USER)")] = None,
+) -> None:
+    """Walk through traces one by one: u = up, d = down, s = skip, n = note, q = quit."""
+    from traces.feedback import review_loop
+
+    store = open_store(get_config(ctx))
+    counts = review_loop(store, env=env, ungraded=ungraded, limit=limit, who=who, console=console)
+    console.print(f"up {counts['up']}, down {counts['down']}, skipped {counts['skip']}")

@@ -1,7 +1,6 @@
 """`selftune tune ...` (train an adapter) and `selftune adapters ...` (the registry).
 
-Wired into the root app with `app.add_typer(tune_app, name="tune")` and
-`app.add_typer(adapters_app, name="adapters")`; the root app's `--config` arrives in `ctx.obj`.
+Also `selftune improve`, the loop that collects, tunes, gates and promotes.
 """
 
 from __future__ import annotations
@@ -13,17 +12,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from agent.config import Config, ConfigError, load_config
+from agent.cli.common import Concurrency, Seed, console, fail, get_config, out
 
 tune_app = typer.Typer(help="Train a LoRA adapter on a dataset folder.", no_args_is_help=True)
 adapters_app = typer.Typer(
     help="List, inspect, promote and roll back adapters.", no_args_is_help=True
 )
-console = Console()
-err = Console(stderr=True)
 
 DatasetArg = Annotated[Path, typer.Argument(help="dataset folder (JSONL rows + manifest.json)")]
 FromOpt = Annotated[
@@ -42,24 +38,10 @@ VllmOpt = Annotated[
 ]
 
 
-def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[red]error:[/red] {message}")
-    raise typer.Exit(code)
-
-
-def _config(ctx: typer.Context, path: Path | None = None) -> Config:
-    root = ctx.obj.get("config") if isinstance(ctx.obj, dict) else None
-    try:
-        return load_config(path or root)
-    except ConfigError as e:
-        _fail(str(e), 2)
-        raise  # unreachable: _fail exits
-
-
 def _registry(ctx: typer.Context):
     from tuner.registry import Registry
 
-    return Registry(_config(ctx).workspace.adapters)
+    return Registry(get_config(ctx).workspace.adapters)
 
 
 def _run_tune(ctx, kind, dataset_dir, from_version, config, resume, max_steps) -> None:
@@ -67,14 +49,14 @@ def _run_tune(ctx, kind, dataset_dir, from_version, config, resume, max_steps) -
     from tuner.registry import RegistryError
     from tuner.train import TrainError, tune
 
-    cfg = _config(ctx, config)
+    cfg = get_config(ctx, config)
     try:
         rec = tune(
             kind, dataset_dir, cfg, from_version=from_version, resume=resume, max_steps=max_steps
         )
     except (TrainError, RegistryError, ModelError, ValueError) as e:
-        _fail(str(e))
-    console.print(
+        fail(str(e))
+    out.print(
         f"registered [bold]{rec.version}[/bold] (candidate) at {rec.path}: "
         f"{rec.metrics['global_step']} steps, final loss {rec.metrics['last_loss']:.4f}. "
         "Next: run the eval gate on it."
@@ -156,7 +138,7 @@ def tune_grpo(
     from tuner.registry import RegistryError
     from tuner.schemas import GrpoConfig
 
-    cfg = _config(ctx, config)
+    cfg = get_config(ctx, config)
     try:
         gc = GrpoConfig(
             steps=steps,
@@ -170,10 +152,12 @@ def tune_grpo(
             seed=seed,
             rollout_engine=rollout_engine or cfg.tuner.grpo_rollout_engine,
         )
-        rec = asyncio.run(grpo(cfg, env, gc, start_from=from_version, resume=resume, console=err))
+        rec = asyncio.run(
+            grpo(cfg, env, gc, start_from=from_version, resume=resume, console=console)
+        )
     except (GrpoError, RegistryError, ModelError, VllmError, ValueError) as e:
-        _fail(str(e))
-    console.print(
+        fail(str(e))
+    out.print(
         f"registered [bold]{rec.version}[/bold] (candidate) at {rec.path} after "
         f"{rec.metrics['steps']} GRPO steps. Next: run the eval gate on it."
     )
@@ -202,9 +186,9 @@ def adapters_list(ctx: typer.Context) -> None:
             f"{loss:.4f}" if isinstance(loss, float) else "-",
             _when(r.created_at),
         )
-    console.print(table)
+    out.print(table)
     if reg.active() is None:
-        console.print("active: the base model (no adapter promoted)")
+        out.print("active: the base model (no adapter promoted)")
 
 
 @adapters_app.command("show")
@@ -215,8 +199,8 @@ def adapters_show(ctx: typer.Context, version: str) -> None:
     try:
         rec = _registry(ctx).get(version)
     except RegistryError as e:
-        _fail(str(e))
-    console.print_json(json.dumps({**rec.model_dump(), "path": rec.path}))
+        fail(str(e))
+    out.print_json(json.dumps({**rec.model_dump(), "path": rec.path}))
 
 
 def _reload(url: str | None, rec) -> None:
@@ -227,8 +211,8 @@ def _reload(url: str | None, rec) -> None:
     try:
         asyncio.run(VllmReloader(url).reload(rec))
     except ReloadError as e:
-        _fail(str(e))
-    console.print(f"vLLM at {url} now serves {rec.version if rec else 'the base model'}")
+        fail(str(e))
+    out.print(f"vLLM at {url} now serves {rec.version if rec else 'the base model'}")
 
 
 @adapters_app.command("promote")
@@ -246,8 +230,8 @@ def adapters_promote(
     try:
         rec = _registry(ctx).promote(version, force=force)
     except RegistryError as e:
-        _fail(str(e))
-    console.print(f"active: {rec.version}")
+        fail(str(e))
+    out.print(f"active: {rec.version}")
     _reload(vllm, rec)
 
 
@@ -259,8 +243,8 @@ def adapters_rollback(ctx: typer.Context, vllm: VllmOpt = None) -> None:
     try:
         rec = _registry(ctx).rollback()
     except RegistryError as e:
-        _fail(str(e))
-    console.print(f"active: {rec.version if rec else 'the base model'}")
+        fail(str(e))
+    out.print(f"active: {rec.version if rec else 'the base model'}")
     _reload(vllm, rec)
 
 
@@ -272,7 +256,7 @@ def adapters_diff(ctx: typer.Context, v1: str, v2: str) -> None:
     try:
         d = _registry(ctx).diff(v1, v2)
     except RegistryError as e:
-        _fail(str(e))
+        fail(str(e))
     table = Table(title=f"{v1} vs {v2}")
     for col in ("section", "key", v1, v2):
         table.add_column(col)
@@ -280,11 +264,79 @@ def adapters_diff(ctx: typer.Context, v1: str, v2: str) -> None:
         for key, (a, b) in changes.items():
             table.add_row(section, key, _short(a), _short(b))
     if not table.rows:
-        console.print(f"{v1} and {v2} have the same lineage, config, metrics and evaluation")
+        out.print(f"{v1} and {v2} have the same lineage, config, metrics and evaluation")
         return
-    console.print(table)
+    out.print(table)
 
 
 def _short(x) -> str:
     text = x if isinstance(x, str) else json.dumps(x)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def improve(
+    ctx: typer.Context,
+    envs: Annotated[
+        list[str] | None, typer.Argument(help="environments (default: calculator docs-qa)")
+    ] = None,
+    cycles: Annotated[int, typer.Option(help="improvement cycles to run")] = 1,
+    method: Annotated[str, typer.Option(help="sft, dpo, kto or grpo (online RL)")] = "sft",
+    budget_minutes: Annotated[
+        float | None, typer.Option(help="start no new cycle after this")
+    ] = None,
+    every: Annotated[
+        str | None, typer.Option(help="keep running on a schedule: 30m, 6h, 1d")
+    ] = None,
+    resume: Annotated[
+        bool | None,
+        typer.Option(
+            "--resume/--fresh", help="resume the last unfinished job (default: if there is one)"
+        ),
+    ] = None,
+    collect_limit: Annotated[int, typer.Option(help="train tasks per environment per cycle")] = 108,
+    eval_limit: Annotated[int, typer.Option(help="held-out test tasks per environment")] = 54,
+    few_shot: Annotated[
+        int, typer.Option(help="demonstrations while collecting, while the model is weak")
+    ] = 2,
+    hints: Annotated[
+        bool, typer.Option(help="a collection wave with the tasks' hints, where they have any")
+    ] = True,
+    concurrency: Concurrency = 16,
+    max_tokens: Annotated[int, typer.Option(help="max new tokens per model call")] = 64,
+    max_train_steps: Annotated[
+        int, typer.Option(help="cap on training steps (-1: [tuner] epochs; grpo: 8)")
+    ] = -1,
+    seed: Seed = 0,
+) -> None:
+    """Collect, grade, build a dataset, tune, gate, promote and reload: the self-improvement loop."""
+    from agent.model.files import ModelError
+    from agent.serving.vllm import VllmError
+    from tuner.grpo import GrpoError
+    from tuner.improve import ImproveError, ImproveSettings, parse_every
+    from tuner.improve import improve as run_improve
+    from tuner.registry import RegistryError
+    from tuner.train import TrainError
+
+    if method not in ("sft", "dpo", "kto", "grpo"):
+        fail(f"--method must be sft, dpo, kto or grpo, got {method!r}")
+    cfg = get_config(ctx)
+    try:
+        settings = ImproveSettings(
+            envs=list(envs or ["calculator", "docs-qa"]),
+            cycles=cycles,
+            method=method,
+            budget_minutes=budget_minutes,
+            collect_limit=collect_limit,
+            eval_limit=eval_limit,
+            few_shot=few_shot,
+            hints=hints,
+            concurrency=concurrency,
+            max_tokens=max_tokens,
+            max_train_steps=max_train_steps,
+            seed=seed,
+            every_s=parse_every(every) if every else None,
+        )
+        asyncio.run(run_improve(cfg, settings, resume=resume, console=console))
+    # errors whose message says what to do (run `selftune setup`, say): one line, no traceback
+    except (ImproveError, ModelError, GrpoError, RegistryError, TrainError, VllmError) as e:
+        fail(str(e))

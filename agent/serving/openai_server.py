@@ -12,7 +12,6 @@ import asyncio
 import json
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
@@ -20,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from agent.config import Config
 from agent.model.local import AdapterError, ContextOverflowError, LocalEngine, Sampling
 from agent.model.parsing import parse_tool_calls
 
@@ -191,19 +191,14 @@ def serve(engine: LocalEngine, host: str = "127.0.0.1", port: int = 8000) -> Non
 
 
 def run_server(
+    cfg: Config,
     *,
-    engine: str = "local",
     host: str = "127.0.0.1",
     port: int = 8000,
     adapters: list[str] | None = None,
-    config: str | Path | None = None,
 ) -> None:
     """Load the configured model (and `NAME=FOLDER` adapters) and serve it: `selftune serve`."""
-    from agent.config import load_config
-
-    if engine != "local":
-        raise ValueError(f"engine {engine!r} is not yet available: use --engine local")
-    eng = LocalEngine.from_config(load_config(config))
+    eng = LocalEngine.from_config(cfg)
     for spec in adapters or []:
         name, sep, folder = spec.partition("=")
         if not sep or not name or not folder:

@@ -1,9 +1,11 @@
-"""Finding tools: the built-ins by name, and the tools defined in user modules."""
+"""The catalog of local tools: the built-ins by name, and the tools defined in user modules.
+(MCP tools come from `tools.mcp_client`; the agent pools both.)"""
 
 from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Sequence
 
 from tools.base import Tool
 from tools.builtins import calculator_tool
@@ -51,12 +53,9 @@ def load_module_tools(module_name: str) -> list[Tool]:
     return found
 
 
-def resolve_tools(names: list[str], available: dict[str, Tool]) -> list[Tool]:
-    """The tools called `names`, in order; an unknown name is an error listing what exists."""
-    missing = [n for n in names if n not in available]
-    if missing:
-        raise KeyError(
-            f"unknown tool(s) {missing}: available are {sorted(available)}. "
-            "Check [agent] tools, tool_modules and [[mcp]] in selftune.toml."
-        )
-    return [available[n] for n in names]
+def local_tools(modules: Sequence[str] = ()) -> dict[str, Tool]:
+    """The built-ins plus every tool of the user `modules`, by name (no MCP server started)."""
+    found = builtin_tools()
+    for module in modules:
+        found.update({t.name: t for t in load_module_tools(module)})
+    return found
