@@ -43,19 +43,12 @@ def setup(
 
 def doctor(ctx: typer.Context) -> None:
     """Show what is installed and where, the configuration, and whether each part is reachable."""
-    from rich.table import Table
-
     from agent.cli.doctor import run_checks
+    from agent.cli.show import print_checks
 
     cfg = get_config(ctx)
-    table = Table(title="selftune doctor", show_lines=False)
-    for col in ("check", "ok", "detail"):
-        table.add_column(col)
     checks = run_checks(cfg)
-    for c in checks:
-        table.add_row(c.name, "[green]yes[/green]" if c.ok else "[red]no[/red]", c.detail)
-    out.print(table)
-    out.print(f"model: {cfg.model.name}   backend: {cfg.model.backend}")
+    print_checks(checks, cfg, out)
     if not all(c.ok for c in checks):
         raise typer.Exit(1)
 

@@ -1,4 +1,4 @@
-"""What a person sees after a run: tables in the terminal (and, for `improve`, a PNG)."""
+"""The tables a person reads in the terminal after a command (the plots are `tuner/plots.py`)."""
 
 from __future__ import annotations
 
@@ -48,3 +48,14 @@ def print_suite(result: Any, console: Console) -> None:
     console.print(
         f"success rate {result.success_rate:.1%} (95% CI {lo:.1%}-{hi:.1%}) on {result.n} episodes"
     )
+
+
+def print_checks(checks: list[Any], cfg: Any, console: Console) -> None:
+    """`selftune doctor`'s checks as a table, then the model in use."""
+    table = Table(title="selftune doctor", show_lines=False)
+    for col in ("check", "ok", "detail"):
+        table.add_column(col)
+    for c in checks:
+        table.add_row(c.name, "[green]yes[/green]" if c.ok else "[red]no[/red]", c.detail)
+    console.print(table)
+    console.print(f"model: {cfg.model.name}   backend: {cfg.model.backend}")
