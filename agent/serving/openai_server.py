@@ -52,127 +52,141 @@ def _sampling(body: dict[str, Any]) -> Sampling:
     )
 
 
+def adapter_for(engine: LocalEngine, model: str | None) -> str | None:
+    """The adapter a request's model name asks for: None for the base model's name (or none)."""
+    if not model or model == engine.name or model == str(engine.path):
+        return None
+    if model in engine.adapters():
+        return model
+    raise LookupError(
+        f"model {model!r} is not served; available: {[engine.name, *engine.adapters()]}"
+    )
+
+
+def completion_response(body: dict[str, Any], completion: Any, model: str) -> dict[str, Any]:
+    """The OpenAI chat.completion object for one engine completion (tool calls parsed)."""
+    parsed = parse_tool_calls(completion.text)
+    message: dict[str, Any] = {"role": "assistant", "content": parsed.content}
+    finish = completion.finish_reason
+    if parsed.errors:
+        # leave the text as written so the client can show the model what went wrong
+        message["content"] = completion.text
+    elif parsed.calls:
+        message["tool_calls"] = [
+            {
+                "id": c.id,
+                "type": "function",
+                "function": {
+                    "name": c.name,
+                    "arguments": json.dumps(c.arguments, ensure_ascii=False),
+                },
+            }
+            for c in parsed.calls
+        ]
+        finish = "tool_calls" if finish == "stop" else finish
+    choice: dict[str, Any] = {
+        "index": 0,
+        "message": message,
+        "finish_reason": finish,
+        "logprobs": None,
+        "raw_completion": completion.text,  # selftune extension: the unparsed text
+    }
+    out: dict[str, Any] = {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": {
+            "prompt_tokens": completion.prompt_tokens,
+            "completion_tokens": completion.completion_tokens,
+            "total_tokens": completion.prompt_tokens + completion.completion_tokens,
+        },
+    }
+    if body.get("return_token_ids"):
+        out["prompt_token_ids"] = completion.prompt_token_ids
+        choice["token_ids"] = completion.completion_token_ids
+    return out
+
+
+async def chat(request: Request) -> Response:
+    engine: LocalEngine = request.app.state.engine
+    try:
+        body = await _body(request)
+        if not isinstance(body.get("messages"), list) or not body["messages"]:
+            return _error(400, "'messages' must be a non-empty list of chat messages")
+        if body.get("stream"):
+            return _error(400, "streaming is not supported by this server: set stream=false")
+        if int(body.get("n") or 1) != 1:
+            return _error(400, "only n=1 is supported")
+        adapter = adapter_for(engine, body.get("model"))
+        completion = await engine.agenerate(
+            body["messages"], body.get("tools") or None, adapter=adapter, sampling=_sampling(body)
+        )
+    except LookupError as e:
+        return _error(404, str(e), "model_not_found")
+    except (ValueError, TypeError, AdapterError, ContextOverflowError) as e:
+        return _error(400, str(e))
+    return JSONResponse(completion_response(body, completion, body.get("model") or engine.name))
+
+
+async def models(request: Request) -> Response:
+    engine: LocalEngine = request.app.state.engine
+    created = int(time.time())
+    entries = [(engine.name, str(engine.path), None)]
+    entries += [(name, path, engine.name) for name, path in engine.adapters().items()]
+    data = [
+        {
+            "id": i,
+            "object": "model",
+            "created": created,
+            "owned_by": "selftune",
+            "root": root,
+            "parent": parent,
+        }
+        for i, root, parent in entries
+    ]
+    return JSONResponse({"object": "list", "data": data})
+
+
+async def health(request: Request) -> Response:
+    return PlainTextResponse("")
+
+
+async def load_lora(request: Request) -> Response:
+    engine: LocalEngine = request.app.state.engine
+    try:
+        body = await _body(request)
+        name, path = body.get("lora_name"), body.get("lora_path")
+        if not name or not path:
+            return _error(400, "both 'lora_name' and 'lora_path' are required")
+        # loading takes ~0.5 s: keep the event loop answering meanwhile
+        await asyncio.to_thread(
+            engine.load_adapter, name, path, replace=bool(body.get("load_inplace"))
+        )
+    except (ValueError, AdapterError) as e:
+        return _error(400, str(e))
+    return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+
+async def unload_lora(request: Request) -> Response:
+    engine: LocalEngine = request.app.state.engine
+    try:
+        body = await _body(request)
+        name = body.get("lora_name")
+        if not name:
+            return _error(400, "'lora_name' is required")
+        engine.unload_adapter(name)
+    except AdapterError as e:
+        return _error(404, str(e), "not_found")
+    except ValueError as e:
+        return _error(400, str(e))
+    return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+
 def build_app(engine: LocalEngine) -> Starlette:
     """The Starlette app serving `engine`."""
-
-    def adapter_for(model: str | None) -> str | None:
-        if not model or model == engine.name or model == str(engine.path):
-            return None
-        if model in engine.adapters():
-            return model
-        raise LookupError(
-            f"model {model!r} is not served; available: {[engine.name, *engine.adapters()]}"
-        )
-
-    async def chat(request: Request) -> Response:
-        try:
-            body = await _body(request)
-            if not isinstance(body.get("messages"), list) or not body["messages"]:
-                return _error(400, "'messages' must be a non-empty list of chat messages")
-            if body.get("stream"):
-                return _error(400, "streaming is not supported by this server: set stream=false")
-            if int(body.get("n") or 1) != 1:
-                return _error(400, "only n=1 is supported")
-            adapter = adapter_for(body.get("model"))
-            sampling = _sampling(body)
-            completion = await engine.agenerate(
-                body["messages"], body.get("tools") or None, adapter=adapter, sampling=sampling
-            )
-        except LookupError as e:
-            return _error(404, str(e), "model_not_found")
-        except (ValueError, TypeError, AdapterError, ContextOverflowError) as e:
-            return _error(400, str(e))
-        parsed = parse_tool_calls(completion.text)
-        message: dict[str, Any] = {"role": "assistant", "content": parsed.content}
-        finish = completion.finish_reason
-        if parsed.errors:
-            # leave the text as written so the client can show the model what went wrong
-            message["content"] = completion.text
-        elif parsed.calls:
-            message["tool_calls"] = [
-                {
-                    "id": c.id,
-                    "type": "function",
-                    "function": {
-                        "name": c.name,
-                        "arguments": json.dumps(c.arguments, ensure_ascii=False),
-                    },
-                }
-                for c in parsed.calls
-            ]
-            finish = "tool_calls" if finish == "stop" else finish
-        choice: dict[str, Any] = {
-            "index": 0,
-            "message": message,
-            "finish_reason": finish,
-            "logprobs": None,
-            "raw_completion": completion.text,  # selftune extension: the unparsed text
-        }
-        out: dict[str, Any] = {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": body.get("model") or engine.name,
-            "choices": [choice],
-            "usage": {
-                "prompt_tokens": completion.prompt_tokens,
-                "completion_tokens": completion.completion_tokens,
-                "total_tokens": completion.prompt_tokens + completion.completion_tokens,
-            },
-        }
-        if body.get("return_token_ids"):
-            out["prompt_token_ids"] = completion.prompt_token_ids
-            choice["token_ids"] = completion.completion_token_ids
-        return JSONResponse(out)
-
-    async def models(request: Request) -> Response:
-        created = int(time.time())
-        entries = [(engine.name, str(engine.path), None)]
-        entries += [(name, path, engine.name) for name, path in engine.adapters().items()]
-        data = [
-            {
-                "id": i,
-                "object": "model",
-                "created": created,
-                "owned_by": "selftune",
-                "root": root,
-                "parent": parent,
-            }
-            for i, root, parent in entries
-        ]
-        return JSONResponse({"object": "list", "data": data})
-
-    async def health(request: Request) -> Response:
-        return PlainTextResponse("")
-
-    async def load_lora(request: Request) -> Response:
-        try:
-            body = await _body(request)
-            name, path = body.get("lora_name"), body.get("lora_path")
-            if not name or not path:
-                return _error(400, "both 'lora_name' and 'lora_path' are required")
-            # loading takes ~0.5 s: keep the event loop answering meanwhile
-            await asyncio.to_thread(
-                engine.load_adapter, name, path, replace=bool(body.get("load_inplace"))
-            )
-        except (ValueError, AdapterError) as e:
-            return _error(400, str(e))
-        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
-
-    async def unload_lora(request: Request) -> Response:
-        try:
-            body = await _body(request)
-            name = body.get("lora_name")
-            if not name:
-                return _error(400, "'lora_name' is required")
-            engine.unload_adapter(name)
-        except AdapterError as e:
-            return _error(404, str(e), "not_found")
-        except ValueError as e:
-            return _error(400, str(e))
-        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
-
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/v1/chat/completions", chat, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
@@ -181,6 +195,8 @@ def build_app(engine: LocalEngine) -> Starlette:
             Route("/v1/unload_lora_adapter", unload_lora, methods=["POST"]),
         ]
     )
+    app.state.engine = engine
+    return app
 
 
 def serve(engine: LocalEngine, host: str = "127.0.0.1", port: int = 8000) -> None:
