@@ -23,7 +23,10 @@ from agent.envs.handbook import (
     PEOPLE,
     POLICIES,
     PRODUCTS,
+    Office,
     Person,
+    Policy,
+    Product,
 )
 from tools.builtins import format_number
 
@@ -47,6 +50,15 @@ def people_file(person: Person) -> str:
 
 def _value_text(v: int | float | str) -> str:
     return format_number(v) if isinstance(v, int | float) else str(v)
+
+
+def _catalogue_entry(p: Product) -> str:
+    carries = f" and carries up to {format_number(p.payload)} kg" if p.payload else ", no payload"
+    return (
+        f"## {p.code} {p.name}\n\nThe {p.name} (product code {p.code}) launched in {p.launched}. "
+        f"Its list price is {p.price:,} euros. It weighs {format_number(p.weight)} kg{carries}, "
+        f"and its battery lasts {format_number(p.battery)} hours.\n"
+    )
 
 
 def corpus_files() -> dict[str, str]:
@@ -75,18 +87,10 @@ def corpus_files() -> dict[str, str]:
             "spaces.\n\nVisitors sign in at the front desk on the ground floor.\n"
         )
     for family, title in FAMILY_TITLES.items():
-        lines = [f"# Product catalogue: {title.lower()}\n"]
-        for p in (p for p in PRODUCTS if p.family == family):
-            carries = (
-                f" and carries up to {format_number(p.payload)} kg" if p.payload else ", no payload"
-            )
-            lines.append(
-                f"## {p.code} {p.name}\n\nThe {p.name} (product code {p.code}) launched in "
-                f"{p.launched}. Its list price is {p.price:,} euros. It weighs "
-                f"{format_number(p.weight)} kg{carries}, and its battery lasts "
-                f"{format_number(p.battery)} hours.\n"
-            )
-        files[f"products-{family}.md"] = "\n".join(lines)
+        entries = [_catalogue_entry(p) for p in PRODUCTS if p.family == family]
+        files[f"products-{family}.md"] = "\n".join(
+            [f"# Product catalogue: {title.lower()}\n"] + entries
+        )
     for file in dict.fromkeys(people_file(p) for p in PEOPLE):
         group = file.removeprefix("people-").removesuffix(".md")
         lines = [f"# People directory: {group}\n"] + [
@@ -125,83 +129,88 @@ POLICY_UNITS = {
 }
 
 
+def number(prompt: str, answer: float, source: str, unit: str | None = None) -> dict[str, Any]:
+    """A question the numeric grader checks; `unit` is the regex the number is read before."""
+    fact = {"prompt": prompt, "answer": answer, "grader": "numeric", "source": source}
+    return fact | ({"unit": unit} if unit else {})
+
+
+def text(prompt: str, answer: str | list[str], source: str) -> dict[str, Any]:
+    """A question the contains grader checks: every answer string must appear."""
+    answers = answer if isinstance(answer, list) else [answer]
+    return {"prompt": prompt, "answer": answers, "grader": "contains", "source": source}
+
+
+def _company_facts() -> list[dict[str, Any]]:
+    h, src = HISTORY, "company-overview.md"
+    staff = "How many people does Quillmoor Robotics employ?"
+    return [
+        number("In which year was Quillmoor Robotics founded?", h["founded"], src),
+        number(staff, h["employees"], src, "people|employees"),
+        text("Who founded Quillmoor Robotics?", ["Maren Quill", "Tobias Moorcroft"], "history.md"),
+        text("What was Quillmoor Robotics' first product?", "Linen Folder", "history.md"),
+        text("In which city is Quillmoor Robotics headquartered?", "Bergen", src),
+    ]
+
+
+def _office_facts(o: Office) -> list[dict[str, Any]]:
+    src = f"office-{o.city.lower()}.md"
+    at, the = f"Quillmoor's {o.city} office", f"the Quillmoor {o.city} office"
+    return [
+        number(f"How many desks does {at} have?", o.desks, src, "desks?"),
+        number(f"How many floors does {the} occupy?", o.floors, src, "floors?"),
+        number(f"How many meeting rooms are there in {at}?", o.rooms, src, "meeting rooms?"),
+        number(f"How many parking spaces does {the} have?", o.parking, src, "parking spaces?"),
+        number(f"In which year did Quillmoor open its {o.city} office?", o.opened, src),
+        text(f"Who leads {at}?", o.head, src),
+        text(f"What is the street address of {at}?", o.address, src),
+        text(f"In which country is {at}?", o.country, src),
+    ]
+
+
+def _product_facts(p: Product) -> list[dict[str, Any]]:
+    src = f"products-{p.family}.md"
+    battery = f"How many hours does the battery of the Quillmoor {p.code} last?"
+    payload = f"What payload in kilograms can the Quillmoor {p.code} carry?"
+    return [
+        number(f"What is the list price in euros of Quillmoor's {p.code}?", p.price, src, EURO),
+        number(f"How much does the Quillmoor {p.name} weigh, in kilograms?", p.weight, src, KG),
+        number(battery, p.battery, src, "hours?"),
+        number(f"In which year was the Quillmoor {p.name} launched?", p.launched, src),
+        *([number(payload, p.payload, src, KG)] if p.payload else []),
+        text(f"What is the product code of Quillmoor's {p.name}?", p.code, src),
+        text(f"What is the name of the Quillmoor product with code {p.code}?", p.name, src),
+    ]
+
+
+def _person_facts(p: Person) -> list[dict[str, Any]]:
+    src = people_file(p)
+    role = f"What is {p.name}'s role at Quillmoor Robotics?"
+    return [
+        # office heads are asked "who leads ..." with their office
+        *([] if p.role.startswith("Head of the") else [text(role, p.role, src)]),
+        text(f"Which Quillmoor office is {p.name} based in?", p.office, src),
+        number(f"In which year did {p.name} join Quillmoor Robotics?", p.joined, src),
+        number(f"What is {p.name}'s badge number at Quillmoor?", p.badge, src),
+    ]
+
+
+def _policy_fact(p: Policy) -> dict[str, Any]:
+    if p.unit is None:
+        return text(p.question, str(p.value), f"{p.file}.md")
+    return number(p.question, p.value, f"{p.file}.md", POLICY_UNITS.get(p.unit))
+
+
 def facts() -> list[dict[str, Any]]:
     """Every question the handbook answers: prompt, answer, grader, source file (and the unit
     the numeric grader reads the number before)."""
-    out: list[dict[str, Any]] = []
-
-    def number(prompt: str, answer: float, source: str, unit: str | None = None) -> None:
-        fact = {"prompt": prompt, "answer": answer, "grader": "numeric", "source": source}
-        out.append(fact | ({"unit": unit} if unit else {}))
-
-    def text(prompt: str, answer: str, source: str) -> None:
-        out.append({"prompt": prompt, "answer": [answer], "grader": "contains", "source": source})
-
-    h = HISTORY
-    number("In which year was Quillmoor Robotics founded?", h["founded"], "company-overview.md")
-    number(
-        "How many people does Quillmoor Robotics employ?",
-        h["employees"],
-        "company-overview.md",
-        "people|employees",
-    )
-    out.append(
-        {
-            "prompt": "Who founded Quillmoor Robotics?",
-            "answer": ["Maren Quill", "Tobias Moorcroft"],
-            "grader": "contains",
-            "source": "history.md",
-        }
-    )
-    text("What was Quillmoor Robotics' first product?", "Linen Folder", "history.md")
-    text("In which city is Quillmoor Robotics headquartered?", "Bergen", "company-overview.md")
-    for o in OFFICES:
-        src, at = f"office-{o.city.lower()}.md", f"Quillmoor's {o.city} office"
-        number(f"How many desks does {at} have?", o.desks, src, "desks?")
-        number(
-            f"How many floors does the Quillmoor {o.city} office occupy?", o.floors, src, "floors?"
-        )
-        number(f"How many meeting rooms are there in {at}?", o.rooms, src, "meeting rooms?")
-        number(
-            f"How many parking spaces does the Quillmoor {o.city} office have?",
-            o.parking,
-            src,
-            "parking spaces?",
-        )
-        number(f"In which year did Quillmoor open its {o.city} office?", o.opened, src)
-        text(f"Who leads {at}?", o.head, src)
-        text(f"What is the street address of {at}?", o.address, src)
-        text(f"In which country is {at}?", o.country, src)
-    for p in PRODUCTS:
-        src = f"products-{p.family}.md"
-        number(f"What is the list price in euros of Quillmoor's {p.code}?", p.price, src, EURO)
-        number(f"How much does the Quillmoor {p.name} weigh, in kilograms?", p.weight, src, KG)
-        number(
-            f"How many hours does the battery of the Quillmoor {p.code} last?",
-            p.battery,
-            src,
-            "hours?",
-        )
-        number(f"In which year was the Quillmoor {p.name} launched?", p.launched, src)
-        if p.payload:
-            number(
-                f"What payload in kilograms can the Quillmoor {p.code} carry?", p.payload, src, KG
-            )
-        text(f"What is the product code of Quillmoor's {p.name}?", p.code, src)
-        text(f"What is the name of the Quillmoor product with code {p.code}?", p.name, src)
-    for p in PEOPLE:
-        src = people_file(p)
-        if not p.role.startswith("Head of the"):  # office heads are asked "who leads ..." above
-            text(f"What is {p.name}'s role at Quillmoor Robotics?", p.role, src)
-        text(f"Which Quillmoor office is {p.name} based in?", p.office, src)
-        number(f"In which year did {p.name} join Quillmoor Robotics?", p.joined, src)
-        number(f"What is {p.name}'s badge number at Quillmoor?", p.badge, src)
-    for p in POLICIES:
-        if p.unit is None:
-            text(p.question, str(p.value), f"{p.file}.md")
-        else:
-            number(p.question, p.value, f"{p.file}.md", POLICY_UNITS.get(p.unit))
-    return out
+    return [
+        *_company_facts(),
+        *(f for o in OFFICES for f in _office_facts(o)),
+        *(f for p in PRODUCTS for f in _product_facts(p)),
+        *(f for p in PEOPLE for f in _person_facts(p)),
+        *(_policy_fact(p) for p in POLICIES),
+    ]
 
 
 def tasks(rng: random.Random) -> list[dict]:
