@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import textwrap
 from pathlib import Path
 
@@ -13,13 +14,17 @@ from _graders_fixtures import make_trace
 
 from agent.config import AgentConfig, SubagentConfig
 from agent.envs import (
+    ENVS_DIR,
     EnvironmentLoadError,
     demo_tool_calls,
     list_environments,
     load_environment,
     task_id_for,
 )
-from agent.envs.generate import generate
+from agent.envs.calculator import make as calculator_make
+from agent.envs.delegate import make as delegate_make
+from agent.envs.docs_qa import make as docs_qa_make
+from agent.envs.word_problems import make as word_problems_make
 from tools.builtins import calculator
 from traces.graders import answer_number, grade_trace
 
@@ -115,13 +120,40 @@ def test_demos_use_real_tool_names_and_correct_results(builtins, name):
             assert content.split("\n", 1)[1] in corpus
 
 
-def test_generator_is_deterministic(tmp_path, builtins):
-    counts = generate(tmp_path)
-    assert counts["calculator"] == len(builtins["calculator"].tasks)
-    for folder in ("calculator", "docs_qa", "delegate"):
-        for f in ("tasks.jsonl", "demos.jsonl"):
-            shipped = (Path(builtins["calculator"].path).parent / folder / f).read_text()
-            assert (tmp_path / folder / f).read_text() == shipped, f"{folder}/{f} is stale"
+MAKES = {
+    "calculator": calculator_make,
+    "word_problems": word_problems_make,
+    "docs_qa": docs_qa_make,
+    "delegate": delegate_make,
+}
+
+
+def _data(folder: Path) -> dict[str, bytes]:
+    """Every file a make.py writes: tasks.jsonl, demos.jsonl and corpus/*.md."""
+    files = [folder / "tasks.jsonl", folder / "demos.jsonl", *sorted(folder.glob("corpus/*.md"))]
+    return {str(f.relative_to(folder)): f.read_bytes() for f in files}
+
+
+@pytest.mark.parametrize("folder", MAKES)
+def test_each_make_rewrites_its_shipped_data_byte_for_byte(tmp_path, folder):
+    shipped = _data(ENVS_DIR / folder)
+    for run in ("first", "second"):
+        MAKES[folder].write(tmp_path / run)
+        assert _data(tmp_path / run) == shipped, f"stale: python -m agent.envs.{folder}.make"
+
+
+@pytest.mark.parametrize("changed", MAKES)
+def test_changing_one_generator_leaves_the_others_data_alone(tmp_path, monkeypatch, changed):
+    """Each make.py draws from its own random.Random(SEED): one that draws more (here, one
+    number more from its stream and one from the global one) changes its own tasks only."""
+    assert len({m.SEED for m in MAKES.values()}) == len(MAKES)
+    make = MAKES[changed]
+    tasks = make.tasks
+    monkeypatch.setattr(make, "tasks", lambda rng: (rng.random(), random.random(), tasks(rng))[2])
+    for folder, m in MAKES.items():
+        m.write(tmp_path / folder)
+        same = _data(tmp_path / folder) == _data(ENVS_DIR / folder)
+        assert same == (folder != changed), folder
 
 
 def test_unknown_environment_names_the_choices():

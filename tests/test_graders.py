@@ -131,31 +131,31 @@ REAL_CALCULATOR = [
 ]
 REAL_DOCS = [
     (
-        "docs-0000",
+        "docs-0317",
         "At Quillmoor Robotics, Agnieszka Zawada is a skilled and dedicated AI assistant. She is responsible for a variety of tasks, including data analysis, data science, and assisting with various projects. Her role is to",
         "length",
         0.0,
     ),
     (
-        "docs-0001",
+        "docs-0039",
         "The Quillmoor QS-045 is a 2019 1000-megawatt-electric (MWh) battery from the Quillmoor company. It was designed to power the ",
         "length",
         0.0,
     ),
     (
-        "docs-0002",
+        "docs-0180",
         "The Quillmoor QM-310 is a 310-kilogram cargo ship, and it can carry a maximum of 1000 kilograms of cargo.",
         "stop",
         0.0,
     ),
     (
-        "docs-0003",
+        "docs-0261",
         "Quillmoor's Krakow office is located in the UK, specifically in the UK's capital city of London, UK.",
         "stop",
         0.0,
     ),
     (
-        "docs-0004",
+        "docs-0118",
         "Quillmoor's Valparaiso is a small town in the island of St. Maarten, Netherlands.",
         "stop",
         0.0,

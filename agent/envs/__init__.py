@@ -69,7 +69,7 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -457,27 +457,6 @@ def demo_tool_calls(demo: dict[str, Any]) -> list[tuple[str, dict[str, Any], str
                 (c["function"]["name"], c["function"].get("arguments", {}), results.get(c["id"]))
             )
     return out
-
-
-def tasks_for(envs: Sequence[Environment], split: str) -> list[tuple[Environment, Task]]:
-    """(environment, task) pairs of one split across several environments."""
-    return [(env, t) for env in envs for t in env.split(split)]
-
-
-def describe(env: Environment) -> dict[str, Any]:
-    """A summary for `selftune envs` and logs."""
-    return {
-        "name": env.name,
-        "path": str(env.path),
-        "train": len(env.split("train")),
-        "test": len(env.split("test")),
-        "demos": len(env.demos),
-        "tools": env.tool_names,
-        "grader": env.grader,
-        "subagents": [s["name"] for s in env.subagents],
-        "corpus": str(env.corpus_dir) if env.corpus_dir else None,
-        "errors": len(env.load_errors),
-    }
 
 
 def environment_tasks(env: str, cfg: Config) -> tuple[str, dict[tuple[str, str], Task]]:
