@@ -18,11 +18,10 @@ from traces.datasets import (
     DatasetFilters,
     build_dataset,
     build_rows,
-    conversation_of,
     parse_since,
     split_at_divergence,
-    subagent_spans,
 )
+from traces.read import conversation_of, subagent_spans
 from traces.schemas import Grade, LlmData, Span, Task, ToolCall, ToolData, Trace
 from traces.store import TraceStore
 

@@ -21,7 +21,8 @@ from agent.envs import (
 )
 from agent.envs.generate import generate
 from tools.builtins import calculator
-from traces.graders import answer_number, grade_trace
+from traces.graders import grade_trace
+from traces.read import answer_number
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ from traces.flags import (
     tool_result_ignored,
     truncated,
 )
-from traces.graders import GradeResult, grade_trace
+from traces.graders import grade_trace
+from traces.schemas import GradeResult
 
 RIGHT, WRONG = GradeResult(1.0, "right"), GradeResult(0.0, "wrong")
 CALC = [("calculator", {"expression": "1234 * 5678"}, "7006652")]

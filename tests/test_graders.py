@@ -12,12 +12,8 @@ from _graders_fixtures import ScriptedChat, local_chat_model, make_trace, task
 
 from agent.envs import load_environment
 from traces.graders import (
-    GraderError,
-    GradeResult,
     agrade_group,
     agrade_trace,
-    answer_number,
-    find_numbers,
     grade_contains,
     grade_exact,
     grade_numeric,
@@ -26,10 +22,11 @@ from traces.graders import (
     group_messages,
     judge_group,
     judge_pointwise,
-    normalize_text,
     parse_group_scores,
     parse_score,
 )
+from traces.read import answer_number, find_numbers, normalize_text
+from traces.schemas import GraderError, GradeResult
 
 # --- real model answers -----------------------------------------------------------------------
 # Produced once by SmolLM2-135M-Instruct (the converted .selftune/models folder), transformers

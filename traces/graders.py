@@ -37,162 +37,15 @@ import math
 import re
 import unicodedata
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-from traces.schemas import Grade, Span, Task, ToolData, Trace
+from traces.flags import compute_flags
+from traces.read import answer_number, clip, final_answer, find_numbers, normalize_text, tool_calls
+from traces.schemas import Grade, GraderError, GradeResult, Task, Trace
 
 RULE_GRADERS = ("exact", "numeric", "contains", "regex")
 BUILTIN_GRADERS = (*RULE_GRADERS, "judge")
 ENV_GRADER = "env"  # the environment's own grade function (environment.py)
-PASS_SCORE = 1.0 - 1e-9  # a grade at or above this counts as "right" for the flags
-
-
-class GraderError(ValueError):
-    """A grader name or a task's reference answer is unusable; the message says how to fix it."""
-
-
-@dataclass
-class GradeResult:
-    """What a grader returns. `error` is set when grading itself failed (judge junk, a bad
-    regex, a crashing custom grader): then `score` is 0.0 and means nothing."""
-
-    score: float
-    reason: str
-    flags: list[str] = field(default_factory=list)
-    raw: str | None = None
-    error: str | None = None
-
-    def __post_init__(self) -> None:
-        if not (0.0 <= self.score <= 1.0) or math.isnan(self.score):
-            raise GraderError(f"grade score {self.score!r} is outside [0, 1]")
-
-
-def _error(message: str, raw: str | None = None) -> GradeResult:
-    return GradeResult(0.0, message, raw=raw, error=message)
-
-
-# --- reading a trace -------------------------------------------------------------------------
-
-
-def final_answer(trace: Trace) -> str:
-    """The trace's final answer, else the last LLM completion, else ""."""
-    if trace.answer is not None:
-        return trace.answer
-    llm = last_llm(trace)
-    return llm.llm.completion if llm is not None and llm.llm is not None else ""
-
-
-def tool_calls(trace: Trace) -> list[ToolData]:
-    """Every tool call of the trace in start order: spans of kind "tool", "retrieval" (the
-    search tool) and "subagent" that carry ToolData, at any depth (subagents' calls included)."""
-    spans = sorted((s for s in trace.spans if s.tool is not None), key=lambda s: s.start)
-    return [s.tool for s in spans]
-
-
-def called_names(trace: Trace) -> set[str]:
-    """Names of the tools called and the subagents invoked in the trace."""
-    names = {t.name for t in tool_calls(trace)}
-    names |= {s.name for s in trace.spans if s.kind == "subagent"}
-    return names
-
-
-def last_llm(trace: Trace) -> Span | None:
-    """The last LLM span of the top-level agent (the one that wrote the final answer)."""
-    llms = [s for s in trace.spans if s.kind == "llm" and s.llm is not None]
-    return max(llms, key=lambda s: s.start) if llms else None
-
-
-# --- normalising text and finding numbers ----------------------------------------------------
-
-_ANSWER_PREFIX = re.compile(
-    r"^\s*(?:so,?\s+)?(?:the\s+)?(?:final\s+)?answer\s*(?:is|:|=)\s*", re.IGNORECASE
-)
-_ARTICLES = re.compile(r"\b(?:a|an|the)\b")
-
-
-def normalize_text(text: str) -> str:
-    """Lowercase, NFKC, drop a leading "the answer is"/"answer:", punctuation (kept inside
-    numbers: "3.5", "1,200"), the articles a/an/the and extra whitespace."""
-    text = unicodedata.normalize("NFKC", str(text)).strip()
-    text = _ANSWER_PREFIX.sub("", text).lower()
-    # keep "." and "," between digits, drop every other punctuation mark
-    text = re.sub(r"(?<=\d)[.,](?=\d)", lambda m: "\0" if m.group() == "." else "\1", text)
-    text = "".join(" " if unicodedata.category(c).startswith("P") else c for c in text)
-    text = text.replace("\0", ".").replace("\1", ",")
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
-
-
-# a number: optional sign, digits with "," or (narrow) space thousands groups, or plain digits,
-# optional decimals; the sign only counts when not glued to a preceding word or digit ("5-3")
-_NUMBER = re.compile(
-    r"(?<![\w.])(?P<sign>[-−–]\s?)?"
-    r"(?P<int>\d{1,3}(?:,\d{3})+|\d{1,3}(?:[ \u00a0\u202f]\d{3})+(?!\d)|\d+)?"
-    r"(?P<frac>\.\d+)?(?:[eE](?P<exp>[-+]?\d+))?"
-)
-_MARKERS = re.compile(
-    r"(?:(?:final\s+answer|answer|result|total)\s*(?:is|was|would\s+be|will\s+be|:|=)"
-    r"|####|\\boxed\{)",
-    re.IGNORECASE,
-)
-
-
-def find_numbers(text: str) -> list[tuple[float, int, int]]:
-    """Every number in `text` as (value, start, end): "1,234,567", "1 234 567", "-3.5", "$1,200",
-    "15%" (15), "42." (42), "x = 42" (42), "1e6"."""
-    out = []
-    for m in _NUMBER.finditer(text):
-        if not (m.group("int") or m.group("frac")):
-            continue
-        digits = re.sub(r"[ ,\u00a0\u202f]", "", m.group("int") or "0") + (m.group("frac") or "")
-        if m.group("exp"):
-            digits += "e" + m.group("exp")
-        value = float(digits)
-        if m.group("sign"):
-            # a dash between two numbers ("10 - 3", "2020-2024") is an operator or a range
-            before = text[: m.start()].rstrip()
-            if not before or not before[-1].isdigit():
-                value = -value
-        out.append((value, m.start(), m.end()))
-    return out
-
-
-def answer_number(text: str, mode: str = "auto", unit: str | None = None) -> float | None:
-    """The number an answer gives, or None.
-
-    mode "auto" (default): with a `unit` (a regex such as "desks?"), the last number written
-    right before that unit ("148 desks"); else the first number after the last answer marker
-    ("answer is", "total:", "result =", "####", "\\boxed{"); else the first number after the
-    last "="; else the LAST number. Last rather than first because small models restate the
-    question before answering ("3 boxes of 1,234 ... so 3,702"); the markers catch the
-    opposite habit ("The answer is 3702 (3 × 1234)"), and the unit catches an answer that
-    lists several facts ("148 desks, 12 meeting rooms and 40 parking spaces").
-    mode "last" / "first": that number regardless.
-    """
-    numbers = find_numbers(text)
-    if not numbers:
-        return None
-    if unit and mode == "auto":
-        unit_re = re.compile(rf"^\s*(?:{unit})\b", re.IGNORECASE)
-        tagged = [n for n in numbers if unit_re.match(text[n[2] :])]
-        if tagged:
-            return tagged[-1][0]
-    if mode == "first":
-        return numbers[0][0]
-    if mode == "last":
-        return numbers[-1][0]
-    if mode != "auto":
-        raise GraderError(f"number mode {mode!r} is not one of auto, first, last, any")
-    for anchor in (
-        [m.end() for m in _MARKERS.finditer(text)],
-        [m.end() for m in re.finditer(r"(?<![<>!=])=(?!=)", text)],
-    ):
-        if anchor:
-            after = [n for n in numbers if n[1] >= anchor[-1]]
-            if after:
-                return after[0][0]
-    return numbers[-1][0]
 
 
 def as_number(value: Any) -> float:
@@ -217,12 +70,12 @@ def _refs(reference: Any) -> list[Any]:
 def grade_exact(answer: str, reference: Any, metadata: dict | None = None) -> GradeResult:
     """1.0 when the normalised answer equals the normalised reference (or any of a list)."""
     if reference is None:
-        return _error("task has no 'answer' to compare with: add one or use the judge")
+        return GradeResult.failed("task has no 'answer' to compare with: add one or use the judge")
     got = normalize_text(answer)
     for ref in _refs(reference):
         if got == normalize_text(str(ref)):
             return GradeResult(1.0, f"matches {ref!r}")
-    return GradeResult(0.0, f"{_clip(answer)!r} does not match {reference!r}")
+    return GradeResult(0.0, f"{clip(answer)!r} does not match {reference!r}")
 
 
 def grade_numeric(answer: str, reference: Any, metadata: dict | None = None) -> GradeResult:
@@ -234,11 +87,11 @@ def grade_numeric(answer: str, reference: Any, metadata: dict | None = None) -> 
     """
     metadata = metadata or {}
     if reference is None:
-        return _error("task has no 'answer' to compare with: add a number")
+        return GradeResult.failed("task has no 'answer' to compare with: add a number")
     try:
         refs = [as_number(r) for r in _refs(reference)]
     except GraderError as e:
-        return _error(str(e))
+        return GradeResult.failed(str(e))
     rel_tol = float(metadata.get("rel_tol", 1e-6))
     abs_tol = float(metadata.get("abs_tol", 1e-9))
     mode = metadata.get("number", "auto")
@@ -248,10 +101,10 @@ def grade_numeric(answer: str, reference: Any, metadata: dict | None = None) -> 
         try:
             got = answer_number(answer, mode, metadata.get("unit"))
         except GraderError as e:
-            return _error(str(e))
+            return GradeResult.failed(str(e))
         candidates = [] if got is None else [got]
     if not candidates:
-        return GradeResult(0.0, f"no number in the answer {_clip(answer)!r}")
+        return GradeResult(0.0, f"no number in the answer {clip(answer)!r}")
     for got in candidates:
         for ref in refs:
             if math.isclose(got, ref, rel_tol=rel_tol, abs_tol=abs_tol):
@@ -263,7 +116,9 @@ def grade_numeric(answer: str, reference: Any, metadata: dict | None = None) -> 
 def grade_contains(answer: str, reference: Any, metadata: dict | None = None) -> GradeResult:
     """Fraction of the reference strings found in the answer (case-insensitive)."""
     if reference is None:
-        return _error("task has no 'answer' to look for: add a string or a list of strings")
+        return GradeResult.failed(
+            "task has no 'answer' to look for: add a string or a list of strings"
+        )
     got = " ".join(unicodedata.normalize("NFKC", answer).lower().split())
     refs = [str(r) for r in _refs(reference)]
     missing = [r for r in refs if " ".join(r.lower().split()) not in got]
@@ -277,7 +132,7 @@ def grade_regex(answer: str, reference: Any, metadata: dict | None = None) -> Gr
     """Fraction of the reference patterns that match somewhere in the answer."""
     metadata = metadata or {}
     if reference is None:
-        return _error("task has no 'answer' pattern: add a regular expression")
+        return GradeResult.failed("task has no 'answer' pattern: add a regular expression")
     flags = 0 if metadata.get("regex_case_sensitive") else re.IGNORECASE
     patterns = [str(r) for r in _refs(reference)]
     missing = []
@@ -286,7 +141,9 @@ def grade_regex(answer: str, reference: Any, metadata: dict | None = None) -> Gr
             if not re.search(p, answer, flags):
                 missing.append(p)
         except re.error as e:
-            return _error(f"reference pattern {p!r} is not a valid regular expression: {e}")
+            return GradeResult.failed(
+                f"reference pattern {p!r} is not a valid regular expression: {e}"
+            )
     if not missing:
         return GradeResult(1.0, f"matches {', '.join(map(repr, patterns))}")
     return GradeResult(
@@ -346,9 +203,11 @@ def to_result(value: Any, where: str) -> GradeResult:
     if isinstance(value, tuple) and len(value) == 2:
         value, reason = value
     if isinstance(value, bool) or not isinstance(value, int | float):
-        return _error(f"{where} returned {value!r}: return a float in [0, 1] or (float, reason)")
+        return GradeResult.failed(
+            f"{where} returned {value!r}: return a float in [0, 1] or (float, reason)"
+        )
     if not 0.0 <= float(value) <= 1.0:
-        return _error(f"{where} returned {value!r}, outside [0, 1]")
+        return GradeResult.failed(f"{where} returned {value!r}, outside [0, 1]")
     return GradeResult(float(value), str(reason) or f"{where} gave {float(value):g}")
 
 
@@ -358,7 +217,7 @@ async def _call_custom(fn: Callable, where: str, task: Task, answer: str, trace:
         if inspect.isawaitable(value):
             value = await value
     except Exception as e:  # noqa: BLE001 - a user's grader may raise anything; report it
-        return _error(f"{where} raised {type(e).__name__}: {e}")
+        return GradeResult.failed(f"{where} raised {type(e).__name__}: {e}")
     return to_result(value, where)
 
 
@@ -389,17 +248,8 @@ def summarize_tool_calls(trace: Trace, max_chars: int = 160) -> str:
     for t in tool_calls(trace):
         args = json.dumps(t.arguments, ensure_ascii=False)
         out = f"error: {t.error}" if t.error else (t.result or "")
-        lines.append(f"- {t.name}({_clip(args, max_chars)}) -> {_clip(out, max_chars)}")
+        lines.append(f"- {t.name}({clip(args, max_chars)}) -> {clip(out, max_chars)}")
     return "\n".join(lines) or "(no tool calls)"
-
-
-def judge_material(task: Task, trace: Trace) -> list[str]:
-    """The texts from the trace that a judge prompt shows: the answer and the tool results."""
-    texts = [final_answer(trace)]
-    for t in tool_calls(trace):
-        texts.append(t.result or "")
-        texts.append(t.error or "")
-    return [t for t in texts if t]
 
 
 def _candidate_text(trace: Trace) -> str:
@@ -585,13 +435,13 @@ async def judge_pointwise(
     try:
         reply = _content(await model.ainvoke(pointwise_messages(task, trace, rubric)))
     except Exception as e:  # noqa: BLE001 - any backend failure is a judge failure, not a crash
-        return _error(f"judge call failed: {type(e).__name__}: {e}")
+        return GradeResult.failed(f"judge call failed: {type(e).__name__}: {e}")
     score = parse_score(reply)
     if score is None:
-        return _error(f"judge reply holds no 0-10 score: {_clip(reply)!r}", raw=reply)
+        return GradeResult.failed(f"judge reply holds no 0-10 score: {clip(reply)!r}", raw=reply)
     lines = [ln.strip() for ln in reply.strip().splitlines() if ln.strip()]
     reason = next((ln for ln in lines if not _SCORE_PATTERNS[0].search(ln)), "") or lines[0]
-    return GradeResult(score, f"judge: {_clip(reason, 300)}", raw=reply)
+    return GradeResult(score, f"judge: {clip(reason, 300)}", raw=reply)
 
 
 async def judge_group(
@@ -609,7 +459,7 @@ async def judge_group(
     try:
         reply = _content(await model.ainvoke(group_messages(task, traces, rubric)))
     except Exception as e:  # noqa: BLE001 - any backend failure is a judge failure, not a crash
-        return [_error(f"judge call failed: {type(e).__name__}: {e}") for _ in traces]
+        return [GradeResult.failed(f"judge call failed: {type(e).__name__}: {e}") for _ in traces]
     scores = parse_group_scores(reply, labels)
     results = []
     for label in labels:
@@ -620,7 +470,9 @@ async def judge_group(
             )
         else:
             results.append(
-                _error(f"judge reply gives no score for candidate {label}: {_clip(reply)!r}", reply)
+                GradeResult.failed(
+                    f"judge reply gives no score for candidate {label}: {clip(reply)!r}", reply
+                )
             )
     return results
 
@@ -645,8 +497,6 @@ def resolve_grader_name(task: Task, grader_name: str | None, env_grader: Any) ->
 def _grade_record(
     task: Task, trace: Trace, name: str, result: GradeResult, flag_kwargs: dict[str, Any]
 ) -> Grade:
-    from traces.flags import compute_flags  # flags reads graders' helpers; import late
-
     if name == ENV_GRADER:
         stored, source = f"env:{trace.env}" if trace.env else "env", "verifier"
     else:
@@ -709,7 +559,7 @@ async def agrade_trace(
         try:
             fn = load_callable(name)
         except GraderError as e:
-            result = _error(str(e))
+            result = GradeResult.failed(str(e))
         else:
             result = await _call_custom(fn, f"grader {name!r}", task, answer, trace)
     kwargs = {"demos": demos, "requires_tools": requires_tools}
@@ -767,11 +617,6 @@ async def agrade_group(
         grade = _grade_record(task, trace, "judge", result, kwargs)
         grades.append(grade.model_copy(update={"grader": "judge-group"}))
     return grades
-
-
-def _clip(text: str, n: int = 120) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= n else text[: n - 1] + "…"
 
 
 def _fmt(x: float) -> str:
