@@ -19,6 +19,8 @@ from traces.graders import (
     grade_numeric,
     grade_regex,
     grade_trace,
+)
+from traces.judge import (
     group_messages,
     judge_group,
     judge_pointwise,
