@@ -153,13 +153,6 @@ _RULES: dict[str, Callable[[str, Any, dict | None], GradeResult]] = {
 }
 
 
-def grade_answer(grader: str, answer: str, reference: Any, metadata: dict | None = None):
-    """Run a rule grader by name on a bare answer."""
-    if grader not in _RULES:
-        raise GraderError(f"{grader!r} is not a rule grader; use one of {', '.join(RULE_GRADERS)}")
-    return _RULES[grader](answer, reference, metadata)
-
-
 # --- custom graders --------------------------------------------------------------------------
 
 
