@@ -27,18 +27,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
-import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from traces.read import subagent_spans, trace_tokens, training_conversation
 from traces.schemas import Grade, Task, Trace, TraceQuery
+from traces.times import TimeParseError, parse_time
 
 DatasetKind = Literal["sft", "dpo", "kto", "grpo"]
 DATASET_KINDS: tuple[str, ...] = ("sft", "dpo", "kto", "grpo")
@@ -49,9 +47,6 @@ OPENAI_FILE = "openai.jsonl"
 MANIFEST_FILE = "manifest.json"
 SUMMARY_FILE = "SUMMARY.md"
 _EPS = 1e-9  # a score within this of min_score passes (1.0 stored as 0.9999999999)
-
-_RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
-_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 class DatasetError(ValueError):
@@ -80,7 +75,10 @@ class DatasetFilters:
                 f"max_pairs_per_task must be at least 1, got {self.max_pairs_per_task}"
             )
         if self.since is not None:
-            parse_since(self.since)  # fail early, with the message, on a bad value
+            try:
+                parse_time(self.since)  # fail early, with the message, on a bad value
+            except TimeParseError as e:
+                raise DatasetError(f"--since {e}") from None
 
 
 @dataclass
@@ -103,34 +101,6 @@ class DatasetResult:
     @property
     def rows(self) -> int:
         return self.manifest["rows"]
-
-
-# --- time ------------------------------------------------------------------------------------
-
-
-def parse_since(value: float | str, now: float | None = None) -> float:
-    """Epoch seconds from a number, an ISO date or time ("2026-05-01", "2026-05-01T12:00",
-    UTC unless it says otherwise) or an age ("30m", "12h", "7d", "2w")."""
-    if isinstance(value, int | float):
-        return float(value)
-    text = str(value).strip()
-    m = _RELATIVE.match(text)
-    if m:
-        return (time.time() if now is None else now) - float(m.group(1)) * _UNIT_S[m.group(2)]
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        dt = datetime.fromisoformat(text)
-    except ValueError:
-        raise DatasetError(
-            f"--since {value!r} is not a time: give epoch seconds, an ISO date such as "
-            "2026-05-01 or 2026-05-01T12:00, or an age such as 30m, 12h, 7d"
-        ) from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return dt.timestamp()
 
 
 # --- grades ----------------------------------------------------------------------------------
@@ -211,7 +181,7 @@ class _Selection:
         self.filters = filters
         self.excluded: Counter[str] = Counter()
         self.kept: list[tuple[Trace, Verdict]] = []
-        since = None if filters.since is None else parse_since(filters.since)
+        since = None if filters.since is None else parse_time(filters.since)
         for t in sorted(traces, key=lambda t: t.id):
             task = _lookup_task(t, tasks)
             if filters.env is not None and t.env != filters.env:
@@ -719,7 +689,7 @@ def build_dataset(
         raise DatasetError(
             f"unknown dataset kind {kind!r}: choose one of {', '.join(DATASET_KINDS)}"
         )
-    since = None if filters.since is None else parse_since(filters.since)
+    since = None if filters.since is None else parse_time(filters.since)
     q = TraceQuery(env=filters.env, since=since, limit=None)
     traces = store.query(q, with_spans=True)
     grades = {t.id: store.grades(t.id) for t in traces}
