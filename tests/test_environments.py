@@ -9,7 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from _graders_fixtures import make_trace
+from _traces_fixtures import make_trace
 
 from agent.config import AgentConfig, SubagentConfig
 from agent.envs import (
