@@ -1,5 +1,6 @@
-"""A scripted chat model for unit tests of the graph: what it says is fixed, so each path of
-the orchestrator is hit on purpose. The real model runs the same graph in test_agent_real.py."""
+"""A scripted chat model: what it says is fixed, so each path of the orchestrator (and each of
+the judge's failure paths) is hit on purpose. The real model runs the same graph in
+test_agent_real.py, and judges in test_graders.py."""
 
 from __future__ import annotations
 
@@ -13,11 +14,15 @@ from langchain_core.outputs import ChatGeneration, ChatResult
 
 
 class Scripted(BaseChatModel):
-    """Answers with the next AIMessage of a script; records the prompts it was sent."""
+    """Answers with the next item of a script (an AIMessage, a text, or a callable making one),
+    then with `rest` ("done") once the script runs out; records the prompts it was sent. With
+    `fail`, every call raises ConnectionError, as an unreachable server would."""
 
-    script: list[Any]
+    script: list[Any] = []
+    rest: Any = "done"
     seen: list[Any] = []
     delay_s: float = 0.0
+    fail: bool = False
 
     @property
     def _llm_type(self) -> str:
@@ -30,11 +35,15 @@ class Scripted(BaseChatModel):
         raise NotImplementedError
 
     async def _agenerate(self, messages, stop=None, run_manager=None, **kw):
+        if self.fail:
+            raise ConnectionError("scripted server unreachable")
         self.seen.append(list(messages))
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
-        item = self.script.pop(0) if self.script else AIMessage("done")
+        item = self.script.pop(0) if self.script else self.rest
         msg = item() if callable(item) else item
+        if isinstance(msg, str):
+            msg = AIMessage(msg)
         msg.response_metadata = {
             "raw_completion": str(msg.content),
             "finish_reason": "stop",

@@ -1,53 +1,85 @@
-"""Shared helpers for the traces tests: build realistic traces and stores in tmp_path."""
+"""Shared helpers for the traces, grader and flag tests: traces built from parts, tasks, and a
+child Python that imports this repository."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from traces.schemas import LlmData, RetrievalData, Span, ToolCall, ToolData, Trace, now
+from traces.schemas import LlmData, RetrievalData, Span, Task, ToolCall, ToolData, Trace, now
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_trace(env: str = "calc", task_id: str = "t1", n_tools: int = 2, **kw) -> Trace:
-    """A finished episode: an agent span with an llm call, `n_tools` tool calls, a retrieval."""
-    t0 = kw.pop("start", now())
-    t = Trace(env=env, task_id=task_id, model="smollm2", start=t0, end=t0 + 1.0, status="ok", **kw)
+Call = tuple[str, dict, str | None]  # (tool name, arguments, result); None: the tool failed
+ADD: Call = ("calculator", {"e": "2+3"}, "5")
+
+
+def make_trace(
+    answer: str | None = "5",
+    calls: Sequence[Call] = (),
+    *,
+    env: str = "calc",
+    task_id: str = "t1",
+    finish_reason: str | None = None,
+    subagents: Sequence[str] = (),
+    **fields: Any,
+) -> Trace:
+    """A finished episode under one "orchestrator" agent span: an llm turn, a tool span per call
+    in `calls` (a subagent span for the names in `subagents`), a retrieval, and `answer`.
+
+    With calls, the llm turn is the one that asked for them (finish "tool_calls"); without, it
+    is the one that wrote `answer` (finish "stop"); `finish_reason` overrides either. `fields`
+    go to the Trace (start, adapter, tags, metadata, ...).
+    """
+    t0 = fields.pop("start", now())
+    t = Trace(
+        env=env, task_id=task_id, model="smollm2", start=t0, end=t0 + 1.0, status="ok", **fields
+    )
     agent = Span(
         trace_id=t.id, kind="agent", name="orchestrator", start=t0, end=t0 + 1, status="ok"
     )
+    asked = [
+        ToolCall(id=f"c{i}", name=name, arguments=args, raw_arguments=json.dumps(args))
+        for i, (name, args, _) in enumerate(calls, 1)
+    ]
+    blocks = [json.dumps({"name": c.name, "arguments": c.arguments}) for c in asked]
+    completion = "".join(f"<tool_call>{b}</tool_call>" for b in blocks) if asked else answer or ""
     llm = Span(
         trace_id=t.id, parent_id=agent.id, kind="llm", name="chat", start=t0 + 0.1, end=t0 + 0.4,
         status="ok",
         llm=LlmData(
             messages=[{"role": "user", "content": "what is 2+3?"}],
             tools=[{"type": "function", "function": {"name": "calculator"}}],
-            completion='<tool_call>{"name": "calculator", "arguments": {"e": "2+3"}}</tool_call>',
-            tool_calls=[ToolCall(id="c1", name="calculator", arguments={"e": "2+3"},
-                                 raw_arguments='{"e": "2+3"}')],
+            completion=completion,
+            tool_calls=asked,
             model="smollm2", input_tokens=40, output_tokens=12, prompt_token_ids=[1, 2, 3],
-            sampling={"temperature": 0.0}, finish_reason="tool_calls",
+            sampling={"temperature": 0.0},
+            finish_reason=finish_reason or ("tool_calls" if asked else "stop"),
         ),
     )  # fmt: skip
     spans = [agent, llm]
-    for i in range(n_tools):
+    for i, (name, args, result) in enumerate(calls):
         spans.append(
             Span(
                 trace_id=t.id,
                 parent_id=agent.id,
-                kind="tool",
-                name="calculator",
+                kind="subagent" if name in subagents else "tool",
+                name=name,
                 start=t0 + 0.5 + i * 0.1,
                 end=t0 + 0.55 + i * 0.1,
                 status="ok",
                 tool=ToolData(
-                    name="calculator",
-                    call_id=f"c{i}",
-                    arguments={"e": "2+3"},
-                    result="5",
-                    server="calc_mcp",
+                    name=name,
+                    call_id=f"c{i + 1}",
+                    arguments=args,
+                    result=result,
+                    error="tool failed" if result is None else None,
+                    server="calc_mcp" if name == "calculator" else None,
                 ),
             )  # fmt: skip
         )
@@ -66,8 +98,12 @@ def make_trace(env: str = "calc", task_id: str = "t1", n_tools: int = 2, **kw) -
         )  # fmt: skip
     )
     t.spans = spans
-    t.answer = "5"
+    t.answer = answer
     return t
+
+
+def task(prompt: str = "What is 1234 * 5678?", answer: Any = 7006652, **kw) -> Task:
+    return Task(id=kw.pop("id", "t"), prompt=prompt, answer=answer, **kw)
 
 
 def subprocess_env() -> dict[str, str]:

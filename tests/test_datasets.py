@@ -18,13 +18,12 @@ from traces.datasets import (
     DatasetFilters,
     build_dataset,
     build_rows,
-    conversation_of,
-    parse_since,
     split_at_divergence,
-    subagent_spans,
 )
+from traces.read import conversation_of, subagent_spans
 from traces.schemas import Grade, LlmData, Span, Task, ToolCall, ToolData, Trace
 from traces.store import TraceStore
+from traces.times import TimeParseError, parse_duration, parse_time
 
 SYSTEM = "You are a helpful assistant. Use the tools when they help."
 CALC = {
@@ -666,10 +665,17 @@ def test_bad_requests_fail_with_the_fix(store: TraceStore, tmp_path: Path):
 
 
 def test_since_takes_ages_dates_and_epochs():
-    assert parse_since("7d", now=1_000_000.0) == 1_000_000.0 - 7 * 86400
-    assert parse_since("30m", now=1000.0) == 1000.0 - 1800
-    assert parse_since("2026-05-01") == parse_since("2026-05-01T00:00:00+00:00")
-    assert parse_since("1700000000") == 1_700_000_000.0
+    assert parse_time("7d", now=1_000_000.0) == 1_000_000.0 - 7 * 86400
+    assert parse_time("30m", now=1000.0) == 1000.0 - 1800
+    assert parse_time("2026-05-01") == parse_time("2026-05-01T00:00:00+00:00")
+    assert parse_time("1700000000") == 1_700_000_000.0
+
+
+def test_durations_take_every_unit_and_a_bad_one_names_the_forms():
+    assert [parse_duration(f"2{u}") for u in "smhdw"] == [2, 120, 7200, 2 * 86400, 14 * 86400]
+    assert parse_duration(" 1.5 h ") == 5400
+    with pytest.raises(TimeParseError, match="s, m, h, d or w"):
+        parse_duration("soon")
 
 
 def test_since_filter_drops_older_traces():

@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from _graders_fixtures import make_trace
+from _traces_fixtures import make_trace
 
 from agent.config import AgentConfig, SubagentConfig
 from agent.envs import (
@@ -26,7 +26,8 @@ from agent.envs.delegate import make as delegate_make
 from agent.envs.docs_qa import make as docs_qa_make
 from agent.envs.word_problems import make as word_problems_make
 from tools.builtins import calculator
-from traces.graders import answer_number, grade_trace
+from traces.graders import grade_trace
+from traces.read import answer_number
 
 
 @pytest.fixture(scope="module")

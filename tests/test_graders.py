@@ -8,28 +8,28 @@ import sys
 import textwrap
 
 import pytest
-from _graders_fixtures import ScriptedChat, local_chat_model, make_trace, task
+from _agent_fixtures import Scripted
+from _traces_fixtures import make_trace, task
 
 from agent.envs import load_environment
 from traces.graders import (
-    GraderError,
-    GradeResult,
     agrade_group,
     agrade_trace,
-    answer_number,
-    find_numbers,
     grade_contains,
     grade_exact,
     grade_numeric,
     grade_regex,
     grade_trace,
+)
+from traces.judge import (
     group_messages,
     judge_group,
     judge_pointwise,
-    normalize_text,
     parse_group_scores,
     parse_score,
 )
+from traces.read import answer_number, find_numbers, normalize_text
+from traces.schemas import GraderError, GradeResult
 
 # --- real model answers -----------------------------------------------------------------------
 # Produced once by SmolLM2-135M-Instruct (the converted .selftune/models folder), transformers
@@ -512,7 +512,7 @@ def test_group_prompt_shows_every_candidate_and_its_tool_calls():
 
 
 def test_pointwise_judge_parses_and_keeps_raw():
-    judge = ScriptedChat(replies=["Score: 8\nCorrect, used the calculator."])
+    judge = Scripted(rest="Score: 8\nCorrect, used the calculator.")
     t = task(grader="judge")
     g = grade_trace(t, make_trace("7006652"), judge_model=judge)
     assert (g.value, g.source, g.grader) == (0.8, "judge", "judge")
@@ -522,20 +522,20 @@ def test_pointwise_judge_parses_and_keeps_raw():
 
 
 def test_judge_junk_is_an_error_grade_not_a_crash():
-    junk = ScriptedChat(replies=["<|im_start|>assistant assistant assistant ####"])
+    junk = Scripted(rest="<|im_start|>assistant assistant assistant ####")
     t = task(grader="judge")
     g = grade_trace(t, make_trace("7006652"), judge_model=junk)
     assert g.value == 0.0 and "no 0-10 score" in g.metadata["error"]
     assert g.raw == "<|im_start|>assistant assistant assistant ####"
     results = asyncio.run(judge_group(junk, t, [make_trace("1"), make_trace("2")]))
     assert len(results) == 2 and all(r.error and r.raw for r in results)
-    down = ScriptedChat(replies=["x"], fail=True)
+    down = Scripted(fail=True)
     r = asyncio.run(judge_pointwise(down, t, make_trace("1")))
     assert "judge call failed: ConnectionError" in r.error
 
 
 def test_group_judge_partial_reply_marks_only_the_missing_candidates():
-    judge = ScriptedChat(replies=["A: 9\nB: 2"])
+    judge = Scripted(rest="A: 9\nB: 2")
     traces = [make_trace("7006652"), make_trace("12"), make_trace("7006652 maybe")]
     grades = asyncio.run(agrade_group(task(), traces, judge))
     assert [g.value for g in grades] == [0.9, 0.2, 0.0]
@@ -554,7 +554,13 @@ def test_judge_without_model_is_a_clear_error():
 
 @pytest.fixture(scope="module")
 def smollm2_judge(model_path):
-    return local_chat_model(model_path, max_new_tokens=48)
+    """The shipped judge: ChatLocal over the real SmolLM2, greedy, rendering with the template
+    production uses; float32, since in bf16 greedy near-ties go either way with the CPU."""
+    from agent.model import ChatLocal, LocalEngine
+
+    engine = LocalEngine(model_path, dtype="float32", threads=2)
+    yield ChatLocal(engine=engine, max_tokens=48)
+    engine.close()
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from _traces_fixtures import make_trace
+from _traces_fixtures import ADD, make_trace
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -32,7 +32,7 @@ def _attrs(kvs) -> dict:
 
 
 def test_otlp_json_file_follows_genai_conventions(tmp_path: Path):
-    t = make_trace(env="calc", adapter="v3")
+    t = make_trace(calls=[ADD, ADD], env="calc", adapter="v3")
     t.spans[1].llm.messages[0]["content"] = "my key is sk-abcdefghijklmnopqrstuvwxyz0123"
     out = tmp_path / "otel.json"
     assert export_otlp_json([t], out) == len(t.spans) + 1

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from _traces_fixtures import make_trace
+from _traces_fixtures import ADD, make_trace
 
 from traces.scrub import scrub_text, scrub_trace
 from traces.store import TraceStore, export_jsonl
@@ -69,7 +69,7 @@ def test_user_patterns_apply_and_bad_ones_are_named():
 
 def test_scrub_trace_covers_every_string_and_keeps_the_original(tmp_path: Path):
     key = SECRETS["openai_key"]
-    t = make_trace(metadata={"note": f"used {key}"})
+    t = make_trace(calls=[ADD, ADD], metadata={"note": f"used {key}"})
     t.answer = f"the key is {key}"
     t.spans[1].llm.messages.append({"role": "user", "content": f"mail bob@corp.io key {key}"})
     t.spans[1].llm.completion = f"ok {key}"

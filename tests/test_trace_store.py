@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from _traces_fixtures import PYTHON, make_trace, subprocess_env
+from _traces_fixtures import ADD, PYTHON, make_trace, subprocess_env
 
 from traces.schemas import SCHEMA_VERSION, Grade, TraceQuery
 from traces.store import TraceNotFoundError, TraceStore, TraceStoreError, TraceStoreFullError
@@ -27,7 +27,7 @@ def store(tmp_path: Path):
 
 
 def test_round_trip_keeps_every_field_and_uses_wal(store: TraceStore):
-    t = make_trace(tags=["run:a"], metadata={"seed": 3})
+    t = make_trace(calls=[ADD, ADD], tags=["run:a"], metadata={"seed": 3})
     store.save(t)
     got = store.get(t.id)
     assert got.model_dump() == t.model_dump()

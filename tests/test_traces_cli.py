@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import typer
-from _traces_fixtures import make_trace
+from _traces_fixtures import ADD, make_trace
 from typer.testing import CliRunner
 
 from agent.cli.traces import traces_app
@@ -23,9 +23,11 @@ def home(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("SELFTUNE_HOME", str(tmp_path / "ws"))
     monkeypatch.chdir(tmp_path)  # no stray ./selftune.toml
     store = TraceStore(tmp_path / "ws" / "traces.db")
-    old = make_trace(env="calc", task_id="old-task", start=time.time() - 40 * 86400)
-    ok = make_trace(env="calc", task_id="t-ok", adapter="v1", tags=["run:a"])
-    bad = make_trace(env="web", task_id="t-bad")
+    old = make_trace(
+        calls=[ADD, ADD], env="calc", task_id="old-task", start=time.time() - 40 * 86400
+    )
+    ok = make_trace(calls=[ADD, ADD], env="calc", task_id="t-ok", adapter="v1", tags=["run:a"])
+    bad = make_trace(calls=[ADD, ADD], env="web", task_id="t-bad")
     bad.status, bad.error = "error", "ValueError: boom"
     bad.spans[1].llm.completion = "my key sk-abcdefghijklmnopqrstuvwxyz0123"
     for t in (old, ok, bad):

@@ -24,21 +24,19 @@ always give byte-identical files: rows are sorted by stable keys and nothing rec
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
-import re
 import shutil
-import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from traces.schemas import Grade, Span, Task, Trace, TraceQuery
+from traces.read import subagent_spans, trace_tokens, training_conversation
+from traces.schemas import Grade, Task, Trace, TraceQuery
+from traces.times import TimeParseError, parse_time
 
 DatasetKind = Literal["sft", "dpo", "kto", "grpo"]
 DATASET_KINDS: tuple[str, ...] = ("sft", "dpo", "kto", "grpo")
@@ -49,11 +47,6 @@ OPENAI_FILE = "openai.jsonl"
 MANIFEST_FILE = "manifest.json"
 SUMMARY_FILE = "SUMMARY.md"
 _EPS = 1e-9  # a score within this of min_score passes (1.0 stored as 0.9999999999)
-
-# Hermes-style tool-call blocks in a raw completion; what is left is the message's text
-_TOOL_CALL_BLOCK = re.compile(r"<tool_call>.*?(?:</tool_call>|$)", re.DOTALL)
-_RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
-_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 class DatasetError(ValueError):
@@ -82,7 +75,10 @@ class DatasetFilters:
                 f"max_pairs_per_task must be at least 1, got {self.max_pairs_per_task}"
             )
         if self.since is not None:
-            parse_since(self.since)  # fail early, with the message, on a bad value
+            try:
+                parse_time(self.since)  # fail early, with the message, on a bad value
+            except TimeParseError as e:
+                raise DatasetError(f"--since {e}") from None
 
 
 @dataclass
@@ -105,179 +101,6 @@ class DatasetResult:
     @property
     def rows(self) -> int:
         return self.manifest["rows"]
-
-
-# --- time ------------------------------------------------------------------------------------
-
-
-def parse_since(value: float | str, now: float | None = None) -> float:
-    """Epoch seconds from a number, an ISO date or time ("2026-05-01", "2026-05-01T12:00",
-    UTC unless it says otherwise) or an age ("30m", "12h", "7d", "2w")."""
-    if isinstance(value, int | float):
-        return float(value)
-    text = str(value).strip()
-    m = _RELATIVE.match(text)
-    if m:
-        return (time.time() if now is None else now) - float(m.group(1)) * _UNIT_S[m.group(2)]
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        dt = datetime.fromisoformat(text)
-    except ValueError:
-        raise DatasetError(
-            f"--since {value!r} is not a time: give epoch seconds, an ISO date such as "
-            "2026-05-01 or 2026-05-01T12:00, or an age such as 30m, 12h, 7d"
-        ) from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return dt.timestamp()
-
-
-# --- reading a trace -------------------------------------------------------------------------
-
-
-def _agent_of(span: Span, by_id: Mapping[str, Span]) -> str | None:
-    """The id of the nearest "agent" span above `span` (None if there is none)."""
-    seen: set[str] = set()
-    parent = span.parent_id
-    while parent is not None and parent not in seen:
-        seen.add(parent)
-        p = by_id.get(parent)
-        if p is None:
-            return None
-        if p.kind == "agent":
-            return p.id
-        parent = p.parent_id
-    return None
-
-
-def root_agent_span(trace: Trace) -> Span | None:
-    """The orchestrator's agent span: the first agent span with no agent span above it."""
-    by_id = {s.id: s for s in trace.spans}
-    for s in trace.spans:
-        if s.kind == "agent" and _agent_of(s, by_id) is None:
-            return s
-    return None
-
-
-def subagent_spans(trace: Trace) -> list[Span]:
-    """Every subagent's agent span (attribute `subagent` set), at any depth, in start order."""
-    spans = [s for s in trace.spans if s.kind == "agent" and s.attributes.get("subagent")]
-    return sorted(spans, key=lambda s: s.start)
-
-
-def _llm_spans(trace: Trace, agent_span_id: str | None) -> list[Span]:
-    by_id = {s.id: s for s in trace.spans}
-    order = {s.id: i for i, s in enumerate(trace.spans)}
-    llms = [
-        s
-        for s in trace.spans
-        if s.kind == "llm" and s.llm is not None and _agent_of(s, by_id) == agent_span_id
-    ]
-    return sorted(llms, key=lambda s: (s.start, order[s.id]))
-
-
-def _assistant_message(span: Span) -> dict[str, Any]:
-    """The assistant message an llm span produced: its text without tool-call blocks, and the
-    calls that parsed (arguments as dicts)."""
-    llm = span.llm
-    assert llm is not None
-    message: dict[str, Any] = {
-        "role": "assistant",
-        "content": _TOOL_CALL_BLOCK.sub("", llm.completion).strip(),
-    }
-    calls = [c for c in llm.tool_calls if c.error is None]
-    if calls:
-        message["tool_calls"] = [
-            {
-                "id": c.id,
-                "type": "function",
-                "function": {"name": c.name, "arguments": copy.deepcopy(c.arguments)},
-            }
-            for c in calls
-        ]
-    return message
-
-
-def conversation_of(
-    trace: Trace, agent_span_id: str | None = None
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The full conversation of one agent scope and the tool schemas it was offered.
-
-    The scope is the orchestrator (`agent_span_id=None`) or the agent span of a subagent; its
-    llm spans are those whose nearest agent ancestor is that span. The conversation is the
-    last such span's messages (exactly what was sent, demonstrations included) plus the
-    assistant message that call produced. Returns ([], []) when the scope made no llm call.
-    """
-    if agent_span_id is None:
-        root = root_agent_span(trace)
-        agent_span_id = root.id if root is not None else None
-    llms = _llm_spans(trace, agent_span_id)
-    if not llms:
-        return [], []
-    last = llms[-1]
-    assert last.llm is not None
-    messages = copy.deepcopy(last.llm.messages)
-    reply = _assistant_message(last)
-    # the orchestrator's final text is the trace's answer, exactly as the agent parsed it
-    if (
-        "tool_calls" not in reply
-        and agent_span_id == getattr(root_agent_span(trace), "id", None)
-        and trace.answer is not None
-    ):
-        reply["content"] = trace.answer
-    messages.append(reply)
-    return messages, copy.deepcopy(last.llm.tools)
-
-
-def demo_count(trace: Trace) -> int:
-    """How many few-shot demonstration messages followed the system prompt."""
-    n = trace.metadata.get("demo_messages") or 0
-    try:
-        return max(0, int(n))
-    except (TypeError, ValueError):
-        return 0
-
-
-def drop_demos(messages: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
-    """`messages` without the `n` demonstration messages after the system message."""
-    if n <= 0:
-        return list(messages)
-    start = 1 if messages and messages[0].get("role") == "system" else 0
-    return messages[:start] + messages[start + n :]
-
-
-def training_conversation(
-    trace: Trace, agent_span_id: str | None = None
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """`conversation_of`, with the orchestrator's demonstrations removed, and the task's own
-    prompt put back where a collection hint was added to it (context distillation of both)."""
-    messages, tools = conversation_of(trace, agent_span_id)
-    if agent_span_id is None:
-        messages = drop_demos(messages, demo_count(trace))
-        original = trace.metadata.get("task_prompt")
-        if trace.metadata.get("hinted") and original:
-            first_user = next((i for i, m in enumerate(messages) if m.get("role") == "user"), None)
-            if first_user is not None:
-                messages[first_user] = {**messages[first_user], "content": original}
-    return messages, tools
-
-
-def trace_tokens(trace: Trace) -> int:
-    """Tokens the model wrote in the trace (all scopes); counts words where none were recorded."""
-    total = 0
-    for s in trace.spans:
-        if s.kind != "llm" or s.llm is None:
-            continue
-        if s.llm.output_tokens is not None:
-            total += s.llm.output_tokens
-        elif s.llm.completion_token_ids is not None:
-            total += len(s.llm.completion_token_ids)
-        else:
-            total += len(s.llm.completion.split())
-    return total
 
 
 # --- grades ----------------------------------------------------------------------------------
@@ -358,7 +181,7 @@ class _Selection:
         self.filters = filters
         self.excluded: Counter[str] = Counter()
         self.kept: list[tuple[Trace, Verdict]] = []
-        since = None if filters.since is None else parse_since(filters.since)
+        since = None if filters.since is None else parse_time(filters.since)
         for t in sorted(traces, key=lambda t: t.id):
             task = _lookup_task(t, tasks)
             if filters.env is not None and t.env != filters.env:
@@ -866,7 +689,7 @@ def build_dataset(
         raise DatasetError(
             f"unknown dataset kind {kind!r}: choose one of {', '.join(DATASET_KINDS)}"
         )
-    since = None if filters.since is None else parse_since(filters.since)
+    since = None if filters.since is None else parse_time(filters.since)
     q = TraceQuery(env=filters.env, since=since, limit=None)
     traces = store.query(q, with_spans=True)
     grades = {t.id: store.grades(t.id) for t in traces}

@@ -27,9 +27,7 @@ from collections.abc import Sequence
 from difflib import SequenceMatcher
 from typing import Any
 
-from traces.graders import (
-    PASS_SCORE,
-    GradeResult,
+from traces.read import (
     answer_number,
     called_names,
     final_answer,
@@ -39,7 +37,7 @@ from traces.graders import (
     normalize_text,
     tool_calls,
 )
-from traces.schemas import Task, Trace
+from traces.schemas import GradeResult, Task, Trace
 
 FLAGS = (
     "required_tool_not_called",
@@ -49,6 +47,7 @@ FLAGS = (
     "truncated",
     "judge_steered",
 )
+PASS_SCORE = 1.0 - 1e-9  # a grade at or above this counts as "right"
 MIN_COPY_WORDS = 6
 MIN_COPY_SHARE = 0.7
 MIN_DEMO_ANSWER_CHARS = 12

@@ -2,7 +2,8 @@
 
 A Trace is one episode. Its steps are Spans in a tree (parent_id), one kind each: agent, llm,
 tool, retrieval, subagent. Kind-specific payloads sit in `llm`, `tool` and `retrieval`. Grades
-(verifier, judge or human) are separate records pointing at a trace.
+(verifier, judge or human) are separate records pointing at a trace. A grader's verdict before
+it is stored is a GradeResult (custom graders and environments may return one).
 
 Times are Unix epoch seconds (float). Bump SCHEMA_VERSION when a stored shape changes and
 teach `traces.store` to migrate the old rows forward.
@@ -10,8 +11,10 @@ teach `traces.store` to migrate the old rows forward.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -138,6 +141,32 @@ class Grade(_Schema):
     raw: str | None = None  # the judge's raw output
     metadata: dict[str, Any] = Field(default_factory=dict)
     created: float = Field(default_factory=now)
+
+
+class GraderError(ValueError):
+    """A grader name or a task's reference answer is unusable; the message says how to fix it."""
+
+
+@dataclass
+class GradeResult:
+    """What a grader returns (a custom `module:function` grader or an environment's `grade` may
+    return one too). `error` is set when grading itself failed (judge junk, a bad regex, a
+    crashing custom grader): then `score` is 0.0 and means nothing."""
+
+    score: float
+    reason: str
+    flags: list[str] = field(default_factory=list)
+    raw: str | None = None
+    error: str | None = None
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.score <= 1.0) or math.isnan(self.score):
+            raise GraderError(f"grade score {self.score!r} is outside [0, 1]")
+
+    @classmethod
+    def failed(cls, message: str, raw: str | None = None) -> GradeResult:
+        """Grading failed: score 0.0, `message` as the reason and the error."""
+        return cls(0.0, message, raw=raw, error=message)
 
 
 class TracesConfig(BaseModel):

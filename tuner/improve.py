@@ -18,7 +18,6 @@ import asyncio
 import fcntl
 import json
 import os
-import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from agent.config import Config
+from traces.times import TimeParseError, parse_duration
 from tuner.schemas import EvalSummary
 
 STEPS = ("collect", "dataset", "tune", "gate", "reload")
@@ -95,11 +95,11 @@ class JobState:
 
 
 def parse_every(text: str) -> float:
-    """'6h' / '30m' / '1d' / '90s' -> seconds."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", text or "")
-    if not m:
-        raise ImproveError(f"--every {text!r} is not a duration like 30m, 6h or 1d")
-    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    """'6h' / '30m' / '1d' / '90s' / '2w' -> seconds."""
+    try:
+        return parse_duration(text)
+    except TimeParseError as e:
+        raise ImproveError(f"--every {e}") from None
 
 
 @contextmanager

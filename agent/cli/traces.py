@@ -6,8 +6,6 @@ store is `[traces] db`, else `<workspace>/traces.db`.
 
 from __future__ import annotations
 
-import datetime as dt
-import re
 import time
 from pathlib import Path
 from typing import Annotated
@@ -17,6 +15,7 @@ import typer
 from agent.cli.common import fail, get_config
 from agent.cli.common import out as console
 from agent.workspace import open_store, trace_db_path
+from traces import times
 from traces.otel import export_otlp_json
 from traces.render import stats_table, trace_table, trace_tree
 from traces.schemas import TraceQuery
@@ -24,29 +23,21 @@ from traces.store import TraceStore, TraceStoreError, export_jsonl
 
 traces_app = typer.Typer(help="Inspect, export and prune recorded traces.", no_args_is_help=True)
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
 
 def parse_duration(s: str) -> float:
     """'30d', '12h', '90m', '45s', '2w' -> seconds."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", s)
-    if not m:
-        raise typer.BadParameter(f"{s!r} is not a duration: use a number and s, m, h, d or w (30d)")
-    return float(m.group(1)) * _UNITS[m.group(2)]
+    try:
+        return times.parse_duration(s)
+    except times.TimeParseError as e:
+        raise typer.BadParameter(str(e)) from None
 
 
 def parse_time(s: str | None) -> float | None:
-    """A duration ago ('7d') or an ISO date/time ('2026-01-31', '2026-01-31T12:00') -> epoch."""
-    if s is None:
-        return None
-    if re.fullmatch(r"\s*\d+(?:\.\d+)?\s*[smhdw]\s*", s):
-        return time.time() - parse_duration(s)
+    """A duration ago ('7d'), an ISO date/time ('2026-01-31', '2026-01-31T12:00') or epoch -> epoch."""
     try:
-        return dt.datetime.fromisoformat(s).timestamp()
-    except ValueError:
-        raise typer.BadParameter(
-            f"{s!r} is neither a duration (7d) nor an ISO date (2026-01-31T12:00)"
-        ) from None
+        return None if s is None else times.parse_time(s)
+    except times.TimeParseError as e:
+        raise typer.BadParameter(str(e)) from None
 
 
 def _open(ctx: typer.Context, must_exist: bool = True) -> TraceStore:

@@ -82,12 +82,11 @@ from traces.graders import (
     BUILTIN_GRADERS,
     ENV_GRADER,
     RULE_GRADERS,
-    GraderError,
     agrade_trace,
     as_number,
     check_grader_name,
 )
-from traces.schemas import Grade, Task, Trace
+from traces.schemas import Grade, GraderError, Task, Trace
 
 log = logging.getLogger(__name__)
 

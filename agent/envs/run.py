@@ -122,7 +122,7 @@ def demo_messages(
         [m for m in d["messages"] if m.get("role") != "system"] for d in env.demos[:k]
     ]
     if len(convs) < k and store is not None:
-        from traces.datasets import training_conversation
+        from traces.read import training_conversation
 
         past = _best_past_traces(store, env.name, k - len(convs), exclude_task, prompt)
         for trace in reversed(past):  # the most similar ends up nearest the question
