@@ -29,6 +29,6 @@ def test_readme_python_block_runs(code, tmp_path, cli_env):
         env=cli_env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1200,
     )
     assert done.returncode == 0, done.stderr[-3000:]
