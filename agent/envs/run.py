@@ -267,10 +267,12 @@ async def run_suite(
             grade_s=grade_s,
         )
 
-    adapter_name = (
-        agent.resolve_adapter(adapter) if adapter is not None else agent.current_adapter()
-    )
     try:
+        # inside the try: an unknown adapter must still close the agent we opened, or its
+        # checkpoint connection's thread keeps the process from exiting
+        adapter_name = (
+            agent.resolve_adapter(adapter) if adapter is not None else agent.current_adapter()
+        )
         outcomes = await _gather_with_progress(
             [one(t, s) for t, s in jobs], progress, f"{environment.name}/{split}"
         )
