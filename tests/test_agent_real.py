@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from _agent_fixtures import call
+from _tuner_fixtures import WORKED_EXAMPLE
 from langchain_core.messages import AIMessage
 
 from agent.agent import Agent
@@ -18,37 +19,6 @@ from agent.config import SubagentConfig
 from tools.schemas import McpServerConfig
 
 REPO = Path(__file__).resolve().parent.parent
-
-# Two examples, the last ending on its tool call: the style the runner's --few-shot uses
-# (a small model copies the latest assistant turn, so ending on a call makes it call).
-WORKED_EXAMPLE = [
-    {"role": "user", "content": "What is 23 * 19?"},
-    {
-        "role": "assistant",
-        "content": "",
-        "tool_calls": [
-            {
-                "id": "ex1",
-                "type": "function",
-                "function": {"name": "calculator", "arguments": {"expression": "23 * 19"}},
-            }
-        ],
-    },
-    {"role": "tool", "tool_call_id": "ex1", "name": "calculator", "content": "437"},
-    {"role": "assistant", "content": "The answer is 437."},
-    {"role": "user", "content": "What is 311 * 72?"},
-    {
-        "role": "assistant",
-        "content": "",
-        "tool_calls": [
-            {
-                "id": "ex2",
-                "type": "function",
-                "function": {"name": "calculator", "arguments": {"expression": "311 * 72"}},
-            }
-        ],
-    },
-]
 
 
 @pytest.mark.slow

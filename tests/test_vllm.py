@@ -18,9 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 from _runtime_fixtures import require_model
-from _tuner_fixtures import write_dataset
+from _tuner_fixtures import WORKED_EXAMPLE, toy_env, write_dataset
 from langchain_core.messages import HumanMessage
-from test_agent_real import WORKED_EXAMPLE
 
 from agent.agent import Agent
 from agent.config import DEFAULT_MODEL, load_config
@@ -225,15 +224,13 @@ async def test_killed_server_fails_the_episode_clearly_and_serve_starts_again(se
 async def test_grpo_on_its_own_vllm_server_rolls_out_the_updated_policy(home, tmp_path):
     """rollout_engine = "vllm": the run starts a server of its own, every rollout goes there,
     and after the update the server answers like the new adapter on the local backend."""
-    from test_grpo import _toy_env
-
     from agent.workspace import open_store
     from traces.schemas import TraceQuery
     from tuner.grpo import GrpoRun
     from tuner.schemas import GrpoConfig
 
     cfg = _cfg(home)
-    env = _toy_env(tmp_path, ["words", "words2"])
+    env = toy_env(tmp_path, ["words", "words2"])
     gc = GrpoConfig(steps=1, group_size=4, tasks_per_step=2, max_tokens=24,
                     learning_rate=1e-2, rollout_engine="vllm")  # fmt: skip
     run = GrpoRun(cfg, str(env), gc)
