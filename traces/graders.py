@@ -416,7 +416,7 @@ def _task_text(prompt: str, answer: Any, rubric: str | None) -> str:
 
 _POINTWISE_ASK = "Reply with one line `Score: N` (N from 0 to 10), then one line with the reason."
 # One worked exchange before the real question: small judges copy its format (the same trick
-# that makes SmolLM2 write parseable tool calls, see DESIGN.md).
+# that makes SmolLM2 write parseable tool calls: a small model copies the latest assistant turn).
 _EXAMPLE_TASK = _task_text("What is 15 * 4?", 60, None)
 _EXAMPLE_RIGHT = (
     'Tool calls:\n- calculator({"expression": "15 * 4"}) -> 60\n'
