@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import sys
 from pathlib import Path
 
-import pytest
-
-MODEL_DIR = (
-    Path(__file__).resolve().parent.parent / ".selftune" / "models" / "smollm2-135m-instruct"
-)
+REPO = Path(__file__).resolve().parent.parent
 
 
+@functools.cache
 def require_model() -> Path:
-    """The converted SmolLM2 folder; skips with the fix when `selftune setup` has not run."""
-    if not (MODEL_DIR / "model.safetensors").is_file():
-        pytest.skip(f"{MODEL_DIR} is missing: run `selftune setup`")
-    return MODEL_DIR
+    """The converted SmolLM2 folder in the repo's workspace (.selftune/models), the one every
+    test reads; converted once from the embedded GGUF if `selftune setup` has not run."""
+    from agent.config import load_config
+    from agent.model.files import setup_model
+
+    cfg = load_config(environ={"SELFTUNE_HOME": str(REPO / ".selftune")})
+    return setup_model(cfg, log=lambda msg: print(msg, file=sys.stderr))
 
 
 def make_random_adapter(

@@ -1,4 +1,5 @@
-"""Small real datasets and paths for the tuner tests (calculator tool-use conversations)."""
+"""Small real calculator data for the tests: the tool schema, demos, tool-use datasets, a toy
+GRPO environment and adapter registries."""
 
 from __future__ import annotations
 
@@ -7,13 +8,7 @@ import os
 import random
 from pathlib import Path
 
-import pytest
-
 from tuner.registry import Registry
-
-MODEL_DIR = (
-    Path(__file__).resolve().parent.parent / ".selftune" / "models" / "smollm2-135m-instruct"
-)
 
 CALCULATOR = {
     "type": "function",
@@ -29,10 +24,36 @@ CALCULATOR = {
 }
 
 
-def need_model() -> Path:
-    if not (MODEL_DIR / "config.json").is_file():
-        pytest.skip(f"the converted model is missing at {MODEL_DIR}: run `selftune setup`")
-    return MODEL_DIR
+# Two examples, the last ending on its tool call: the style the runner's --few-shot uses
+# (a small model copies the latest assistant turn, so ending on a call makes it call).
+WORKED_EXAMPLE = [
+    {"role": "user", "content": "What is 23 * 19?"},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {
+                "id": "ex1",
+                "type": "function",
+                "function": {"name": "calculator", "arguments": {"expression": "23 * 19"}},
+            }
+        ],
+    },
+    {"role": "tool", "tool_call_id": "ex1", "name": "calculator", "content": "437"},
+    {"role": "assistant", "content": "The answer is 437."},
+    {"role": "user", "content": "What is 311 * 72?"},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {
+                "id": "ex2",
+                "type": "function",
+                "function": {"name": "calculator", "arguments": {"expression": "311 * 72"}},
+            }
+        ],
+    },
+]
 
 
 def calc_conversation(a: int, b: int) -> list[dict]:
@@ -111,3 +132,44 @@ def make(tmp_path: Path, n: int) -> Registry:
             metrics={"train_loss": 1.0 / (i + 1)},
         )
     return reg
+
+
+# A reward that varies between samples of one task (so groups carry signal), a task whose
+# grader throws, and a task every sample of which gets the same reward.
+ENV_PY = """
+NAME = "grpo-toy"
+SYSTEM_PROMPT = "Answer briefly."
+TOOL_NAMES = ["calculator"]
+
+
+def grade(task, answer, trace):
+    kind = task.metadata.get("kind")
+    if kind == "boom":
+        raise RuntimeError("this grader is broken on purpose")
+    if kind == "flat":
+        return 0.5, "every answer is worth the same"
+    words = set(answer.lower().split())
+    return min(1.0, len(words) / 40), f"{len(words)} distinct words"
+
+
+GRADER = grade
+"""
+
+
+def toy_env(root: Path, kinds: list[str]) -> Path:
+    """An environment folder for GRPO with the tasks of `kinds` (words, words2, boom, flat)."""
+    env = root / "grpo_toy"
+    env.mkdir()
+    (env / "environment.py").write_text(ENV_PY)
+    prompts = {
+        "words": "Describe the sea in a few words.",
+        "boom": "Name a fruit.",
+        "flat": "Say yes.",
+        "words2": "Describe a forest.",
+    }
+    rows = [
+        {"id": k, "prompt": prompts[k], "metadata": {"kind": k.rstrip("2")}, "split": "train"}
+        for k in kinds
+    ]
+    (env / "tasks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return env

@@ -10,7 +10,6 @@ import pytest
 
 from agent.config import DEFAULT_MODEL, Config, load_config
 
-REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
@@ -19,15 +18,9 @@ os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
 @pytest.fixture(scope="session")
 def model_path() -> Path:
     """The converted SmolLM2 folder. Converts it once if `selftune setup` has not run."""
-    from agent.model.files import check_model_dir, setup_model
+    from _runtime_fixtures import require_model
 
-    cfg = load_config(environ={"SELFTUNE_HOME": str(REPO / ".selftune")})
-    path = cfg.workspace.models / DEFAULT_MODEL
-    try:
-        check_model_dir(path)
-    except Exception:
-        setup_model(cfg)
-    return path
+    return require_model()
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from _agent_fixtures import call
+from _tuner_fixtures import WORKED_EXAMPLE
 from langchain_core.messages import AIMessage
 
 from agent.agent import Agent
@@ -18,37 +19,6 @@ from agent.config import SubagentConfig
 from tools.schemas import McpServerConfig
 
 REPO = Path(__file__).resolve().parent.parent
-
-# Two examples, the last ending on its tool call: the style the runner's --few-shot uses
-# (a small model copies the latest assistant turn, so ending on a call makes it call).
-WORKED_EXAMPLE = [
-    {"role": "user", "content": "What is 23 * 19?"},
-    {
-        "role": "assistant",
-        "content": "",
-        "tool_calls": [
-            {
-                "id": "ex1",
-                "type": "function",
-                "function": {"name": "calculator", "arguments": {"expression": "23 * 19"}},
-            }
-        ],
-    },
-    {"role": "tool", "tool_call_id": "ex1", "name": "calculator", "content": "437"},
-    {"role": "assistant", "content": "The answer is 437."},
-    {"role": "user", "content": "What is 311 * 72?"},
-    {
-        "role": "assistant",
-        "content": "",
-        "tool_calls": [
-            {
-                "id": "ex2",
-                "type": "function",
-                "function": {"name": "calculator", "arguments": {"expression": "311 * 72"}},
-            }
-        ],
-    },
-]
 
 
 @pytest.mark.slow
@@ -138,7 +108,9 @@ async def test_mcp_server_killed_mid_episode_gives_an_error_span_and_the_episode
 
 
 async def test_subagent_with_real_model_nests_its_spans(cfg):
-    """The researcher subagent really runs on SmolLM2 (whatever it answers), inside the trace."""
+    """The researcher subagent really runs on SmolLM2 (whatever it answers), inside the trace.
+    The demo ends on a researcher call and decoding is greedy, so the model delegates every
+    time; if it ever does not, the test fails rather than skips."""
     cfg.model.max_new_tokens = 24
     researcher = SubagentConfig(
         name="researcher", description="Answers questions.", tools=[], max_steps=1
@@ -161,6 +133,22 @@ async def test_subagent_with_real_model_nests_its_spans(cfg):
         },
         {"role": "tool", "tool_call_id": "r1", "name": "researcher", "content": "Blue."},
         {"role": "assistant", "content": "The researcher says: blue."},
+        # ending on a call, like WORKED_EXAMPLE: the model copies the latest assistant turn
+        {"role": "user", "content": "Ask the researcher how many legs a spider has."},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "id": "r2",
+                    "type": "function",
+                    "function": {
+                        "name": "researcher",
+                        "arguments": {"task": "How many legs does a spider have?"},
+                    },
+                }
+            ],
+        },
     ]
     async with Agent(cfg) as agent:
         res = await agent.run(
@@ -172,8 +160,9 @@ async def test_subagent_with_real_model_nests_its_spans(cfg):
         )
         trace = agent.tracer.store.get(res.trace_id)
     sub = [s for s in trace.spans if s.kind == "subagent"]
-    if not sub:
-        pytest.skip("the base model did not delegate this time; the scripted test covers nesting")
+    assert sub, (
+        f"the model did not delegate (greedy, after a demo ending on a call): {res.answer!r}"
+    )
     inner = [s for s in trace.spans if s.kind == "agent" and s.parent_id == sub[0].id]
     assert inner and inner[0].attributes["subagent"] == "researcher"
     assert any(s.kind == "llm" and s.parent_id == inner[0].id for s in trace.spans)

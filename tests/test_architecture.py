@@ -10,6 +10,7 @@ functions (they hid the agent <-> tuner cycle for months).
 from __future__ import annotations
 
 import ast
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -98,3 +99,12 @@ def test_the_rule_catches_a_function_level_import(tmp_path):
 @pytest.mark.parametrize("module", ["agent.cli", "agent.cli.tune", "agent"])
 def test_layers_are_named_by_their_package(module):
     assert layer_of(module) == ("agent" if module == "agent" else "agent.cli")
+
+
+def test_every_home_in_architecture_md_exists():
+    # the map of record must not point at files that moved
+    text = (REPO / "ARCHITECTURE.md").read_text()
+    table = text.split("## Where each concept lives", 1)[1].split("## Conventions", 1)[0]
+    paths = {p for p in re.findall(r"`((?:agent|tools|retrieval|traces|tuner)/[\w/<>.]*)`", table)}
+    missing = [p for p in sorted(paths) if "<" not in p and not (REPO / p).exists()]
+    assert paths and not missing, f"ARCHITECTURE.md names paths that do not exist: {missing}"

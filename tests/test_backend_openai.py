@@ -12,6 +12,7 @@ import httpx
 import pytest
 import uvicorn
 from _runtime_fixtures import make_random_adapter, require_model
+from _tuner_fixtures import CALCULATOR
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 
 from agent.config import load_config
@@ -28,19 +29,7 @@ META_KEYS = {
     "completion_token_ids",
     "sampling",
 }
-CALC = {
-    "type": "function",
-    "function": {
-        "name": "calculator",
-        "description": "Evaluate an arithmetic expression.",
-        "parameters": {
-            "type": "object",
-            "properties": {"expression": {"type": "string"}},
-            "required": ["expression"],
-        },
-    },
-}
-# one worked example as a prior turn: SmolLM2 then answers with a tool call (DESIGN.md)
+# one worked example as a prior turn: SmolLM2 copies the latest assistant turn, so it calls
 SHOT = [
     HumanMessage("What is 3 * 4?"),
     AIMessage("", tool_calls=[{"name": "calculator", "args": {"expression": "3 * 4"}, "id": "a"}]),
@@ -92,7 +81,7 @@ def _cfg(tmp_path, url):
 def test_tool_call_and_token_ids_through_make_chat_model(server, engine, tmp_path):
     model = make_chat_model(_cfg(tmp_path, server), max_tokens=40)
     assert isinstance(model, ChatOpenAICompatible)
-    msg = model.bind_tools([CALC]).invoke([*SHOT, HumanMessage("What is 48 + 97?")])
+    msg = model.bind_tools([CALCULATOR]).invoke([*SHOT, HumanMessage("What is 48 + 97?")])
     assert msg.tool_calls, msg
     assert msg.tool_calls[0]["name"] == "calculator"
     assert "48" in msg.tool_calls[0]["args"]["expression"]
@@ -118,7 +107,7 @@ def test_tool_results_go_back_as_tool_turns(server, engine, tmp_path):
         *SHOT,
         ToolMessage("12", tool_call_id="a", name="calculator"),
     ]
-    msg = model.bind_tools([CALC]).invoke(msgs)
+    msg = model.bind_tools([CALCULATOR]).invoke(msgs)
     prompt = engine.tokenizer.decode(msg.response_metadata["prompt_token_ids"])
     assert "<|im_start|>tool\n12<|im_end|>" in prompt
     assert '<tool_call>{"name": "calculator", "arguments": {"expression": "3 * 4"}}' in prompt

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _tuner_fixtures import CALCULATOR
 
 from traces.datasets import (
     DatasetError,
@@ -26,18 +27,6 @@ from traces.store import TraceStore
 from traces.times import TimeParseError, parse_duration, parse_time
 
 SYSTEM = "You are a helpful assistant. Use the tools when they help."
-CALC = {
-    "type": "function",
-    "function": {
-        "name": "calculator",
-        "description": "Evaluate an arithmetic expression.",
-        "parameters": {
-            "type": "object",
-            "properties": {"expression": {"type": "string"}},
-            "required": ["expression"],
-        },
-    },
-}
 RESEARCHER = {
     "type": "function",
     "function": {
@@ -187,7 +176,7 @@ def episode(
     t = Trace(env=env, task_id=task_id, status=status, answer=answer, metadata=meta, start=_t())
     if trace_id:
         t.id = trace_id
-    ep = Episode(t, SYSTEM, demos, tools if tools is not None else [CALC])
+    ep = Episode(t, SYSTEM, demos, tools if tools is not None else [CALCULATOR])
     ep.user(prompt)
     return t, ep
 
@@ -232,7 +221,7 @@ def test_conversation_of_rebuilds_the_episode_from_the_last_llm_span():
     assert call == {"name": "calculator", "arguments": {"expression": "48 * 97"}}
     assert messages[3]["content"] == "4656"
     assert messages[-1] == {"role": "assistant", "content": "48 * 97 = 4656"}
-    assert tools == [CALC]
+    assert tools == [CALCULATOR]
 
 
 def test_final_assistant_turn_keeps_parsed_calls_and_strips_the_call_text():
@@ -383,7 +372,7 @@ def test_collection_hints_are_replaced_by_the_task_prompt_in_every_kind(store: T
 
 def test_subagent_conversations_become_rows_of_their_own():
     t, ep = episode(
-        "a", answer="Ten days.", prompt="How many vacation days?", tools=[CALC, RESEARCHER]
+        "a", answer="Ten days.", prompt="How many vacation days?", tools=[CALCULATOR, RESEARCHER]
     )
     ep.subagent(
         "researcher",
@@ -398,7 +387,7 @@ def test_subagent_conversations_become_rows_of_their_own():
     by_agent = {r["subagent"]: r for r in built.rows}
     assert set(by_agent) == {None, "researcher"}
     main, sub = by_agent[None], by_agent["researcher"]
-    assert main["tools"] == [CALC, RESEARCHER]
+    assert main["tools"] == [CALCULATOR, RESEARCHER]
     assert main["messages"][2]["tool_calls"][0]["function"]["name"] == "researcher"
     assert main["messages"][-1]["content"] == "Ten days."
     assert [m["role"] for m in sub["messages"]] == [
@@ -439,7 +428,7 @@ def test_dpo_splits_pairs_at_the_first_differing_assistant_turn():
     assert [m["role"] for m in late["prompt"]] == ["system", "user", "assistant", "tool"]
     assert late["chosen"] == [{"role": "assistant", "content": "48 * 97 = 4656"}]
     assert late["rejected"] == [{"role": "assistant", "content": "48 * 97 = 195"}]
-    assert late["tools"] == [CALC]
+    assert late["tools"] == [CALCULATOR]
     early = rows[(right.id, wrong_call.id)]
     assert [m["role"] for m in early["prompt"]] == ["system", "user"]
     assert early["chosen"][0]["tool_calls"][0]["function"]["arguments"] == {"expression": "48 * 97"}
@@ -543,7 +532,7 @@ def _populate(store: TraceStore) -> dict[str, Trace]:
     ep.call("calculator", {"expression": "1+1"}, "2")
     ep.final("done")
     sub, ep = episode(
-        "r", answer="Ten days.", metadata=ANSWER, prompt="Vacation?", tools=[CALC, RESEARCHER]
+        "r", answer="Ten days.", metadata=ANSWER, prompt="Vacation?", tools=[CALCULATOR, RESEARCHER]
     )
     ep.subagent(
         "researcher",
@@ -695,7 +684,7 @@ def test_sft_rows_encode_with_the_training_template(model_path: Path):
     from agent.model.template import encode_for_training
 
     t, ep = episode(
-        "a", answer="Ten days.", prompt="Vacation?", tools=[CALC, RESEARCHER], demos=DEMOS
+        "a", answer="Ten days.", prompt="Vacation?", tools=[CALCULATOR, RESEARCHER], demos=DEMOS
     )
     ep.subagent(
         "researcher",

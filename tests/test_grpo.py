@@ -12,50 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-from test_agent_real import WORKED_EXAMPLE
+from _tuner_fixtures import WORKED_EXAMPLE, toy_env
 
 from agent.agent import Agent
 from tuner.grpo import GrpoRun, TurnSample, collate, group_advantages, turn_samples
 from tuner.schemas import GrpoConfig
-
-# A reward that varies between samples of one task (so groups carry signal), a task whose
-# grader throws, and a task every sample of which gets the same reward.
-ENV_PY = """
-NAME = "grpo-toy"
-SYSTEM_PROMPT = "Answer briefly."
-TOOL_NAMES = ["calculator"]
-
-
-def grade(task, answer, trace):
-    kind = task.metadata.get("kind")
-    if kind == "boom":
-        raise RuntimeError("this grader is broken on purpose")
-    if kind == "flat":
-        return 0.5, "every answer is worth the same"
-    words = set(answer.lower().split())
-    return min(1.0, len(words) / 40), f"{len(words)} distinct words"
-
-
-GRADER = grade
-"""
-
-
-def _toy_env(root: Path, kinds: list[str]) -> Path:
-    env = root / "grpo_toy"
-    env.mkdir()
-    (env / "environment.py").write_text(ENV_PY)
-    prompts = {
-        "words": "Describe the sea in a few words.",
-        "boom": "Name a fruit.",
-        "flat": "Say yes.",
-        "words2": "Describe a forest.",
-    }
-    rows = [
-        {"id": k, "prompt": prompts[k], "metadata": {"kind": k.rstrip("2")}, "split": "train"}
-        for k in kinds
-    ]
-    (env / "tasks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return env
 
 
 def test_group_advantages_normalise_skip_equal_groups_and_cap_flagged():
@@ -153,7 +114,7 @@ def _lora_weights(folder: Path) -> dict:
 
 @pytest.mark.slow
 async def test_one_grpo_step_on_the_real_model_changes_the_adapter(cfg, tmp_path):
-    env = _toy_env(tmp_path, ["words", "words2"])
+    env = toy_env(tmp_path, ["words", "words2"])
     gc = GrpoConfig(steps=1, group_size=4, tasks_per_step=2, max_tokens=24, temperature=1.0,
                     learning_rate=1e-3)  # fmt: skip
     run = GrpoRun(cfg, str(env), gc)
@@ -177,7 +138,7 @@ async def test_one_grpo_step_on_the_real_model_changes_the_adapter(cfg, tmp_path
 
 @pytest.mark.slow
 async def test_equal_groups_and_a_throwing_grader_are_skipped_and_logged(cfg, tmp_path):
-    env = _toy_env(tmp_path, ["boom", "flat"])
+    env = toy_env(tmp_path, ["boom", "flat"])
     gc = GrpoConfig(steps=1, group_size=4, tasks_per_step=2, max_tokens=12)
     run = GrpoRun(cfg, str(env), gc)
     await run.run()
@@ -191,7 +152,7 @@ async def test_equal_groups_and_a_throwing_grader_are_skipped_and_logged(cfg, tm
 
 @pytest.mark.slow
 def test_killed_grpo_run_resumes_at_the_next_step(cli_env, cfg, tmp_path):
-    env = _toy_env(tmp_path, ["words", "words2"])
+    env = toy_env(tmp_path, ["words", "words2"])
     args = [sys.executable, "-m", "agent.cli", "tune", "grpo", str(env), "--steps", "3",
             "--group-size", "2", "--tasks-per-step", "2", "--max-tokens", "12", "--lr", "1e-3"]  # fmt: skip
     proc = subprocess.Popen(args, env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -57,6 +57,20 @@ def child_pids(marker: str) -> list[int]:
     return pids
 
 
+async def until_dead(pid: int, deadline_s: float = 10.0) -> None:
+    """Returns once `pid` has exited (a zombie or gone); fails the test after the deadline."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return
+        if state in ("Z", "X"):
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail(f"process {pid} still runs {deadline_s:g} s after SIGKILL")
+
+
 def test_third_party_filesystem_server(tmp_path: Path):
     root = tmp_path / "allowed"
     root.mkdir()
@@ -117,7 +131,7 @@ def test_killed_server_gives_tool_error_then_is_restarted():
             assert await calc.ainvoke({"expression": "1+1"}) == "2"
             (pid,) = child_pids("tools.mcp_server")
             os.kill(pid, signal.SIGKILL)
-            await asyncio.sleep(0.3)
+            await until_dead(pid)
             with pytest.raises(ToolError, match="MCP server 'st' died"):
                 await calc.ainvoke({"expression": "2+2"})
             assert m.status()["st"].startswith("restarting")

@@ -7,6 +7,7 @@ import json
 
 import pytest
 from _runtime_fixtures import require_model
+from _tuner_fixtures import CALCULATOR
 
 from agent.model.template import (
     SELFTUNE_TEMPLATE,
@@ -21,18 +22,7 @@ from agent.model.template import (
 )
 
 TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "calculator",
-            "description": "Evaluate an arithmetic expression.",
-            "parameters": {
-                "type": "object",
-                "properties": {"expression": {"type": "string"}},
-                "required": ["expression"],
-            },
-        },
-    },
+    CALCULATOR,
     {
         "type": "function",
         "function": {

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import pytest
-import typer
 from _traces_fixtures import ADD, make_trace
 from typer.testing import CliRunner
 
@@ -117,7 +116,3 @@ def test_config_from_ctx_obj_and_missing_store(tmp_path: Path, monkeypatch):
         store.save(make_trace(env="cfgenv"))
     res = run("stats", obj={"config": str(cfg)})
     assert res.exit_code == 0 and "cfgenv" in res.output
-
-
-def test_app_is_a_typer_app():
-    assert isinstance(traces_app, typer.Typer)

@@ -18,9 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 from _runtime_fixtures import require_model
-from _tuner_fixtures import write_dataset
+from _tuner_fixtures import WORKED_EXAMPLE, toy_env, write_dataset
 from langchain_core.messages import HumanMessage
-from test_agent_real import WORKED_EXAMPLE
 
 from agent.agent import Agent
 from agent.config import DEFAULT_MODEL, load_config
@@ -182,6 +181,33 @@ async def test_agent_names_the_adapter_version_that_answered(server, home, train
     assert {s.llm.adapter for s in trace.spans if s.kind == "llm"} == {version}
 
 
+def _metric(text: str, name: str) -> float:
+    """The sum of a metric over its label sets, from Prometheus' text format."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.split("{", 1)[0].split(" ", 1)[0] == name
+    )
+
+
+async def _until_generating(url: str, task: asyncio.Task, timeout_s: float = 120) -> None:
+    """Returns once vLLM reports a running request that has produced tokens, polling its
+    /metrics; a fixed wait could outlast the whole answer on a fast GPU."""
+    metrics = url.removesuffix("/v1") + "/metrics"
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient(timeout=5) as client:
+        before = _metric((await client.get(metrics)).text, "vllm:generation_tokens_total")
+        while time.monotonic() < deadline and not task.done():
+            text = (await client.get(metrics)).text
+            if (
+                _metric(text, "vllm:num_requests_running") >= 1
+                and _metric(text, "vllm:generation_tokens_total") > before
+            ):
+                return
+            await asyncio.sleep(0.02)
+    pytest.fail(f"vLLM never reported the request generating (episode done: {task.done()})")
+
+
 async def test_killed_server_fails_the_episode_clearly_and_serve_starts_again(server, home):
     cfg = _cfg(home, server.url)
     cfg.model.max_new_tokens = 2000
@@ -189,7 +215,7 @@ async def test_killed_server_fails_the_episode_clearly_and_serve_starts_again(se
         task = asyncio.create_task(
             agent.run("Write a very long story about a dragon.", tools=[], env="story")
         )
-        await asyncio.sleep(4.0)  # the request is being generated now
+        await _until_generating(server.url, task)
         os.killpg(server.proc.pid, signal.SIGKILL)
         res = await asyncio.wait_for(task, timeout=120)
         trace = agent.tracer.store.get(res.trace_id)
@@ -225,15 +251,13 @@ async def test_killed_server_fails_the_episode_clearly_and_serve_starts_again(se
 async def test_grpo_on_its_own_vllm_server_rolls_out_the_updated_policy(home, tmp_path):
     """rollout_engine = "vllm": the run starts a server of its own, every rollout goes there,
     and after the update the server answers like the new adapter on the local backend."""
-    from test_grpo import _toy_env
-
     from agent.workspace import open_store
     from traces.schemas import TraceQuery
     from tuner.grpo import GrpoRun
     from tuner.schemas import GrpoConfig
 
     cfg = _cfg(home)
-    env = _toy_env(tmp_path, ["words", "words2"])
+    env = toy_env(tmp_path, ["words", "words2"])
     gc = GrpoConfig(steps=1, group_size=4, tasks_per_step=2, max_tokens=24,
                     learning_rate=1e-2, rollout_engine="vllm")  # fmt: skip
     run = GrpoRun(cfg, str(env), gc)

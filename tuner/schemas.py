@@ -1,7 +1,7 @@
 """The tuner's data contracts: training settings, adapter records, eval summaries, gate results.
 
 These are the only tuner objects that cross a package boundary. `EvalSummary` is the contract
-between the lead's evaluation runner (which plays episodes) and the eval gate (which decides).
+between the evaluation runner (agent/envs/run.py, which plays episodes) and the eval gate (which decides).
 """
 
 from __future__ import annotations

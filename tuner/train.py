@@ -2,7 +2,7 @@
 
     train("sft", "datasets/calc", base_model_dir=..., out_dir="adapters/new")
 
-A dataset folder holds JSONL rows exactly as TRL reads them (see DESIGN.md "Datasets") and a
+A dataset folder holds JSONL rows exactly as TRL reads them (REQUIRED_COLUMNS below) and a
 `manifest.json`. The result is a standard PEFT folder (no `modules_to_save`, rank vLLM can
 serve) whose `base_model_name_or_path` is the base model's name, not a temporary path.
 
@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 from tuner.schemas import TrainConfig, TrainKind, TrainResult
 
-# The columns each trainer reads, as DESIGN.md "Datasets" defines them.
+# The columns each trainer reads: TRL's conversational formats, which traces/datasets.py writes.
 REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     "sft": ("messages",),
     "dpo": ("prompt", "chosen", "rejected"),

