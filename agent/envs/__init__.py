@@ -12,8 +12,8 @@ configuration's defaults) or a folder:
       environment.py   # optional: tools, a grader, a system prompt, subagents
       corpus/          # optional: documents the runner indexes for the `search` tool
 
-Anywhere an environment is asked for (`selftune eval --env ...`), give a built-in name
-(`calculator`, `docs-qa`, `delegate`) or a path.
+Anywhere an environment is asked for (`selftune eval ENV`, `selftune improve ENV`), give a
+built-in name (`calculator`, `word-problems`, `docs-qa`, `delegate`) or a path.
 
 tasks.jsonl - one JSON object per line; only "prompt" is required:
 

@@ -4,8 +4,8 @@
 
 Harder word problems of 20 kinds, one phrasing each. Many need a step that is not in the text
 (x 12 months, x 3600 seconds, 1 - p/100); the base SmolLM2 solved 1 of 192 such tries at
-temperature 1 with two demonstrations, so these measure what tuning cannot bootstrap (see
-issue #8). Nine kinds are the calculator's (its numbers and expression, in one phrasing); the
+temperature 1 with two demonstrations, so these measure what self-training from the
+model's own traces cannot bootstrap. Nine kinds are the calculator's (its numbers and expression, in one phrasing); the
 demonstrations are the calculator's too.
 """
 
