@@ -35,7 +35,7 @@ def _root(
     ctx.obj = {"config": config}
 
 
-for command in (run.setup, run.doctor, run.chat, run.run, run.collect):
+for command in (run.setup, run.doctor, run.chat, run.run, run.collect, run.check):
     app.command()(command)
 app.command("eval")(run.eval_cmd)
 app.command()(traces.feedback)

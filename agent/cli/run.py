@@ -178,3 +178,39 @@ def collect(
         few_shot=few_shot, samples=samples, temperature=temperature, seed=seed, strict=strict,
         hints=hints,
     )  # fmt: skip
+
+
+def check(
+    ctx: typer.Context,
+    env: Env,
+    limit: Limit = None,
+    as_json: Json = False,
+) -> None:
+    """Check an environment's grader: references must score 1; empty, constant and echoed
+    answers must score 0. Exit 1 when a probe fails."""
+    from agent.envs import EnvironmentLoadError, load_environment
+    from agent.envs.check import check_environment
+
+    cfg = get_config(ctx)
+    try:
+        environment = load_environment(env, config=cfg.agent)
+    except EnvironmentLoadError as e:
+        fail(str(e))
+    report = asyncio.run(check_environment(environment, limit=limit))
+    if as_json:
+        out.print_json(
+            json.dumps(
+                {
+                    "env": report.env,
+                    "ok": report.ok,
+                    "tasks": report.tasks,
+                    "skipped": report.skipped,
+                    "failed_by_probe": report.by_probe(),
+                    "failures": [vars(f) for f in report.failures],
+                }
+            )
+        )
+    else:
+        out.print(report.summary(), highlight=False, soft_wrap=True)
+    if not report.ok:
+        raise typer.Exit(1)
