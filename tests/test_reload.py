@@ -153,7 +153,7 @@ def _random_lora(folder: Path, model_path: Path) -> Path:
 
 
 def test_local_reloader_loads_the_promoted_version_into_the_engine(tmp_path, model_path):
-    from agent.model.local import LocalEngine
+    from agent.model.engine import LocalEngine
 
     reg = Registry(tmp_path / "adapters")
     reg.register(_random_lora(tmp_path / "a", model_path), base_model="smollm2-135m-instruct")

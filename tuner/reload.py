@@ -62,7 +62,7 @@ class Reloader(Protocol):
 
 
 class AdapterHost(Protocol):
-    """What the in-process local engine (agent.model.local.LocalEngine) offers."""
+    """What the in-process local engine (agent.model.engine.LocalEngine) offers."""
 
     def adapters(self) -> dict[str, str]: ...
 

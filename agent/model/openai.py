@@ -22,7 +22,7 @@ from langchain_core.outputs import ChatResult
 from langchain_openai import ChatOpenAI
 
 from agent.config import Config
-from agent.model.local import response_metadata
+from agent.model.chat_local import response_metadata
 from agent.model.parsing import parse_tool_calls
 
 
