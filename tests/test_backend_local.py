@@ -14,8 +14,9 @@ from langchain_core.tools import tool
 
 from agent.config import load_config
 from agent.model import ChatLocal, LocalEngine, Sampling, make_chat_model
-from agent.model.engine import AdapterError, ContextOverflowError, cpu_supports_bf16
+from agent.model.engine import AdapterError, ContextOverflowError
 from agent.model.files import ModelError
+from agent.model.hardware import cpu_has_bf16
 
 Q = [{"role": "user", "content": "Tell me a long story about a dragon."}]
 GREEDY8 = Sampling(max_tokens=8)
@@ -44,7 +45,7 @@ def test_loads_with_the_dtype_the_cpu_supports(engine):
 
     auto = LocalEngine(require_model(), threads=2)
     try:
-        assert auto.dtype == (torch.bfloat16 if cpu_supports_bf16() else torch.float32)
+        assert auto.dtype == (torch.bfloat16 if cpu_has_bf16() else torch.float32)
         assert auto.model.dtype == auto.dtype
         assert auto.generate(Q, sampling=GREEDY8).completion_tokens == 8
     finally:

