@@ -27,8 +27,8 @@ from rich.console import Console
 from rich.table import Table
 
 from agent.config import load_config
+from agent.model.engine import LocalEngine, Sampling
 from agent.model.files import model_dir
-from agent.model.local import LocalEngine, Sampling
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPICS = ["dragons", "the sea", "a robot", "autumn", "a city", "trains", "the moon", "bread"]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from agent.envs import load_environment
 from agent.envs.run import demo_messages
-from agent.model.local import LocalEngine, Sampling
+from agent.model.engine import LocalEngine, Sampling
 from tools.builtins import calculator_tool
 
 ROOT = Path(__file__).resolve().parent.parent

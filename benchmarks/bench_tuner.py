@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
+from agent.model.hardware import cpu_has_bf16
 from tuner.schemas import TrainConfig
-from tuner.train import build_trainer, cpu_has_bf16, lora_config
+from tuner.train import build_trainer, lora_config
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / ".selftune" / "models" / "smollm2-135m-instruct"

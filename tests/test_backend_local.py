@@ -14,8 +14,9 @@ from langchain_core.tools import tool
 
 from agent.config import load_config
 from agent.model import ChatLocal, LocalEngine, Sampling, make_chat_model
+from agent.model.engine import AdapterError, ContextOverflowError
 from agent.model.files import ModelError
-from agent.model.local import AdapterError, ContextOverflowError, cpu_supports_bf16
+from agent.model.hardware import cpu_has_bf16
 
 Q = [{"role": "user", "content": "Tell me a long story about a dragon."}]
 GREEDY8 = Sampling(max_tokens=8)
@@ -44,7 +45,7 @@ def test_loads_with_the_dtype_the_cpu_supports(engine):
 
     auto = LocalEngine(require_model(), threads=2)
     try:
-        assert auto.dtype == (torch.bfloat16 if cpu_supports_bf16() else torch.float32)
+        assert auto.dtype == (torch.bfloat16 if cpu_has_bf16() else torch.float32)
         assert auto.model.dtype == auto.dtype
         assert auto.generate(Q, sampling=GREEDY8).completion_tokens == 8
     finally:
@@ -182,7 +183,7 @@ def test_shared_prompt_prefix_is_computed_once_and_changes_nothing(engine):
 
 
 def _req(engine, messages):
-    from agent.model.local import _Request
+    from agent.model.engine import _Request
 
     return _Request(engine.prompt_ids(messages), None, GREEDY8)
 
@@ -244,7 +245,7 @@ def test_context_overflow_is_refused_or_trimmed_with_a_warning(engine, caplog):
         engine.prompt_ids(long_turns, max_tokens=16)
     engine.overflow = "trim"
     try:
-        with caplog.at_level(logging.WARNING, logger="agent.model.local"):
+        with caplog.at_level(logging.WARNING, logger="agent.model.engine"):
             ids = engine.prompt_ids(long_turns, max_tokens=16)
         text = engine.tokenizer.decode(ids)
         assert len(ids) <= engine.context_length - 16
@@ -299,7 +300,8 @@ def test_chat_local_sends_tool_results_and_reports_bad_calls(engine):
     assert "<|im_start|>tool\n12<|im_end|>" in prompt
     assert '<tool_call>{"name": "calculator", "arguments": {"expression": "3 * 4"}}' in prompt
     # an unparseable call from the model lands in invalid_tool_calls with the error
-    from agent.model.local import Completion, completion_to_message
+    from agent.model.chat_local import completion_to_message
+    from agent.model.engine import Completion
 
     bad = completion_to_message(
         Completion("<tool_call>calc(1)</tool_call>", [1], [2], "stop", None, "m", {})

@@ -153,7 +153,7 @@ def _random_lora(folder: Path, model_path: Path) -> Path:
 
 
 def test_local_reloader_loads_the_promoted_version_into_the_engine(tmp_path, model_path):
-    from agent.model.local import LocalEngine
+    from agent.model.engine import LocalEngine
 
     reg = Registry(tmp_path / "adapters")
     reg.register(_random_lora(tmp_path / "a", model_path), base_model="smollm2-135m-instruct")
@@ -167,3 +167,17 @@ def test_local_reloader_loads_the_promoted_version_into_the_engine(tmp_path, mod
         assert list(engine.adapters()) == ["v1"]
     finally:
         engine.close()
+
+
+def test_the_agent_loads_an_adapter_on_first_use_through_the_same_client(tmp_path, vllm):
+    from agent.model.openai import ensure_served, forget_served
+
+    reg = make(tmp_path, 1)
+    p1 = str(reg.path("v1"))
+    forget_served()
+    ensure_served(url(vllm), "v1", p1)
+    ensure_served(url(vllm), "v1", p1)  # known to be loaded: no second request
+    assert vllm.loaded == {"v1": p1}
+    assert [route for route, _ in vllm.requests] == ["/v1/load_lora_adapter"]
+    with pytest.raises(ValueError, match="HTTP 400.*No adapter found"):
+        ensure_served(url(vllm), "v2", tmp_path / "nowhere")

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from _tuner_fixtures import write_dataset
 
+from agent.model.hardware import cpu_has_bf16
 from tuner.schemas import ALL_LINEAR, TrainConfig
 from tuner.train import (
     TrainError,
     build_trainer,
-    cpu_has_bf16,
     last_checkpoint,
     load_rows,
     train,

@@ -104,7 +104,7 @@ def test_half_made_venv_is_not_trusted(tmp_path):
 
 
 def test_no_avx2_says_so_and_points_to_the_local_backend(tmp_path, monkeypatch):
-    monkeypatch.setattr("agent.serving.vllm.cpu_flags", lambda: {"sse4_2"})
+    monkeypatch.setattr("agent.model.hardware.cpu_flags", lambda: {"sse4_2"})
     with pytest.raises(VllmUnavailable, match='AVX2.*backend = "local"'):
         VllmEnv(root=tmp_path / "v", cuda=False).ensure(log=lambda m: None)
     assert not (tmp_path / "v").exists()

@@ -286,13 +286,14 @@ class GrpoRun:
         from transformers import AutoModelForCausalLM
 
         from agent.model.files import model_dir
+        from agent.model.hardware import pick_device
         from tuner.registry import open_registry
         from tuner.schemas import TrainConfig
-        from tuner.train import load_tokenizer, lora_config, pick_device
+        from tuner.train import load_tokenizer, lora_config
 
         torch.manual_seed(self.gc.seed)
         tc = TrainConfig.from_section(self.cfg.tuner)
-        self.device = pick_device(tc)
+        self.device = pick_device(tc.device, setting="TrainConfig.device")
         mdir = model_dir(self.cfg)
         self.tokenizer = load_tokenizer(mdir)
         base = AutoModelForCausalLM.from_pretrained(str(mdir), dtype=torch.float32)

@@ -17,41 +17,29 @@ vLLM must be started with LoRA and runtime updating enabled and a rank limit tha
         --enable-lora --max-lora-rank 16 --max-loras 4 \\
         --enable-auto-tool-choice --tool-call-parser hermes --chat-template TEMPLATE
 
-Routes used: `POST /v1/load_lora_adapter {"lora_name", "lora_path", "load_inplace"}` and
-`POST /v1/unload_lora_adapter {"lora_name"}`. `lora_path` is read by the vLLM server, so the
-registry folder must be visible to it at the same path.
-
-A GRPO run on a vLLM server of its own (`rollout_engine = "vllm"`) replaces the served base
-weights instead (`VllmReloader.reload_weights`): `POST /collective_rpc {"method":
-"reload_weights"}` and `POST /reset_prefix_cache`, routes vLLM only has with
-VLLM_SERVER_DEV_MODE=1, which is why only a loopback server of the run's own turns them on.
+The HTTP requests are `agent.serving.vllm.VllmAdmin`'s (it lists the routes); `lora_path` is
+read by the vLLM server, so the registry folder must be visible to it at the same path. A GRPO
+run on a vLLM server of its own (`rollout_engine = "vllm"`) replaces the served base weights
+instead (`VllmReloader.reload_weights`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
-
-import httpx
+from typing import Any, Protocol, TypeVar
 
 from agent.config import Config
-from agent.serving.vllm import SERVED_NAME
+from agent.serving.vllm import SERVED_NAME, VllmAdmin, VllmAdminError
 from tuner.schemas import AdapterRecord
 
 _VERSION = re.compile(r"v\d+")
-VLLM_HINT = (
-    "start vLLM with --enable-lora, --max-lora-rank at least the adapter's rank, and the "
-    "environment variable VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"
-)
-
-WEIGHTS_HINT = (
-    "reloading weights needs a vLLM server started with VLLM_SERVER_DEV_MODE=1 on loopback, "
-    "like the one a GRPO run with rollout_engine = 'vllm' starts for itself"
-)
+T = TypeVar("T")
 
 
-class ReloadError(RuntimeError):
+class ReloadError(VllmAdminError):
     """The serving side refused or could not be reached; the message says how to fix it."""
 
 
@@ -62,7 +50,7 @@ class Reloader(Protocol):
 
 
 class AdapterHost(Protocol):
-    """What the in-process local engine (agent.model.local.LocalEngine) offers."""
+    """What the in-process local engine (agent.model.engine.LocalEngine) offers."""
 
     def adapters(self) -> dict[str, str]: ...
 
@@ -91,7 +79,7 @@ class LocalReloader:
 
 
 class VllmReloader:
-    """Load adapters into a running vLLM server through its runtime LoRA routes."""
+    """Which adapters a running vLLM serves after a promotion, through `VllmAdmin`."""
 
     def __init__(
         self,
@@ -101,12 +89,8 @@ class VllmReloader:
         timeout_s: float = 60.0,
         api_key: str | None = None,
     ):
-        # accept both http://host:8000 and http://host:8000/v1 (the OpenAI client's form)
-        self.base_url = base_url.rstrip("/").removesuffix("/v1")
+        self.admin = VllmAdmin(base_url, timeout_s=timeout_s, api_key=api_key)
         self.served_name = served_name
-        self.timeout_s = timeout_s
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.loaded: set[str] = set()  # names this reloader loaded, for unload bookkeeping
 
     async def reload(self, record: AdapterRecord | None) -> None:
         """Serve `record` under the stable name and under its version; None unloads the stable
@@ -133,60 +117,29 @@ class VllmReloader:
                 await self.unload(name, missing_ok=True)
 
     async def served(self) -> dict[str, str]:
-        """The LoRA adapters the server has loaded: name -> path (vLLM's `root`)."""
-        url = self.base_url + "/v1/models"
-        try:
-            async with httpx.AsyncClient(timeout=self.timeout_s, headers=self.headers) as client:
-                resp = await client.get(url)
-            data = resp.json().get("data") or []
-        except (httpx.HTTPError, ValueError) as e:
-            raise ReloadError(
-                f"could not list the models at {url} ({type(e).__name__}: {e}): is vLLM running?"
-            ) from None
-        # vLLM lists a LoRA with its parent (the base model's name) and its path as root
-        return {m["id"]: str(m.get("root")) for m in data if m.get("parent")}
+        """The LoRA adapters the server has loaded: name -> path."""
+        return await self._admin(self.admin.served)
 
-    async def load(self, name: str, path: str, *, inplace: bool = False) -> None:
+    async def load(self, name: str, path: Path | str, *, inplace: bool = False) -> None:
         """Load the adapter at `path` as `name`; `inplace` replaces one already under that name."""
-        body = {"lora_name": name, "lora_path": str(path), "load_inplace": inplace}
-        await self._post("/v1/load_lora_adapter", body)
-        self.loaded.add(name)
+        await self._admin(self.admin.load, name, path, inplace=inplace)
 
     async def unload(self, name: str, *, missing_ok: bool = False) -> None:
         """Unload `name` (e.g. a retired version loaded under its own name)."""
-        try:
-            await self._post("/v1/unload_lora_adapter", {"lora_name": name})
-        except ReloadError as e:
-            if not (missing_ok and "HTTP 404" in str(e)):
-                raise
-        self.loaded.discard(name)
+        await self._admin(self.admin.unload, name, missing_ok=missing_ok)
 
     async def reload_weights(self, folder: Path | str) -> None:
-        """Replace the served base weights, in place, with the safetensors in `folder` (the same
-        architecture under the checkpoint's names), then drop the prefix cache computed with
-        the old ones. Only a server started with weight reloading answers
-        (`agent.serving.vllm.rollout_server`, the one a GRPO run with rollout_engine = "vllm"
-        starts for itself): every client of the server gets the new weights."""
-        body = {"method": "reload_weights", "kwargs": {"weights_path": str(folder)}}
-        await self._post("/collective_rpc", body, hint=WEIGHTS_HINT)
-        await self._post("/reset_prefix_cache", {}, hint=WEIGHTS_HINT)
+        """Replace the served base weights in place (`VllmAdmin.reload_weights`). Only a server
+        started with weight reloading answers (`agent.serving.vllm.rollout_server`, the one a
+        GRPO run with rollout_engine = "vllm" starts for itself)."""
+        await self._admin(self.admin.reload_weights, folder)
 
-    async def _post(self, route: str, body: dict[str, Any], *, hint: str = VLLM_HINT) -> str:
-        url = self.base_url + route
+    async def _admin(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """One blocking admin request, off the event loop; its refusal as a ReloadError."""
         try:
-            async with httpx.AsyncClient(timeout=self.timeout_s, headers=self.headers) as client:
-                resp = await client.post(url, json=body)
-        except httpx.HTTPError as e:
-            raise ReloadError(
-                f"could not reach vLLM at {url} ({type(e).__name__}: {e}): is it running? " + hint
-            ) from None
-        if resp.status_code >= 400:
-            hint = hint if resp.status_code in (404, 405) else "see the server's log"
-            raise ReloadError(
-                f"vLLM at {url} answered HTTP {resp.status_code} for {body}: "
-                f"{resp.text.strip()[:500]} ({hint})"
-            )
-        return resp.text
+            return await asyncio.to_thread(call, *args, **kwargs)
+        except VllmAdminError as e:
+            raise ReloadError(str(e), e.status) from None
 
 
 def reloader_for(cfg: Config, engine: Any) -> Reloader:

@@ -7,13 +7,13 @@ A dataset folder holds JSONL rows exactly as TRL reads them (REQUIRED_COLUMNS be
 serve) whose `base_model_name_or_path` is the base model's name, not a temporary path.
 
 Settings chosen on purpose (TRL's defaults are for GPUs): bf16 only where the hardware has it
-(CPUs without avx512_bf16/amx fail or crawl), gradient checkpointing only for models of 1B
-parameters or more (on the 135M model it cost 1.6x), the loss on assistant tokens only with
-selftune's chat template (SmolLM2's own has no `{% generation %}` markers, and TRL then
-trains on nothing). SFT rows are tokenized here by `agent.model.template.encode_for_training`, the
-renderer of the live prompt, and handed to TRL as token ids: what the model trains on is what it
-sees when it runs. Checkpoints go to `<out_dir>.work/` every `save_steps`; `resume=True`
-continues from the last one.
+(`agent.model.hardware`, the rule inference follows too: CPUs without avx512_bf16/amx fail or
+crawl), gradient checkpointing only for models of 1B parameters or more (on the 135M model it
+cost 1.6x), the loss on assistant tokens only with selftune's chat template (SmolLM2's own has
+no `{% generation %}` markers, and TRL then trains on nothing). SFT rows are tokenized here by
+`agent.model.template.encode_for_training`, the renderer of the live prompt, and handed to TRL as
+token ids: what the model trains on is what it sees when it runs. Checkpoints go to
+`<out_dir>.work/` every `save_steps`; `resume=True` continues from the last one.
 
 Several GPUs: `accelerate launch --config_file tuner/accelerate/fsdp.yaml -m tuner.train ...`.
 """
@@ -31,6 +31,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from agent.model.files import ModelError
+from agent.model.hardware import pick_device, supports_bf16
 from tuner.schemas import TrainConfig, TrainKind, TrainResult
 
 # The columns each trainer reads: TRL's conversational formats, which traces/datasets.py writes.
@@ -48,41 +50,9 @@ class TrainError(ValueError):
     """A dataset, model or setting the trainer cannot use; the message says what to do."""
 
 
-# -- hardware ---------------------------------------------------------------------------------
-
-
-def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
-    """True if the CPU computes bf16 natively (avx512_bf16 or AMX); emulated bf16 is slower."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    flags = set()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[1].split())
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
-
-
-def pick_device(cfg: TrainConfig) -> str:
-    import torch
-
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise TrainError("device = 'cuda' but no GPU is visible: set [tuner] device = 'auto'")
-    if cfg.device == "cpu":
-        return "cpu"
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def pick_bf16(cfg: TrainConfig, device: str) -> bool:
-    if cfg.bf16 is not None:
-        return cfg.bf16
-    if device == "cuda":
-        import torch
-
-        return torch.cuda.is_bf16_supported()
-    return cpu_has_bf16()
+    """`cfg.bf16` if set, else the hardware rule inference uses too (agent.model.hardware)."""
+    return cfg.bf16 if cfg.bf16 is not None else supports_bf16(device)
 
 
 def base_model_name(base_model_dir: Path) -> str:
@@ -358,7 +328,10 @@ def build_trainer(
             cfg.max_length,
             report["dropped"],
         )
-    device = pick_device(cfg)
+    try:
+        device = pick_device(cfg.device, setting="TrainConfig.device")
+    except ModelError as e:
+        raise TrainError(str(e)) from None
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     big = model.num_parameters() >= BIG_MODEL_PARAMS

