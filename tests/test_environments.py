@@ -24,6 +24,7 @@ from agent.envs import (
 from agent.envs.calculator import make as calculator_make
 from agent.envs.delegate import make as delegate_make
 from agent.envs.docs_qa import make as docs_qa_make
+from agent.envs.general import make as general_make
 from agent.envs.word_problems import make as word_problems_make
 from tools.builtins import calculator
 from traces.graders import grade_trace
@@ -36,7 +37,7 @@ def builtins():
 
 
 def test_builtins_are_listed_and_load_by_name_and_path(builtins):
-    assert list_environments() == ["calculator", "docs-qa", "delegate", "word-problems"]
+    assert list_environments() == ["calculator", "docs-qa", "delegate", "word-problems", "general"]
     by_path = load_environment(builtins["calculator"].path)
     assert [t.id for t in by_path.tasks] == [t.id for t in builtins["calculator"].tasks]
 
@@ -126,13 +127,14 @@ MAKES = {
     "word_problems": word_problems_make,
     "docs_qa": docs_qa_make,
     "delegate": delegate_make,
+    "general": general_make,
 }
 
 
 def _data(folder: Path) -> dict[str, bytes]:
     """Every file a make.py writes: tasks.jsonl, demos.jsonl and corpus/*.md."""
     files = [folder / "tasks.jsonl", folder / "demos.jsonl", *sorted(folder.glob("corpus/*.md"))]
-    return {str(f.relative_to(folder)): f.read_bytes() for f in files}
+    return {str(f.relative_to(folder)): f.read_bytes() for f in files if f.exists()}
 
 
 @pytest.mark.parametrize("folder", MAKES)

@@ -96,6 +96,7 @@ BUILTIN_ENVS = {
     "docs-qa": "docs_qa",
     "delegate": "delegate",
     "word-problems": "word_problems",
+    "general": "general",
 }
 TASKS_FILE, DEMOS_FILE, MODULE_FILE = "tasks.jsonl", "demos.jsonl", "environment.py"
 _ROLES = {"system", "user", "assistant", "tool"}
