@@ -46,3 +46,52 @@ def test_a_config_with_an_unknown_key_stops_every_command(argv, tmp_path):
     result = CliRunner().invoke(app, ["--config", str(bad), *argv])
     assert result.exit_code == 2, result.output
     assert "max_new_tokenz" in result.output
+
+
+def test_a_selftune_error_ends_the_command_with_one_line_and_exit_1(monkeypatch, capsys):
+    import agent.cli as cli
+    from agent.model.files import ModelError
+
+    def boom() -> None:
+        raise ModelError("model folder /x has no config.json: run `selftune setup`")
+
+    monkeypatch.setattr(cli, "app", boom)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert "run `selftune setup`" in err and "Traceback" not in err
+
+
+def test_every_error_class_of_the_library_is_a_selftune_error():
+    import inspect
+
+    import agent.envs
+    import agent.model.adapters
+    import agent.model.engine
+    import agent.model.files
+    import agent.model.openai
+    import agent.model.template
+    import agent.serving.vllm
+    import tools.base
+    import tools.catalog
+    import tools.mcp_client
+    import traces.datasets
+    import traces.schemas
+    import traces.store
+    import traces.times
+    from tools.errors import SelftuneError
+
+    modules = [
+        agent.envs, agent.model.adapters, agent.model.engine, agent.model.files,
+        agent.model.openai, agent.model.template, agent.serving.vllm, tools.base, tools.catalog,
+        tools.mcp_client, traces.datasets, traces.schemas, traces.store, traces.times,
+    ]  # fmt: skip
+    errors = [
+        obj
+        for m in modules
+        for obj in vars(m).values()
+        if inspect.isclass(obj) and issubclass(obj, Exception) and obj.__module__ == m.__name__
+    ]
+    assert len(errors) >= 14
+    assert [e.__name__ for e in errors if not issubclass(e, SelftuneError)] == []

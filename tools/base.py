@@ -22,11 +22,13 @@ from typing import Any, get_type_hints
 import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from tools.errors import SelftuneError
+
 ToolFunc = Callable[..., Any] | Callable[..., Awaitable[Any]]
 _NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
 
-class ToolError(Exception):
+class ToolError(SelftuneError):
     """A tool call failed; the message is written for the model that made the call."""
 
 

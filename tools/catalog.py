@@ -9,10 +9,11 @@ from collections.abc import Sequence
 
 from tools.base import Tool
 from tools.builtins import calculator_tool
+from tools.errors import SelftuneError
 from tools.sandbox import python_tool
 
 
-class ToolLoadError(ImportError):
+class ToolLoadError(SelftuneError, ImportError):
     """A tool module could not be imported or holds no tools; the message says which and why."""
 
 

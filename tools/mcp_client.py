@@ -32,6 +32,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
 from tools.base import Tool, ToolError
+from tools.errors import SelftuneError
 from tools.schemas import McpServerConfig
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ _CONNECTION_LOST = (
 )
 
 
-class McpStartError(RuntimeError):
+class McpStartError(SelftuneError, RuntimeError):
     """A configured MCP server could not be started or listed; the message names it."""
 
 

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from tools.errors import SelftuneError
 from traces.read import subagent_spans, trace_tokens, training_conversation
 from traces.schemas import Grade, Task, Trace, TraceQuery
 from traces.times import TimeParseError, parse_time
@@ -49,7 +50,7 @@ SUMMARY_FILE = "SUMMARY.md"
 _EPS = 1e-9  # a score within this of min_score passes (1.0 stored as 0.9999999999)
 
 
-class DatasetError(ValueError):
+class DatasetError(SelftuneError, ValueError):
     """A dataset cannot be built as asked; the message says what to change."""
 
 

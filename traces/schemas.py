@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from tools.errors import SelftuneError
+
 SCHEMA_VERSION = 1
 
 SpanKind = Literal["agent", "llm", "tool", "retrieval", "subagent"]
@@ -143,7 +145,7 @@ class Grade(_Schema):
     created: float = Field(default_factory=now)
 
 
-class GraderError(ValueError):
+class GraderError(SelftuneError, ValueError):
     """A grader name or a task's reference answer is unusable; the message says how to fix it."""
 
 

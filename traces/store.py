@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from tools.errors import SelftuneError
 from traces.schemas import SCHEMA_VERSION, Grade, Span, Trace, TraceQuery, TraceStats
 
 APPLICATION_ID = int.from_bytes(b"stTr", "big")  # marks a SQLite file as a selftune trace store
@@ -38,7 +39,7 @@ _BUSY_DEADLINE_S = 120.0  # total time a write keeps retrying on a locked databa
 _SQLITE_FULL = 13
 
 
-class TraceStoreError(RuntimeError):
+class TraceStoreError(SelftuneError, RuntimeError):
     """The store cannot be used or written; the message names the file and what to do."""
 
 

@@ -11,11 +11,13 @@ import re
 import time
 from datetime import UTC, datetime
 
+from tools.errors import SelftuneError
+
 UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 
 
-class TimeParseError(ValueError):
+class TimeParseError(SelftuneError, ValueError):
     """A duration or a time that cannot be read; the message lists the accepted forms."""
 
 

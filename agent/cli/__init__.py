@@ -16,6 +16,7 @@ import typer
 
 from agent.cli import dataset, run, serve, tools, traces, tune
 from agent.cli.common import console
+from tools.errors import SelftuneError
 
 app = typer.Typer(
     help="selftune: an agent that records what it does, learns from it, and improves itself.",
@@ -61,6 +62,9 @@ app.add_typer(
 def main() -> None:
     try:
         app()
+    except SelftuneError as e:  # its message says what to do: one line, no traceback
+        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         console.print("interrupted")
         sys.exit(130)

@@ -78,6 +78,7 @@ from pydantic import ValidationError
 
 from agent.config import AgentConfig, Config, SubagentConfig
 from tools.base import Tool
+from tools.errors import SelftuneError
 from traces.graders import (
     BUILTIN_GRADERS,
     ENV_GRADER,
@@ -102,7 +103,7 @@ TASKS_FILE, DEMOS_FILE, MODULE_FILE = "tasks.jsonl", "demos.jsonl", "environment
 _ROLES = {"system", "user", "assistant", "tool"}
 
 
-class EnvironmentLoadError(ValueError):
+class EnvironmentLoadError(SelftuneError, ValueError):
     """An environment cannot be loaded; the message names the file, the line and the fix."""
 
 

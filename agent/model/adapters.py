@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import Config
+from tools.errors import SelftuneError
 
 POINTER = "active"
 RECORD = "record.json"
 VERSION = re.compile(r"v(\d+)")
 
 
-class RegistryError(RuntimeError):
+class RegistryError(SelftuneError, RuntimeError):
     """A registry problem; the message names the file or version and what to do."""
 
 

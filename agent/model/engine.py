@@ -33,17 +33,18 @@ from agent.config import Config
 from agent.model.files import ModelError, check_model_dir, model_dir
 from agent.model.hardware import pick_device, pick_dtype
 from agent.model.template import TemplateMode, chat_template_for, encode_prompt
+from tools.errors import SelftuneError
 
 log = logging.getLogger(__name__)
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 
 
-class ContextOverflowError(ValueError):
+class ContextOverflowError(SelftuneError, ValueError):
     """The prompt plus max_tokens does not fit the model's context."""
 
 
-class AdapterError(ValueError):
+class AdapterError(SelftuneError, ValueError):
     """An adapter cannot be loaded, found or used; the message says which and why."""
 
 

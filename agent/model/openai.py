@@ -25,9 +25,10 @@ from agent.config import Config
 from agent.model.chat_local import response_metadata
 from agent.model.parsing import parse_tool_calls
 from agent.serving.vllm import VllmAdmin, server_root
+from tools.errors import SelftuneError
 
 
-class ModelServerError(RuntimeError):
+class ModelServerError(SelftuneError, RuntimeError):
     """The OpenAI-compatible server failed a request; the message names the URL and the fix."""
 
 

