@@ -11,7 +11,7 @@ PIP := set -o pipefail; $(BIN)/pip install -q --disable-pip-version-check
 QUIET := 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint bench setup clean-venv
+.PHONY: demo test test-fast lint bench setup sandbox clean-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -28,7 +28,21 @@ node_modules/.installed: package.json
 	npm install --silent --no-audit --no-fund
 	touch node_modules/.installed
 
-setup: $(STAMP)
+# The python tool's sandbox is bubblewrap (README, "The python tool's sandbox"). Run as root on
+# Debian/Ubuntu this installs it when missing; otherwise a missing bwrap is only reported, and
+# the python tool refuses to run code until it is installed.
+sandbox:
+	@command -v bwrap >/dev/null && exit 0; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q bubblewrap >/dev/null 2>&1 \
+	    || { apt-get update -q >/dev/null && apt-get install -y -q bubblewrap >/dev/null; }; \
+	else \
+	  echo "warning: bubblewrap (bwrap) is missing; the python tool refuses to run code until" \
+	    "it is installed: sudo apt-get install -y bubblewrap" >&2; \
+	fi
+
+setup: $(STAMP) sandbox
 	$(BIN)/selftune setup
 
 # One improve cycle on calculator, sized for 2 cores (about 17 minutes with the baseline):
@@ -37,11 +51,11 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/selftune improve calculator
 
-test: $(STAMP) node_modules/.installed
+test: $(STAMP) node_modules/.installed sandbox
 	$(BIN)/selftune setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: $(STAMP) node_modules/.installed
+test-fast: $(STAMP) node_modules/.installed sandbox
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)

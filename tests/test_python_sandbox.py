@@ -66,8 +66,9 @@ def test_network_is_unreachable_even_to_localhost():
     r = run_python(code, LIMITS)
     assert not r.ok, r.text()
     assert "connected" not in r.stdout
-    assert "unreachable" in r.stderr.lower() or "network access is disabled" in r.stderr
-    assert sandbox_mode() in ("netns", "netns-user", "audit-hook")
+    # the sandbox's own loopback: nothing listens there, and the host's is out of reach
+    assert "connection refused" in r.stderr.lower()
+    assert sandbox_mode() in ("bwrap-root", "bwrap-user") and r.sandbox == sandbox_mode()
     socket.create_connection(("127.0.0.1", port), timeout=3).close()
     t.join(timeout=5)
     assert accepted == [True]

@@ -1,32 +1,36 @@
-"""The `python` tool: run model-written code in a limited subprocess.
+"""The `python` tool: run model-written code in a bubblewrap sandbox.
 
-What is limited or isolated:
-- a child process of the same interpreter, started with `-I` (no PYTHON* environment
-  variables, no user site-packages, the script's folder not on sys.path) and a minimal
-  environment; the stdlib and the interpreter's installed packages stay importable;
-- CPU time (RLIMIT_CPU), address space (RLIMIT_AS), size of any file written (RLIMIT_FSIZE),
-  number of processes (RLIMIT_NPROC; note that root ignores this one) and a wall-clock
-  timeout, after which the whole process group is killed;
-- the working folder is a fresh temporary folder, deleted afterwards;
-- network: the code runs in a new network namespace (`unshare --net`, util-linux) that has
-  only a loopback interface that is down, so no connection can be made, not even to
-  127.0.0.1 on the host. Where `unshare` cannot be used (not root and no user namespaces),
-  a Python audit hook blocks socket creation instead; that is weaker (C extensions and
-  subprocesses get round it). `sandbox_mode()` says which one is in use.
-- stdout and stderr go to files under the limits above and are truncated when returned.
+The sandbox is bubblewrap (`bwrap`, the tool Flatpak builds its sandboxes with): kernel
+namespaces set up by a maintained program instead of checks of our own. What the code gets:
+- its own mount namespace whose root is an empty read-only tmpfs with, read-only, /usr (and
+  the /bin, /lib... links), the dynamic loader's cache and the interpreter's prefixes (the venv
+  and the Python it was made from); a fresh /proc of its own pid namespace, a minimal /dev
+  and a size-limited tmpfs /tmp holding its working folder, the only writable place. The
+  workspace, the home folder, /etc and every other host path are simply not there;
+- new pid, network (loopback only, down), ipc, uts and cgroup namespaces: no host process is
+  visible or signalable, nothing can be reached over the network, not even 127.0.0.1;
+- an unprivileged uid in a user namespace of its own (host uid 65534 when selftune runs as
+  root, the user's own uid otherwise), no capabilities, no_new_privs, and no way to make
+  further user namespaces (`--disable-userns`), so no `unshare` or `setns` back out;
+- an empty environment apart from a few fixed variables (--clearenv);
+- rlimits set inside the namespace by util-linux `prlimit`: CPU time, address space, file
+  size, no core files, and number of processes (which binds because the uid is not 0);
+- the code runs as pid 1 of its pid namespace (`--as-pid-1`): when it exits, the kernel kills
+  every process it left behind, so nothing outlives the call; a wall-clock timeout kills it.
 
-What is NOT isolated: the filesystem beyond the working folder (the code can read and,
-with the process's permissions, write anywhere the user running selftune can), other
-processes of the same user (signals, /proc), the user id itself, and environment-independent
-host information. This is a guard against accidents and runaway code, not a security
-boundary against hostile code: run selftune in a container or VM for that.
+Run as root, bwrap builds the sandbox without a user namespace, drops every capability but
+the three `setpriv` needs to become uid 65534, and a second bwrap then makes the user
+namespace as that uid. Where bwrap is missing or cannot build the sandbox (no unprivileged
+user namespaces for a non-root user), run_python raises SandboxUnavailable with the reason
+and the fix; there is no weaker fallback.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import resource
+import re
+import select
 import shutil
 import signal
 import subprocess
@@ -37,6 +41,14 @@ from dataclasses import dataclass
 
 from tools.base import Tool, ToolError
 
+SANDBOX_UID = 65534  # "nobody": the host uid the code runs as when selftune runs as root
+INSTALL = "install it with `apt-get install -y bubblewrap` as root (`make setup` does)"
+_MB = 1024 * 1024
+
+
+class SandboxUnavailable(ToolError):
+    """This machine cannot build the sandbox; the message names what is missing and the fix."""
+
 
 @dataclass(frozen=True)
 class SandboxLimits:
@@ -45,6 +57,7 @@ class SandboxLimits:
     memory_mb: int = 1024
     file_mb: int = 16
     max_processes: int = 64
+    scratch_mb: int = 64  # the tmpfs holding /tmp and the working folder
     output_chars: int = 8000
 
 
@@ -56,7 +69,7 @@ class SandboxResult:
     timed_out: bool
     killed_by: str | None  # "cpu", "memory", "file size", "timeout", a signal name, or None
     duration_s: float
-    network: str  # sandbox_mode() at the time
+    sandbox: str  # sandbox_mode() at the time
 
     @property
     def ok(self) -> bool:
@@ -80,131 +93,241 @@ class SandboxResult:
         return "\n".join(parts)
 
 
-# the audit-hook fallback, prepended to the user's code when unshare is unavailable
-_SOCKET_BLOCK = """\
-import sys as _s
-def _selftune_block(event, args):
-    if event in ("socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo"):
-        raise PermissionError("network access is disabled in the selftune sandbox")
-_s.addaudithook(_selftune_block)
-del _s, _selftune_block
-"""
+def sandbox_mode() -> str:
+    """'bwrap-root' (selftune runs as root: the code becomes uid 65534) or 'bwrap-user'."""
+    return "bwrap-root" if os.geteuid() == 0 else "bwrap-user"
 
 
 @functools.cache
-def sandbox_mode() -> str:
-    """'netns' (unshare --net), 'netns-user' (unshare in a user namespace) or 'audit-hook'."""
-    unshare = shutil.which("unshare")
-    if unshare:
-        for mode, flags in (
-            ("netns", ["--net"]),
-            ("netns-user", ["--user", "--map-root-user", "--net"]),
-        ):
-            try:
-                r = subprocess.run([unshare, *flags, "--", "true"], capture_output=True, timeout=10)
-            except (OSError, subprocess.TimeoutExpired):
-                continue
-            if r.returncode == 0:
-                return mode
-    return "audit-hook"
+def sandbox_problem() -> str | None:
+    """Why this machine cannot run the sandbox (what is missing and the fix), or None.
+
+    Checks the programs, then builds the real sandbox once around `pass`.
+    """
+    if not shutil.which("bwrap"):
+        return f"bubblewrap (bwrap) is not installed; {INSTALL}"
+    needed = ["prlimit"] + (["setpriv"] if os.geteuid() == 0 else [])
+    missing = [p for p in needed if not shutil.which(p)]
+    if missing:
+        return f"{' and '.join(missing)} not found; install util-linux (`apt-get install -y util-linux`)"
+    run = _sandboxed("pass", SandboxLimits(wall_s=30))
+    if run.started and run.returncode == 0:
+        return None
+    detail = (run.stderr.strip() or f"exit status {run.returncode}")[-600:]
+    if os.geteuid() != 0:
+        fix = (
+            f"bwrap needs unprivileged user namespaces for uid {os.geteuid()} (sysctl "
+            "user.max_user_namespaces > 0, kernel.unprivileged_userns_clone = 1, or an AppArmor "
+            "profile allowing bwrap), or run selftune as root"
+        )
+    else:
+        fix = "bwrap must be able to create namespaces here (in a container: allow unshare/mount)"
+    return f"bubblewrap cannot build the sandbox: {detail}; {fix}"
 
 
-def _command(script: str) -> list[str]:
-    mode = sandbox_mode()
-    py = [sys.executable, "-I", script]
-    if mode == "netns":
-        return ["unshare", "--net", "--", *py]
-    if mode == "netns-user":
-        return ["unshare", "--user", "--map-root-user", "--net", "--", *py]
-    return py
+@dataclass(frozen=True)
+class _Run:
+    started: bool  # the sandbox came up (bwrap reported its child's pid)
+    returncode: int | None  # None when killed for the wall-clock timeout
+    stdout: str
+    stderr: str
+    duration_s: float
 
 
-def _limit(limits: SandboxLimits) -> None:
-    # Runs in the child between fork and exec.
-    os.setsid()
-    mb = 1024 * 1024
-    resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1))
-    resource.setrlimit(resource.RLIMIT_AS, (limits.memory_mb * mb, limits.memory_mb * mb))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_mb * mb, limits.file_mb * mb))
-    resource.setrlimit(resource.RLIMIT_NPROC, (limits.max_processes, limits.max_processes))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-
-def run_python(code: str, limits: SandboxLimits | None = None) -> SandboxResult:
-    """Run `code` in a fresh subprocess under `limits`; never raises for what the code does."""
-    limits = limits or SandboxLimits()
-    mode = sandbox_mode()
+def _sandboxed(code: str, limits: SandboxLimits) -> _Run:
     root = tempfile.mkdtemp(prefix="selftune-py-")
+    inside = "/tmp/" + os.path.basename(root)  # the folder as the code sees it
     try:
-        work = os.path.join(root, "work")
-        os.mkdir(work)
         script = os.path.join(root, "main.py")
         with open(script, "w", encoding="utf-8") as f:
-            f.write(_SOCKET_BLOCK + code if mode == "audit-hook" else code)
-        env = {
-            "PATH": "/usr/bin:/bin",
-            "HOME": work,
-            "TMPDIR": work,
-            "LANG": "C.UTF-8",
-            "PYTHONIOENCODING": "utf-8",
-            "PYTHONUNBUFFERED": "1",  # keep what was printed before a crash
-            "OPENBLAS_NUM_THREADS": "1",  # BLAS thread pools reserve memory under RLIMIT_AS
-            "OMP_NUM_THREADS": "1",
-        }
+            f.write(code)
+        os.chmod(script, 0o644)  # readable by uid 65534 whatever the umask
+        info_r, info_w = os.pipe()
         start = time.monotonic()
         with (
             open(os.path.join(root, "stdout"), "wb") as out,
             open(os.path.join(root, "stderr"), "wb") as err,
         ):
-            proc = subprocess.Popen(
-                _command(script),
-                cwd=work,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                preexec_fn=lambda: _limit(limits),  # noqa: PLW0108
-            )
-            timed_out = False
             try:
-                code_ = proc.wait(timeout=limits.wall_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                _kill_group(proc)
-                code_ = proc.wait()
+                proc = subprocess.Popen(
+                    _command(inside, script, limits, info_w),
+                    cwd="/",
+                    env={"PATH": "/usr/bin:/bin"},  # nothing of ours reaches even bwrap
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=err,
+                    pass_fds=(info_w,),
+                    start_new_session=True,
+                )
+            finally:
+                os.close(info_w)
+            try:  # the pipe stays open until bwrap exits: it writes more after the pid
+                child = _child_pid(info_r, deadline=start + limits.wall_s)
+                try:
+                    left = max(0.0, start + limits.wall_s - time.monotonic())
+                    returncode = proc.wait(timeout=left)
+                except subprocess.TimeoutExpired:
+                    _kill(proc, child)
+                    proc.wait()
+                    returncode = None
+            finally:
+                os.close(info_r)
         duration = time.monotonic() - start
-        stdout = _read(os.path.join(root, "stdout"), limits.output_chars)
-        stderr = _read(os.path.join(root, "stderr"), limits.output_chars)
+        return _Run(
+            started=child is not None,
+            returncode=returncode,
+            stdout=_read(os.path.join(root, "stdout"), limits.output_chars),
+            stderr=_read(os.path.join(root, "stderr"), limits.output_chars),
+            duration_s=duration,
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _command(inside: str, script: str, limits: SandboxLimits, info_fd: int) -> list[str]:
+    work = inside + "/work"
+    userns = ["--unshare-user", "--disable-userns", "--uid", str(SANDBOX_UID)]
+    userns += ["--gid", str(SANDBOX_UID)]
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": work,
+        "TMPDIR": work,
+        "LANG": "C.UTF-8",
+        "PYTHONIOENCODING": "utf-8",
+        "OPENBLAS_NUM_THREADS": "1",  # BLAS thread pools reserve memory under RLIMIT_AS
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = ["bwrap", "--info-fd", str(info_fd), "--die-with-parent", "--new-session"]
+    cmd += ["--as-pid-1", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts"]
+    cmd += ["--unshare-cgroup-try", "--hostname", "sandbox", "--clearenv"]
+    for name, value in env.items():
+        cmd += ["--setenv", name, value]
+    cmd += _filesystem(inside, script, limits)
+    if os.geteuid() == 0:
+        # Root: bwrap builds the sandbox without a user namespace (a root-owned one would keep
+        # the code at host uid 0, which RLIMIT_NPROC ignores); setpriv becomes uid 65534 with
+        # no capabilities, and a second bwrap, unprivileged, adds the user namespace.
+        cmd += ["--cap-drop", "ALL"]
+        for cap in ("CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP"):
+            cmd += ["--cap-add", cap]
+        cmd += ["--", "setpriv", f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_UID}"]
+        cmd += ["--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"]
+        cmd += ["bwrap", *userns, "--dev-bind", "/", "/", "--chdir", work]
+    else:
+        cmd += userns
+    cmd += ["--", "prlimit", f"--cpu={limits.cpu_s}:{limits.cpu_s + 1}"]
+    cmd += [f"--as={limits.memory_mb * _MB}", f"--fsize={limits.file_mb * _MB}"]
+    cmd += [f"--nproc={limits.max_processes}", "--core=0", "--"]
+    # -I: no PYTHON* variables, no user site, the script's folder not on sys.path; -u: keep
+    # what was printed before a kill
+    return cmd + [sys.executable, "-I", "-u", inside + "/main.py"]
+
+
+def _filesystem(inside: str, script: str, limits: SandboxLimits) -> list[str]:
+    args = ["--ro-bind", "/usr", "/usr"]
+    for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        path = "/" + name
+        if os.path.islink(path):
+            args += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            args += ["--ro-bind", path, path]
+    for path in ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d"):
+        args += ["--ro-bind-try", path, path]
+    args += ["--proc", "/proc", "--dev", "/dev"]
+    args += ["--perms", "1777", "--size", str(limits.scratch_mb * _MB), "--tmpfs", "/tmp"]
+    made = {"/", "/usr", "/tmp"}
+    for prefix in _interpreter_dirs():
+        args += _parents(prefix, made) + ["--ro-bind", prefix, prefix]
+    args += ["--perms", "0755", "--dir", inside, "--perms", "0777", "--dir", inside + "/work"]
+    args += ["--ro-bind", script, inside + "/main.py", "--chdir", inside + "/work"]
+    return args + ["--remount-ro", "/"]
+
+
+def _interpreter_dirs() -> list[str]:
+    """The venv and the Python it was made from, outermost first, none inside /usr or another."""
+    exe_home = os.path.dirname(os.path.dirname(os.path.realpath(sys.executable)))
+    dirs = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, exe_home}
+    dirs = {os.path.abspath(d) for d in dirs}
+    if "/" in dirs:
+        raise SandboxUnavailable("the Python interpreter's prefix is /; use a venv")
+
+    def inside(d: str, other: str) -> bool:
+        return d != other and d.startswith(other.rstrip("/") + "/")
+
+    return sorted(d for d in dirs if not any(inside(d, o) for o in dirs | {"/usr"}) and d != "/usr")
+
+
+def _parents(path: str, made: set[str]) -> list[str]:
+    # bwrap makes missing mount points 0700; the code runs as another uid and must pass through
+    args = []
+    parts = path.strip("/").split("/")
+    for i in range(1, len(parts)):
+        parent = "/" + "/".join(parts[:i])
+        if parent not in made:
+            made.add(parent)
+            args += ["--perms", "0755", "--dir", parent]
+    return args
+
+
+def _child_pid(fd: int, deadline: float) -> int | None:
+    """The sandbox's pid 1 (host pid) from bwrap's --info-fd, or None if it never came up."""
+    data = b""
+    while (left := deadline - time.monotonic()) > 0:
+        if not select.select([fd], [], [], left)[0]:
+            break
+        chunk = os.read(fd, 4096)
+        data += chunk
+        if not chunk or re.search(rb'"child-pid":\s*\d+', data):
+            break
+    found = re.search(rb'"child-pid":\s*(\d+)', data)
+    return int(found.group(1)) if found else None
+
+
+def _kill(proc: subprocess.Popen, child: int | None) -> None:
+    # SIGKILL to the namespace's pid 1 takes every process in it; then bwrap itself
+    for pid, kill in ((child, os.kill), (proc.pid, os.killpg)):
+        if pid is not None:
+            try:
+                kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def run_python(code: str, limits: SandboxLimits | None = None) -> SandboxResult:
+    """Run `code` in the sandbox under `limits`; never raises for what the code does.
+
+    Raises SandboxUnavailable when this machine cannot build the sandbox.
+    """
+    limits = limits or SandboxLimits()
+    problem = sandbox_problem()
+    if problem:
+        raise SandboxUnavailable(f"the python tool cannot run code here: {problem}")
+    run = _sandboxed(code, limits)
+    if not run.started:
+        raise SandboxUnavailable(f"bubblewrap failed to build the sandbox: {run.stderr.strip()}")
+    rc = run.returncode
     killed_by = None
-    if timed_out:
+    if rc is None:
         killed_by = "timeout"
-    elif code_ < 0:
-        sig = -code_
+    elif rc > 128 and rc - 128 in signal.valid_signals():
+        # bwrap reports a child killed by signal N as exit status 128 + N (as a shell does)
+        sig = rc - 128
         killed_by = {
             signal.SIGXCPU: f"CPU time ({limits.cpu_s} s)",
             signal.SIGKILL: "CPU time or memory",
             signal.SIGXFSZ: f"file size ({limits.file_mb} MB)",
         }.get(sig, signal.Signals(sig).name)
-    elif "MemoryError" in stderr[-2000:]:
+    elif "MemoryError" in run.stderr[-2000:]:
         killed_by = f"memory ({limits.memory_mb} MB)"
     return SandboxResult(
-        stdout=stdout,
-        stderr=stderr,
-        exit_code=None if timed_out else code_,
-        timed_out=timed_out,
+        stdout=run.stdout,
+        stderr=run.stderr,
+        exit_code=rc,
+        timed_out=rc is None,
         killed_by=killed_by,
-        duration_s=duration,
-        network=mode,
+        duration_s=run.duration_s,
+        sandbox=sandbox_mode(),
     )
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _read(path: str, limit: int) -> str:
