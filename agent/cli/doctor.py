@@ -61,6 +61,10 @@ def run_checks(cfg: Config) -> list[Check]:
     for pkg in PACKAGES:
         v = _version(pkg)
         checks.append(Check(f"package {pkg}", v is not None, v or "not installed"))
+    from tools.sandbox import sandbox_mode, sandbox_problem
+
+    problem = sandbox_problem()
+    checks.append(Check("python sandbox", problem is None, problem or sandbox_mode()))
     try:
         checks.append(Check("embedded GGUF", True, str(embedded_gguf_path())))
     except ModelError as e:
