@@ -209,6 +209,8 @@ class Agent:
                 chosen[name] = pool[name]
             elif name == "search":
                 chosen[name] = self._search_tool()
+            elif self._mcp is not None and (down := self._mcp.unavailable_tool(name)):
+                chosen[name] = down  # its server did not start: calls say so, the rest works
             elif name in by_sub:
                 if depth >= self.cfg.agent.max_subagent_depth:
                     log.warning("subagent %s not offered: depth limit %d", name, depth)

@@ -208,3 +208,20 @@ def test_demos_are_prompt_only_and_counted(cfg, scripted):
         == '{"expression": "2*3"}'
     )
     assert [m["content"] for m in res.messages] == ["What is 2+2?", "4"]
+
+
+async def test_a_tool_of_an_mcp_server_that_did_not_start_is_an_error_naming_it(cfg, scripted):
+    import sys
+
+    from tools.schemas import McpServerConfig
+
+    cfg.mcp = [
+        McpServerConfig(name="ghost", command=sys.executable, args=["-c", "raise SystemExit(3)"])
+    ]
+    scripted(call("ghost__lookup", key="x"), AIMessage("could not look it up"))
+    async with Agent(cfg, engine=object()) as agent:
+        res = await agent.run("Look x up.", tools=["calculator", "ghost__lookup"])
+        trace, spans = spans_of(agent, res.trace_id)
+    assert res.status == "ok" and res.answer == "could not look it up"
+    tool_span = next(s for s in trace.spans if s.kind == "tool")
+    assert tool_span.status == "error" and "MCP server 'ghost' is down" in tool_span.error

@@ -7,7 +7,9 @@ server started per call costs ~0.7 s where a held session answers in a few ms.
 
 Tool names are `<server>__<tool>` (valid for OpenAI-style tool calling: ^[a-zA-Z0-9_-]+$).
 
-Failures: a call that times out, or whose server has died, is a ToolError naming the
+Failures: a server that is down or hangs at start is skipped with a warning (unless it is
+`required`): the agent works with the others, and a call to one of its tools is a ToolError
+naming the server. A call that times out, or whose server has died, is a ToolError naming the
 server. The server is restarted on the next call; if that restart fails, the server is
 marked down and its later calls fail fast. Other servers are unaffected.
 """
@@ -277,21 +279,49 @@ class McpManager:
     async def start(self) -> None:
         """Start every server (concurrently) and list its tools.
 
-        Raises McpStartError naming every server that failed (the others are closed again).
+        A server that fails to start is marked down and skipped with a warning naming it;
+        McpStartError (naming every failed server, the others closed again) only when a
+        `required` one failed.
         """
-        results = await asyncio.gather(
-            *(s.connect() for s in self._servers.values()), return_exceptions=True
-        )
-        errors = [str(r) for r in results if isinstance(r, BaseException)]
-        if errors:
+        servers = list(self._servers.values())
+        results = await asyncio.gather(*(s.connect() for s in servers), return_exceptions=True)
+        failed = [
+            (s, r) for s, r in zip(servers, results, strict=True) if isinstance(r, BaseException)
+        ]
+        if any(s.cfg.required for s, _ in failed):
             await self.aclose()
-            raise McpStartError("; ".join(errors))
+            raise McpStartError("; ".join(str(r) for _, r in failed))
+        for srv, error in failed:
+            srv.down = f"it did not start ({error}); fix the server and restart selftune"
+            log.warning("%s; its tools are unavailable", error)
         try:
-            self._tools = [t for s in self._servers.values() for t in self._server_tools(s)]
+            self._tools = [
+                t for s in self._servers.values() if not s.down for t in self._server_tools(s)
+            ]
         except McpStartError:
             await self.aclose()
             raise
         self._started = True
+
+    def unavailable_tool(self, name: str) -> Tool | None:
+        """For `<server>__<tool>` of a server that is down, a tool whose every call is a
+        ToolError naming the server and why (so a task that asks for it still runs)."""
+        server = name.split(SEPARATOR, 1)[0] if SEPARATOR in name else None
+        srv = self._servers.get(server or "")
+        if srv is None or not srv.down:
+            return None
+
+        async def run(**_: Any) -> str:
+            raise ToolError(f"MCP server '{srv.cfg.name}' is down: {srv.down}")
+
+        return Tool(
+            name=name,
+            description=f"(unavailable: MCP server '{srv.cfg.name}' is down)",
+            parameters={"type": "object"},
+            func=run,
+            source=f"mcp:{srv.cfg.name}",
+            server=srv.cfg.name,
+        )
 
     def _server_tools(self, srv: _Server) -> list[Tool]:
         cfg = srv.cfg

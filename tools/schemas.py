@@ -21,7 +21,12 @@ class McpServerConfig(_Section):
     url: str | None = None
     headers: dict[str, str] = Field(default_factory=dict)
     allow: list[str] | None = None  # tool allowlist; None = every tool the server offers
-    timeout_s: float = Field(default=30.0, gt=0)
+    # below the agent's [agent] tool_timeout_s (30 s): the server's own timeout must fire first,
+    # or the agent gives up on the call and the hung server is never restarted
+    timeout_s: float = Field(default=20.0, gt=0)
+    # a required server that fails to start stops the agent; any other is skipped with a
+    # warning, and calls to its tools return an error that names it
+    required: bool = False
 
     @field_validator("name")
     @classmethod
