@@ -123,6 +123,7 @@ def setup_model(cfg: Config, force: bool = False, log=print) -> Path:
     if target.exists() and not force:
         try:
             check_model_dir(target)
+            install_template(target)  # folders converted before the template shipped
             log(f"model ready: {target}")
             return target
         except ModelError as e:
@@ -153,6 +154,7 @@ def setup_model(cfg: Config, force: bool = False, log=print) -> Path:
     model.generation_config.pad_token_id = tok.pad_token_id or tok.eos_token_id
     model.save_pretrained(str(tmp), safe_serialization=True)
     tok.save_pretrained(str(tmp))
+    install_template(tmp)
     (tmp / _MARKER).write_text(
         json.dumps(
             {"source": str(gguf), "name": DEFAULT_MODEL, "python": sys.version.split()[0]}, indent=2
@@ -164,6 +166,24 @@ def setup_model(cfg: Config, force: bool = False, log=print) -> Path:
     tmp.rename(target)
     log(f"model ready: {target}")
     return target
+
+
+def install_template(folder: Path) -> None:
+    """Make selftune's chat template the tokenizer's own in the embedded model's folder.
+
+    SmolLM2's template drops tool calls without a word, so TRL or vLLM run directly on the
+    folder would train on, or render, empty assistant turns. Ours renders tools and tool calls
+    and carries `{% generation %}` markers for TRL's assistant_only_loss; the engine already
+    renders with it, so what selftune does is unchanged.
+    """
+    from agent.model.template import SELFTUNE_TEMPLATE
+
+    path = folder / "chat_template.jinja"
+    if path.is_file() and path.read_text(encoding="utf-8") == SELFTUNE_TEMPLATE:
+        return
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(SELFTUNE_TEMPLATE, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def model_dir(cfg: Config) -> Path:
