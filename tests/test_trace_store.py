@@ -286,3 +286,41 @@ def test_four_processes_write_at_once_without_errors(tmp_path: Path):
             assert store.count(env=f"env{i}", status="ok") == 200
         n_spans = sqlite3.connect(db).execute("SELECT COUNT(*) FROM spans").fetchone()[0]
         assert n_spans == 800 * 3
+
+
+def test_a_damaged_store_is_refused_at_open_with_a_safe_action(tmp_path: Path):
+    path = tmp_path / "traces.db"
+    with TraceStore(path) as store:
+        for i in range(300):
+            store.save(make_trace(calls=[ADD], task_id=f"t{i}"))
+    with TraceStore(path):  # checkpoints the WAL into the file
+        pass
+    size = path.stat().st_size
+    with open(path, "r+b") as f:  # scribble over pages in the middle of the file
+        f.seek(size // 2)
+        f.write(os.urandom(8192))
+    before = path.read_bytes()
+    with pytest.raises(TraceStoreError, match="is damaged") as err:
+        TraceStore(path)
+    assert ".recover" in str(err.value) and "move it away" not in str(err.value)
+    assert path.read_bytes() == before  # refused without writing a byte
+
+
+def test_a_full_disk_is_never_reported_as_a_foreign_file(tmp_path: Path):
+    store = TraceStore(tmp_path / "traces.db")
+    err = store._unreadable(sqlite3.OperationalError("database or disk is full"))
+    assert isinstance(err, TraceStoreFullError)
+    assert "do not move or delete" in str(err) and "move it away" not in str(err)
+
+
+def test_prune_keeps_the_traces_still_being_written(tmp_path: Path):
+    store = TraceStore(tmp_path / "traces.db")
+    done = make_trace(start=time.time() - 3600)
+    live = make_trace(start=time.time() - 3600)
+    live.status, live.end = "running", None
+    store.save(done)
+    store.write([live])  # recorded by this (alive) process, not finished yet
+    assert store.prune(older_than_s=60) == 1
+    assert store.get(live.id).status == "running"
+    with pytest.raises(TraceNotFoundError):
+        store.get(done.id)

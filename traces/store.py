@@ -326,6 +326,36 @@ class TraceStore:
             f"{self.path} is not a selftune trace store ({why}): move it away or set [traces] db"
         )
 
+    def _unreadable(self, e: sqlite3.DatabaseError) -> TraceStoreError:
+        """Why the file cannot be read, with an action that never destroys data."""
+        msg = str(e)
+        if getattr(e, "sqlite_errorcode", None) == _SQLITE_FULL or "full" in msg:
+            return TraceStoreFullError(
+                f"the disk holding {self.path} is full ({msg}): free space, then run again; "
+                "the store itself is not damaged, so do not move or delete it"
+            )
+        if "malformed" in msg or "corrupt" in msg:
+            return self._damaged(msg)
+        return self._foreign(msg)
+
+    def _damaged(self, why: str) -> TraceStoreError:
+        return TraceStoreError(
+            f"the trace store {self.path} is damaged ({why}); selftune will not write to it. "
+            f"Keep the file, and recover what it holds with `sqlite3 {self.path} .recover | "
+            f"sqlite3 {self.path.with_suffix('.recovered.db')}`, then set [traces] db to the "
+            "recovered file (or restore a backup)"
+        )
+
+    def _check_integrity(self) -> None:
+        """PRAGMA quick_check: a damaged file is refused at open instead of written into."""
+        try:
+            rows = self._conn.execute("PRAGMA quick_check").fetchall()
+        except sqlite3.DatabaseError as e:
+            raise self._unreadable(e) from None
+        problems = [r[0] for r in rows if r[0] != "ok"]
+        if problems:
+            raise self._damaged("; ".join(problems[:3]))
+
     def _version(self) -> int | None:
         """The file's schema version, None for an empty file; raises if the file is not ours.
 
@@ -337,7 +367,7 @@ class TraceStore:
             version = c.execute("PRAGMA user_version").fetchone()[0]
             tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         except sqlite3.DatabaseError as e:
-            raise self._foreign(str(e)) from None
+            raise self._unreadable(e) from None
         if app_id == APPLICATION_ID:
             if version > SCHEMA_VERSION:
                 raise TraceStoreError(
@@ -358,6 +388,8 @@ class TraceStore:
         c = self._conn
         c.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
         version = self._version()
+        if version is not None:
+            self._check_integrity()
         if c.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
             self._retry(lambda: c.execute("PRAGMA journal_mode = WAL"))
         c.execute("PRAGMA synchronous = NORMAL")  # durable to a process crash in WAL mode
@@ -501,7 +533,8 @@ class TraceStore:
 
     def prune(self, older_than_s: float | None = None, env: str | None = None) -> int:
         """Delete traces (with their spans, tags and grades) that started more than
-        `older_than_s` seconds ago and/or belong to `env`, then vacuum. Returns how many."""
+        `older_than_s` seconds ago and/or belong to `env`, then vacuum. Returns how many.
+        Traces still running (their writer is alive: `recover` marks the dead ones) are kept."""
         if older_than_s is None and env is None:
             raise ValueError("prune needs older_than_s or env (refusing to delete every trace)")
         q = TraceQuery(
@@ -512,7 +545,10 @@ class TraceStore:
         def do(conn: sqlite3.Connection) -> int:
             conn.execute("CREATE TEMP TABLE IF NOT EXISTS doomed (id TEXT PRIMARY KEY)")
             conn.execute("DELETE FROM doomed")
-            conn.execute(f"INSERT INTO doomed SELECT t.id FROM traces t{where}", params)
+            # an episode still being written would come back later with half its spans
+            live = "t.status = 'running'"
+            keep = f"{where} AND NOT ({live})" if where else f" WHERE NOT ({live})"
+            conn.execute(f"INSERT INTO doomed SELECT t.id FROM traces t{keep}", params)
             for table in ("spans", "grades", "trace_tags"):
                 conn.execute(f"DELETE FROM {table} WHERE trace_id IN (SELECT id FROM doomed)")
             n = conn.execute("DELETE FROM traces WHERE id IN (SELECT id FROM doomed)").rowcount
