@@ -95,3 +95,24 @@ def test_every_error_class_of_the_library_is_a_selftune_error():
     ]
     assert len(errors) >= 14
     assert [e.__name__ for e in errors if not issubclass(e, SelftuneError)] == []
+
+
+def test_run_reads_long_tasks_from_a_file_or_stdin_and_refuses_bad_utf8(
+    tmp_path, scripted, cli_env
+):
+    from langchain_core.messages import AIMessage
+
+    from agent.cli.run import read_task
+
+    long_task = "Summarise this. " + "word " * 20000
+    (tmp_path / "task.txt").write_text(long_task)
+    assert read_task(None, tmp_path / "task.txt") == long_task
+    (tmp_path / "bad.txt").write_bytes(b"caf\xe9 au lait")
+    result = CliRunner().invoke(app, ["run", "--file", str(tmp_path / "bad.txt")])
+    assert result.exit_code == 2 and "not valid UTF-8 (byte 3" in result.output
+    result = CliRunner().invoke(app, ["run", "-"], input="")
+    assert result.exit_code == 2 and "stdin is empty" in result.output
+    scripted(AIMessage("read it"))
+    result = CliRunner(env=cli_env).invoke(app, ["run", "-", "--json"], input=long_task)
+    assert result.exit_code == 0, result.output
+    assert '"answer": "read it"' in result.output

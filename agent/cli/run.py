@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -85,7 +87,12 @@ def chat(
 
 def run(
     ctx: typer.Context,
-    task: Annotated[str, typer.Argument(help="the task for the agent")],
+    task: Annotated[
+        str | None, typer.Argument(help="the task for the agent; '-' reads it from stdin")
+    ] = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", "-f", help="read the task from this file")
+    ] = None,
     tools: Annotated[
         str | None, typer.Option(help="comma-separated tool names (default: [agent] tools)")
     ] = None,
@@ -99,6 +106,7 @@ def run(
     """Run the agent on one task with its tools; print the answer and the trace id."""
     from agent.agent import Agent
 
+    task = read_task(task, file)
     cfg = get_config(ctx)
     if max_steps:
         cfg.agent.max_steps = max_steps
@@ -117,6 +125,35 @@ def run(
     _print_result(result, as_json)
     if result.status not in ("ok",):
         raise typer.Exit(3)
+
+
+def read_task(task: str | None, file: Path | None) -> str:
+    """The task from the argument, `-` (stdin) or --file, as valid UTF-8 text; else fail."""
+    if (task is None) == (file is None):
+        fail("give the task as an argument, '-' for stdin, or --file PATH (one of them)", 2)
+    where = "the task argument"
+    if file is not None:
+        where = str(file)
+        try:
+            data = file.read_bytes()
+        except OSError as e:
+            fail(f"cannot read the task file {file}: {e.strerror}", 2)
+    elif task == "-":
+        where, data = "stdin", sys.stdin.buffer.read()
+    else:
+        # bytes that are not UTF-8 reach argv as lone surrogates (surrogateescape)
+        data = task.encode("utf-8", "surrogateescape")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        fail(
+            f"{where} is not valid UTF-8 (byte {e.start}: {data[e.start : e.start + 4]!r}): "
+            "save it as UTF-8, e.g. `iconv -f latin1 -t utf-8`",
+            2,
+        )
+    if not text.strip():
+        fail(f"{where} is empty: say what the agent should do", 2)
+    return text
 
 
 def _suite(ctx: typer.Context, env: str, as_json: bool, **options) -> None:
