@@ -192,6 +192,39 @@ def test_bad_requests_get_clear_errors(server):
     assert r.status_code == 400 and "adapter_config.json" in r.text
 
 
+def test_the_server_bounds_bodies_and_generation_and_health_stays_up(server):
+    big = {"messages": [{"role": "user", "content": "x" * (5 * 1024 * 1024)}]}
+    r = httpx.post(f"{server}/v1/chat/completions", json=big, timeout=60)
+    assert r.status_code == 413 and "bytes" in r.json()["error"]["message"]
+    r = httpx.post(
+        f"{server}/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000},
+    )
+    assert r.status_code == 400 and "cap of 4096" in r.json()["error"]["message"]
+
+    async def long_prompt_and_health() -> float:
+        # a prompt of ~3.5 MB takes seconds to tokenise; /health must answer meanwhile
+        text = "word " * 700_000
+        async with httpx.AsyncClient(timeout=120) as client:
+            chat = asyncio.create_task(
+                client.post(
+                    f"{server}/v1/chat/completions",
+                    json={"messages": [{"role": "user", "content": text}], "max_tokens": 1},
+                )
+            )
+            await asyncio.sleep(0.5)  # the request is in: its body is being read or tokenised
+            start = time.monotonic()
+            health = await client.get(f"{server}/health")
+            took = time.monotonic() - start
+            assert health.status_code == 200
+            answer = await chat
+            assert answer.status_code == 400  # longer than the model's context: said so
+            return took
+
+    # tokenising that prompt takes ~10 s on 2 busy cores; on the event loop it blocked /health
+    assert asyncio.run(long_prompt_and_health()) < 3.0
+
+
 def test_concurrent_requests_share_a_batch(server, engine, tmp_path):
     model = make_chat_model(_cfg(tmp_path, server), max_tokens=6)
     before = len(engine.batcher.batch_sizes)

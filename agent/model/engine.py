@@ -398,8 +398,11 @@ class LocalEngine:
         return self.submit(messages, tools, adapter=adapter, sampling=sampling).result()
 
     async def agenerate(self, messages, tools=None, *, adapter=None, sampling=None) -> Completion:
-        """Answer one chat request without blocking the event loop."""
-        fut = self.submit(messages, tools, adapter=adapter, sampling=sampling)
+        """Answer one chat request without blocking the event loop (tokenising a long prompt
+        takes seconds: it runs in a worker thread too, so a server's /health still answers)."""
+        fut = await asyncio.to_thread(
+            self.submit, messages, tools, adapter=adapter, sampling=sampling
+        )
         return await asyncio.wrap_future(fut)
 
     def close(self) -> None:

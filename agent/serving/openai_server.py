@@ -30,19 +30,38 @@ def _error(status: int, message: str, kind: str = "invalid_request_error") -> JS
     )
 
 
+MAX_BODY_BYTES = 4 * 1024 * 1024  # far above any prompt that fits the model's context
+MAX_NEW_TOKENS = 4096  # the most tokens one request may ask the model to write
+
+
+class BodyTooLarge(ValueError):
+    pass
+
+
 async def _body(request: Request) -> dict[str, Any]:
+    limit = request.app.state.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"the request body is {declared} bytes; this server takes {limit}")
+    raw = bytearray()
+    async for chunk in request.stream():  # a body without a length is counted as it comes
+        raw += chunk
+        if len(raw) > limit:
+            raise BodyTooLarge(f"the request body is over {limit} bytes, this server's limit")
     try:
-        data = await request.json()
-    except json.JSONDecodeError as e:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"the request body is not JSON ({e})") from None
     if not isinstance(data, dict):
         raise ValueError("the request body must be a JSON object")
     return data
 
 
-def _sampling(body: dict[str, Any]) -> Sampling:
+def _sampling(body: dict[str, Any], cap: int = MAX_NEW_TOKENS) -> Sampling:
     stop = body.get("stop") or ()
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 256
+    if int(max_tokens) > cap:
+        raise ValueError(f"max_tokens {max_tokens} is above this server's cap of {cap}")
     return Sampling(
         temperature=float(body.get("temperature") if body.get("temperature") is not None else 0.0),
         top_p=float(body.get("top_p") if body.get("top_p") is not None else 1.0),
@@ -120,9 +139,12 @@ async def chat(request: Request) -> Response:
         if int(body.get("n") or 1) != 1:
             return _error(400, "only n=1 is supported")
         adapter = adapter_for(engine, body.get("model"))
+        sampling = _sampling(body, request.app.state.max_new_tokens)
         completion = await engine.agenerate(
-            body["messages"], body.get("tools") or None, adapter=adapter, sampling=_sampling(body)
+            body["messages"], body.get("tools") or None, adapter=adapter, sampling=sampling
         )
+    except BodyTooLarge as e:
+        return _error(413, str(e))
     except LookupError as e:
         return _error(404, str(e), "model_not_found")
     except (ValueError, TypeError, AdapterError, ContextOverflowError) as e:
@@ -164,6 +186,8 @@ async def load_lora(request: Request) -> Response:
         await asyncio.to_thread(
             engine.load_adapter, name, path, replace=bool(body.get("load_inplace"))
         )
+    except BodyTooLarge as e:
+        return _error(413, str(e))
     except (ValueError, AdapterError) as e:
         return _error(400, str(e))
     return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
@@ -184,8 +208,14 @@ async def unload_lora(request: Request) -> Response:
     return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
 
-def build_app(engine: LocalEngine) -> Starlette:
-    """The Starlette app serving `engine`."""
+def build_app(
+    engine: LocalEngine,
+    *,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+) -> Starlette:
+    """The Starlette app serving `engine`; bodies over `max_body_bytes` get 413, requests for
+    more than `max_new_tokens` tokens get 400."""
     app = Starlette(
         routes=[
             Route("/v1/chat/completions", chat, methods=["POST"]),
@@ -196,6 +226,8 @@ def build_app(engine: LocalEngine) -> Starlette:
         ]
     )
     app.state.engine = engine
+    app.state.max_body_bytes = max_body_bytes
+    app.state.max_new_tokens = max_new_tokens
     return app
 
 
