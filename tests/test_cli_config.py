@@ -116,3 +116,11 @@ def test_run_reads_long_tasks_from_a_file_or_stdin_and_refuses_bad_utf8(
     result = CliRunner(env=cli_env).invoke(app, ["run", "-", "--json"], input=long_task)
     assert result.exit_code == 0, result.output
     assert '"answer": "read it"' in result.output
+
+
+def test_help_keeps_its_brackets_and_h_and_version_work():
+    runner = CliRunner()
+    result = runner.invoke(app, ["run", "-h"])
+    assert result.exit_code == 0 and "(default: [agent] tools)" in result.output
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.startswith("selftune ")

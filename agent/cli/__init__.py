@@ -15,15 +15,20 @@ from typing import Annotated
 import typer
 
 from agent.cli import dataset, run, serve, tools, traces, tune
-from agent.cli.common import console
+from agent.cli.common import command_group, console
 from tools.errors import SelftuneError
 
-app = typer.Typer(
-    help="selftune: an agent that records what it does, learns from it, and improves itself.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
+app = command_group(
+    "selftune: an agent that records what it does, learns from it, and improves itself."
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"selftune {version('selftune')}")
+        raise typer.Exit()
 
 
 @app.callback()
@@ -32,6 +37,10 @@ def _root(
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="config file (default ./selftune.toml)")
     ] = None,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="print the version"),
+    ] = False,
 ) -> None:
     ctx.obj = {"config": config}
 

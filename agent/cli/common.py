@@ -16,6 +16,20 @@ console = Console(stderr=True)  # progress, errors, notes
 out = Console()  # results a script may read
 
 
+def command_group(help: str, **options: Any) -> typer.Typer:
+    """A Typer app with selftune's conventions: -h and --help, help text shown as written
+    (rich markup would eat "[agent] tools"), and no traceback pages."""
+    options.setdefault("no_args_is_help", True)
+    return typer.Typer(
+        help=help,
+        rich_markup_mode=None,
+        pretty_exceptions_enable=False,
+        add_completion=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
+        **options,
+    )
+
+
 def config_path(ctx: click.Context | None) -> Path | None:
     """The root's `--config` (kept in the root context's obj), or None for ./selftune.toml."""
     root = ctx.find_root() if ctx is not None else None

@@ -13,15 +13,10 @@ from typing import Annotated
 
 import typer
 
-from agent.cli.common import fail, get_config
+from agent.cli.common import command_group, fail, get_config
 from traces.datasets import DATASET_KINDS, DatasetError, DatasetFilters
 
-dataset_app = typer.Typer(
-    help="Build training datasets (SFT, DPO, KTO, GRPO) from graded traces.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
+dataset_app = command_group("Build training datasets (SFT, DPO, KTO, GRPO) from graded traces.")
 
 
 @dataset_app.callback()

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import typer
 
-from agent.cli.common import fail, get_config
+from agent.cli.common import command_group, fail, get_config
 from agent.config import Config
 
-serve_app = typer.Typer(help="Serve the model over the OpenAI protocol.")
+serve_app = command_group("Serve the model over the OpenAI protocol.", no_args_is_help=False)
 
 
 @serve_app.callback(invoke_without_command=True)

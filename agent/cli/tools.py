@@ -16,13 +16,13 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from agent.cli.common import command_group, get_config, out
 from agent.cli.common import console as err
-from agent.cli.common import get_config, out
 from agent.workspace import call_tool, open_tools
 from tools import Tool, ToolError, local_tools
 
-tools_app = typer.Typer(help="List and call the agent's tools.", no_args_is_help=True)
-mcp_app = typer.Typer(help="Serve selftune's tools over MCP.", no_args_is_help=True)
+tools_app = command_group("List and call the agent's tools.")
+mcp_app = command_group("Serve selftune's tools over MCP.")
 
 
 @tools_app.command("list")

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from agent.cli.common import fail, get_config
+from agent.cli.common import command_group, fail, get_config
 from agent.cli.common import out as console
 from agent.workspace import open_store, trace_db_path
 from traces import times
@@ -21,7 +21,7 @@ from traces.render import stats_table, trace_table, trace_tree
 from traces.schemas import TraceQuery
 from traces.store import TraceStore, TraceStoreError, export_jsonl
 
-traces_app = typer.Typer(help="Inspect, export and prune recorded traces.", no_args_is_help=True)
+traces_app = command_group("Inspect, export and prune recorded traces.")
 
 
 def parse_duration(s: str) -> float:
