@@ -152,7 +152,9 @@ def test_live_export_reaches_a_real_otlp_http_receiver(tmp_path: Path, receiver,
     a = _pb_attrs(chat)
     assert a["gen_ai.operation.name"] == "chat" and a["gen_ai.usage.input_tokens"] == 7
     assert a["gen_ai.provider.name"] == "selftune.local"
-    assert json.loads(a["gen_ai.input.messages"]) == [{"role": "user", "content": "2+3?"}]
+    assert json.loads(a["gen_ai.input.messages"]) == [
+        {"role": "user", "parts": [{"type": "text", "content": "2+3?"}]}
+    ]
     tool = _pb_attrs(spans["execute_tool calculator"])
     assert tool["gen_ai.tool.call.id"] == "c9" and tool["gen_ai.tool.call.result"] == "5"
     root = _pb_attrs(spans["invoke_agent calc"])

@@ -13,7 +13,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from traces.schemas import Trace
+from traces.schemas import Span, Trace
 
 # (kind, pattern); a group named `key` is kept. Order matters: specific formats before the generic ones that would
 # swallow them (sk-ant- before sk-, AWS secret assignment before the generic assignment).
@@ -86,18 +86,27 @@ def scrub_value(v: Any, extra_patterns: Sequence[str] = ()) -> Any:
     return v
 
 
+_KEEP = frozenset(
+    {"id", "trace_id", "parent_id", "kind", "status", "start", "end", "schema_version"}
+)
+
+
+def _walk(d: dict[str, Any], extra_patterns: Sequence[str]) -> dict[str, Any]:
+    return {k: (v if k in _KEEP else scrub_value(v, extra_patterns)) for k, v in d.items()}
+
+
+def scrub_span(span: Span, extra_patterns: Sequence[str] = ()) -> Span:
+    """A scrubbed copy of one span (ids, kind, status and times kept); `span` is unchanged."""
+    return Span.model_validate(_walk(span.model_dump(), extra_patterns))
+
+
 def scrub_trace(trace: Trace, extra_patterns: Sequence[str] = ()) -> Trace:
     """A scrubbed deep copy of `trace` (spans included); `trace` itself is unchanged.
 
     Ids, kinds, statuses and times are kept; every other string is scrubbed.
     """
     data = trace.model_dump()
-    keep = {"id", "trace_id", "parent_id", "kind", "status", "start", "end", "schema_version"}
-
-    def walk(d: dict[str, Any]) -> dict[str, Any]:
-        return {k: (v if k in keep else scrub_value(v, extra_patterns)) for k, v in d.items()}
-
-    spans = [walk(s) for s in data.pop("spans")]
-    out = walk(data)
+    spans = [_walk(s, extra_patterns) for s in data.pop("spans")]
+    out = _walk(data, extra_patterns)
     out["spans"] = spans
     return Trace.model_validate(out)
