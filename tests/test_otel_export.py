@@ -17,8 +17,18 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from traces.otel import OtlpSink, export_otlp_json, otel_span_id, otlp_sink_from_config
-from traces.schemas import LlmData, ToolData, TracesConfig
+from traces.otel import (
+    OtlpPushError,
+    OtlpSink,
+    export_otlp_json,
+    otel_span_id,
+    otlp_endpoint,
+    otlp_headers,
+    otlp_sink_from_config,
+    push_traces,
+    root_span_id,
+)
+from traces.schemas import Grade, LlmData, RetrievalData, Span, ToolCall, ToolData, TracesConfig
 from traces.store import TraceStore
 from traces.tracer import Tracer
 
@@ -74,10 +84,12 @@ def test_otlp_json_file_follows_genai_conventions(tmp_path: Path):
 
 
 class _Receiver:
-    """A minimal OTLP/HTTP collector: decodes each POST /v1/traces body."""
+    """A minimal OTLP/HTTP collector: decodes each POST /v1/traces body (or, with `status`,
+    refuses it the way a collector refuses JSON: 415 and a reason)."""
 
-    def __init__(self):
+    def __init__(self, status: int = 200):
         self.requests: list[ExportTraceServiceRequest] = []
+        self.headers: list[dict[str, str]] = []
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -85,6 +97,14 @@ class _Receiver:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 assert self.path == "/v1/traces"
                 assert self.headers["Content-Type"] == "application/x-protobuf"
+                outer.headers.append(dict(self.headers))
+                if status != 200:
+                    reason = b"unsupported media type"
+                    self.send_response(status)
+                    self.send_header("Content-Length", str(len(reason)))
+                    self.end_headers()
+                    self.wfile.write(reason)
+                    return
                 req = ExportTraceServiceRequest()
                 req.ParseFromString(body)
                 outer.requests.append(req)
@@ -185,3 +205,291 @@ def test_dead_endpoint_neither_raises_nor_blocks_episodes(tmp_path: Path):
     assert store.count(limit=None) == 30
     tracer.close()
     store.close()
+
+
+# --- the GenAI shapes, OpenInference mirrors, content and scrubbing ---------------------------
+
+SECRET = "PROMPT-SENTINEL-4242"  # user content: must vanish without capture_content
+
+
+def _rich_trace():
+    """An episode of a thread whose every text holds SECRET: a system prompt, a user turn, a
+    tool call and its result, a retrieval, a failed span, an answer, and the task attribute."""
+    t = make_trace(calls=[ADD], env="calc", metadata={"thread_id": "thread-7"})
+    agent, llm, tool, retrieval = t.spans
+    agent.attributes.update({"task": f"what is 2+3? {SECRET}", "tools": ["calculator"]})
+    llm.llm.messages = [
+        {"role": "system", "content": f"You are terse. {SECRET}"},
+        {"role": "user", "content": f"what is 2+3? {SECRET}"},
+        {"role": "assistant", "content": "",
+         "tool_calls": [{"id": "c0", "type": "function",
+                         "function": {"name": "calculator", "arguments": {"e": SECRET}}}]},
+        {"role": "tool", "tool_call_id": "c0", "name": "calculator", "content": f"5 {SECRET}"},
+    ]  # fmt: skip
+    llm.llm.tools = [{"type": "function", "function": {"name": "calculator",
+                      "description": "evaluate", "parameters": {"type": "object"}}}]  # fmt: skip
+    llm.llm.tool_calls = [ToolCall(id="c1", name="calculator", arguments={"e": SECRET})]
+    llm.llm.completion = f"<tool_call>{SECRET}</tool_call>"
+    tool.tool.arguments, tool.tool.result = {"e": SECRET}, f"5 {SECRET}"
+    retrieval.retrieval = RetrievalData(
+        query=f"adding {SECRET}", collection="docs", ids=["d1", "d2"], scores=[0.9, 0.5],
+        texts=[f"addition adds {SECRET}", "sums"], sources=["math.md", "sums.md"],
+    )  # fmt: skip
+    failed = Span(trace_id=t.id, parent_id=agent.id, kind="tool", name="calculator",
+                  start=t.start + 0.95, end=t.start + 0.96, status="error",
+                  error=f"ValueError: cannot parse {SECRET}",
+                  tool=ToolData(name="calculator", arguments={"e": SECRET}))  # fmt: skip
+    t.spans.append(failed)
+    t.answer = f"5 {SECRET}"
+    grade = Grade(trace_id=t.id, value=0.0, source="human", grader="human:alice",
+                  reason=f"wrong {SECRET}", flags=["no_tool"])  # fmt: skip
+    return t, grade
+
+
+def _export(tmp_path: Path, t, grades=(), **kw) -> tuple[str, dict[str, dict]]:
+    out = tmp_path / "otel.json"
+    export_otlp_json([t], out, grades_of=lambda _id: list(grades), **kw)
+    text = out.read_text()
+    spans = json.loads(text)["resourceSpans"][0]["scopeSpans"][0]["spans"]
+    return text, {s["spanId"]: s for s in spans}
+
+
+def test_messages_use_genai_parts_and_openinference_mirrors(tmp_path: Path):
+    t, grade = _rich_trace()
+    _, spans = _export(tmp_path, t, [grade])
+    llm = _attrs(spans[otel_span_id(t.spans[1].id)]["attributes"])
+    assert json.loads(llm["gen_ai.system_instructions"]) == [
+        {"type": "text", "content": f"You are terse. {SECRET}"}
+    ]
+    assert json.loads(llm["gen_ai.input.messages"]) == [
+        {"role": "user", "parts": [{"type": "text", "content": f"what is 2+3? {SECRET}"}]},
+        {"role": "assistant", "parts": [{"type": "tool_call", "id": "c0", "name": "calculator",
+                                         "arguments": {"e": SECRET}}]},
+        {"role": "tool", "name": "calculator",
+         "parts": [{"type": "tool_call_response", "id": "c0", "response": f"5 {SECRET}"}]},
+    ]  # fmt: skip
+    assert json.loads(llm["gen_ai.tool.definitions"]) == [
+        {"type": "function", "name": "calculator", "description": "evaluate",
+         "parameters": {"type": "object"}}
+    ]  # fmt: skip
+    # what Phoenix reads
+    assert llm["openinference.span.kind"] == "LLM" and llm["llm.model_name"] == "smollm2"
+    assert llm["llm.input_messages.0.message.role"] == "system"
+    assert llm["llm.input_messages.1.message.content"] == f"what is 2+3? {SECRET}"
+    assert llm["llm.input_messages.2.message.tool_calls.0.tool_call.function.name"] == "calculator"
+    assert json.loads(
+        llm["llm.input_messages.2.message.tool_calls.0.tool_call.function.arguments"]
+    ) == {"e": SECRET}
+    assert llm["llm.input_messages.3.message.tool_call_id"] == "c0"
+    assert llm["llm.output_messages.0.message.role"] == "assistant"
+    assert llm["llm.output_messages.0.message.content"] == f"<tool_call>{SECRET}</tool_call>"
+    assert (llm["llm.token_count.prompt"], llm["llm.token_count.completion"],
+            llm["llm.token_count.total"]) == ("40", "12", "52")  # fmt: skip
+    assert json.loads(llm["input.value"])["messages"][1]["role"] == "user"
+    assert llm["input.mime_type"] == "application/json" and SECRET in llm["output.value"]
+    assert json.loads(llm["llm.tools.0.tool.json_schema"])["function"]["name"] == "calculator"
+
+    tool = _attrs(spans[otel_span_id(t.spans[2].id)]["attributes"])
+    assert tool["openinference.span.kind"] == "TOOL" and tool["tool.name"] == "calculator"
+    assert (
+        json.loads(tool["input.value"]) == {"e": SECRET} and tool["output.value"] == f"5 {SECRET}"
+    )
+
+    root = spans[root_span_id(t.id)]
+    ra = _attrs(root["attributes"])
+    assert ra["openinference.span.kind"] == "AGENT"
+    assert ra["input.value"] == f"what is 2+3? {SECRET}" and ra["output.value"] == f"5 {SECRET}"
+    assert json.loads(ra["gen_ai.output.messages"])[0]["parts"][0]["content"] == f"5 {SECRET}"
+    agent = _attrs(spans[otel_span_id(t.spans[0].id)]["attributes"])
+    assert agent["openinference.span.kind"] == "AGENT" and agent["input.value"].endswith(SECRET)
+
+
+def test_a_thread_shares_one_conversation_id(tmp_path: Path):
+    t, _ = _rich_trace()
+    _, spans = _export(tmp_path, t)
+    for s in spans.values():
+        a = _attrs(s["attributes"])
+        assert a["gen_ai.conversation.id"] == "thread-7" and a["session.id"] == "thread-7"
+    lone = make_trace()  # no thread: the trace is its own conversation, and no Phoenix session
+    _, spans = _export(tmp_path, lone)
+    a = _attrs(spans[root_span_id(lone.id)]["attributes"])
+    assert a["gen_ai.conversation.id"] == lone.id and "session.id" not in a
+
+
+def test_retrieval_spans_carry_document_ids_and_scores(tmp_path: Path):
+    t, _ = _rich_trace()
+    for capture in (True, False):
+        _, spans = _export(tmp_path, t, capture_content=capture)
+        r = _attrs(spans[otel_span_id(t.spans[3].id)]["attributes"])
+        assert r["openinference.span.kind"] == "RETRIEVER" and r["gen_ai.data_source.id"] == "docs"
+        assert json.loads(r["gen_ai.retrieval.documents"]) == [
+            {"id": "d1", "score": 0.9}, {"id": "d2", "score": 0.5}
+        ]  # fmt: skip
+        assert (
+            r["retrieval.documents.1.document.id"],
+            r["retrieval.documents.1.document.score"],
+        ) == ("d2", 0.5)
+        assert json.loads(r["retrieval.documents.0.document.metadata"]) == {"source": "math.md"}
+        assert ("retrieval.documents.0.document.content" in r) is capture
+        assert ("gen_ai.retrieval.query.text" in r) is capture
+
+
+def test_grades_are_evaluation_events_on_the_root_span(tmp_path: Path):
+    t, grade = _rich_trace()
+    verifier = Grade(trace_id=t.id, value=1.0, source="verifier", grader="numeric", reason="ok")
+    _, spans = _export(tmp_path, t, [verifier, grade])
+    events = spans[root_span_id(t.id)]["events"]
+    assert [e["name"] for e in events] == ["gen_ai.evaluation.result"] * 2
+    human = _attrs(events[1]["attributes"])
+    assert human["gen_ai.evaluation.name"] == "human:alice"
+    assert human["gen_ai.evaluation.score.value"] == 0.0
+    assert human["gen_ai.evaluation.score.label"] == "fail"
+    assert human["gen_ai.evaluation.explanation"] == f"wrong {SECRET}"
+    assert human["selftune.grade.source"] == "human"
+    assert _attrs(events[0]["attributes"])["gen_ai.evaluation.score.label"] == "pass"
+    assert all("events" not in s for sid, s in spans.items() if sid != root_span_id(t.id))
+
+
+def test_without_capture_content_no_user_content_leaves(tmp_path: Path, receiver):
+    t, grade = _rich_trace()
+    text, spans = _export(tmp_path, t, [grade], capture_content=False)
+    assert SECRET not in text
+    # what stays: the shape of the episode, its numbers and names
+    llm = _attrs(spans[otel_span_id(t.spans[1].id)]["attributes"])
+    assert llm["gen_ai.usage.input_tokens"] == "40" and llm["llm.token_count.total"] == "52"
+    failed = spans[otel_span_id(t.spans[4].id)]
+    assert failed["status"] == {"code": 2, "message": "ValueError"}
+    assert _attrs(failed["attributes"])["error.type"] == "ValueError"
+    agent = _attrs(spans[otel_span_id(t.spans[0].id)]["attributes"])
+    assert "selftune.attr.task" not in agent and agent["selftune.attr.tools"] == '["calculator"]'
+    assert _attrs(spans[root_span_id(t.id)]["events"][0]["attributes"])[
+        "gen_ai.evaluation.score.value"] == 0.0  # fmt: skip
+
+    push_traces([t], receiver.url + "/v1/traces", capture_content=False,
+                grades_of=lambda _id: [grade])  # fmt: skip
+    assert SECRET not in str(receiver.requests)
+    assert len(receiver.spans()) == len(t.spans) + 1
+
+
+def test_the_scrubber_covers_every_exported_string(tmp_path: Path, receiver):
+    t, grade = _rich_trace()
+    t.tags, t.error = ["token=SECRET-1"], "RuntimeError: SECRET-2"
+    t.spans[0].attributes["note"] = "SECRET-3"
+    t.metadata["user"] = "bob@example.com"
+    grade.reason = "SECRET-4"
+    text, spans = _export(tmp_path, t, [grade], extra_patterns=[SECRET, r"SECRET-\d"])
+    for leak in (SECRET, "SECRET-", "bob@example.com"):
+        assert leak not in text
+    assert "[REDACTED:custom]" in text and "[REDACTED:email]" in text
+    # scrubbed per string, so the JSON attributes stay valid JSON
+    llm = _attrs(spans[otel_span_id(t.spans[1].id)]["attributes"])
+    assert json.loads(llm["gen_ai.input.messages"])[0]["parts"][0]["content"].endswith(
+        "[REDACTED:custom]"
+    )
+    push_traces([t], receiver.url + "/v1/traces", extra_patterns=[SECRET, r"SECRET-\d"],
+                grades_of=lambda _id: [grade])  # fmt: skip
+    sent = str(receiver.requests)
+    assert SECRET not in sent and "SECRET-" not in sent and "bob@example.com" not in sent
+
+    # the live sink scrubs too
+    sink = OtlpSink(receiver.url + "/v1/traces", extra_patterns=[SECRET], schedule_delay_ms=10)
+    sink.on_write([t], t.spans)
+    sink.shutdown()
+    assert SECRET not in str(receiver.requests[-1])
+
+
+# --- push ---------------------------------------------------------------------------------
+
+
+def test_push_sends_stored_traces_in_protobuf_batches(receiver):
+    traces = [make_trace(calls=[ADD]) for _ in range(3)]  # 5 spans each with the root
+    grades = {traces[0].id: [Grade(trace_id=traces[0].id, value=1.0, source="verifier",
+                                   grader="numeric")]}  # fmt: skip
+    n = push_traces(traces, receiver.url + "/v1/traces", {"x-api-key": "k1"},
+                    grades_of=lambda i: grades.get(i, []), batch_size=4)  # fmt: skip
+    assert n == 15 and [len(r.resource_spans[0].scope_spans[0].spans)
+                        for r in receiver.requests] == [4, 4, 4, 3]  # fmt: skip
+    assert all(h["x-api-key"] == "k1" for h in receiver.headers)
+    spans = receiver.spans()
+    roots = [s for s in spans if not s.parent_span_id]
+    assert {s.trace_id.hex() for s in roots} == {t.id for t in traces}
+    ev = [e for s in roots for e in s.events]
+    assert [e.name for e in ev] == ["gen_ai.evaluation.result"]
+    by_id = {s.span_id: s for s in spans}
+    for s in spans:  # every parent is in the push
+        assert not s.parent_span_id or s.parent_span_id in by_id
+
+
+def test_push_says_why_it_failed(receiver):
+    dead = f"http://127.0.0.1:{_free_port()}/v1/traces"
+    with pytest.raises(OtlpPushError, match=r"cannot reach the OTLP endpoint .*collector running"):
+        push_traces([make_trace()], dead)
+    refusing = _Receiver(status=415)
+    try:
+        with pytest.raises(OtlpPushError, match=r"refused 4 spans after 0 were sent: .*415"):
+            push_traces([make_trace()], refusing.url + "/v1/traces")
+    finally:
+        refusing.server.shutdown()
+    with pytest.raises(OtlpPushError, match="not an http"):
+        push_traces([make_trace()], "localhost:4318")
+
+
+def test_standard_otel_variables_and_config_precedence(monkeypatch, receiver):
+    for var in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                "OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS"):  # fmt: skip
+        monkeypatch.delenv(var, raising=False)
+    assert otlp_endpoint() is None and otlp_sink_from_config(TracesConfig()) is None
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://base:4318/")
+    assert otlp_endpoint() == "http://base:4318/v1/traces"
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://traces:4318/custom")
+    assert otlp_endpoint() == "http://traces:4318/custom"  # used as given
+    assert otlp_endpoint("http://cfg:6006") == "http://cfg:6006/v1/traces"  # config wins
+    assert otlp_endpoint("http://cfg:6006/api/public/otel/v1/traces").endswith("/otel/v1/traces")
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "Authorization=Basic%20abc%3D, x-team = a")
+    assert otlp_headers() == {"Authorization": "Basic abc=", "x-team": "a"}
+    assert otlp_headers({"x-cfg": "1"}) == {"x-cfg": "1"}
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", receiver.url + "/v1/traces")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "my-agent")
+    sink = otlp_sink_from_config(TracesConfig())
+    assert sink is not None and sink.endpoint == receiver.url + "/v1/traces"
+    t = make_trace()
+    sink.on_write([t], t.spans)
+    sink.shutdown()
+    assert receiver.headers[0]["x-team"] == "a"
+    res = {kv.key: kv.value.string_value
+           for kv in receiver.requests[0].resource_spans[0].resource.attributes}  # fmt: skip
+    assert res["service.name"] == "my-agent"
+
+
+def test_traces_push_command(tmp_path: Path, monkeypatch, receiver):
+    from typer.testing import CliRunner
+
+    from agent.cli.traces import traces_app
+
+    for var in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SELFTUNE_HOME", str(tmp_path / "ws"))
+    monkeypatch.chdir(tmp_path)  # no stray ./selftune.toml
+    store = TraceStore(tmp_path / "ws" / "traces.db")
+    calc, web = make_trace(calls=[ADD], env="calc"), make_trace(env="web")
+    for t in (calc, web):
+        store.save(t)
+    store.add_grade(Grade(trace_id=calc.id, value=1.0, source="verifier", grader="numeric"))
+    store.close()
+
+    def push(*args: str):
+        return CliRunner().invoke(traces_app, ["push", *args], terminal_width=200)
+
+    res = push("--endpoint", receiver.url, "--env", "calc", "--since", "7d")
+    assert res.exit_code == 0, res.output
+    assert f"sent 5 OTel spans to {receiver.url}/v1/traces" in res.output
+    assert {s.trace_id.hex() for s in receiver.spans()} == {calc.id}
+    assert [e.name for s in receiver.spans() for e in s.events] == ["gen_ai.evaluation.result"]
+
+    res = push()
+    assert res.exit_code == 1 and "no OTLP endpoint" in res.output
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{_free_port()}")
+    res = push("--env", "web")
+    assert res.exit_code == 1 and "cannot reach the OTLP endpoint" in res.output

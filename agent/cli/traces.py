@@ -1,4 +1,4 @@
-"""`selftune traces ...`: list, show, export, stats and prune stored traces.
+"""`selftune traces ...`: list, show, export, push, stats and prune stored traces.
 
 Also `selftune feedback` and `selftune review`, a person's thumbs up or down on traces. The
 store is `[traces] db`, else `<workspace>/traces.db`.
@@ -7,6 +7,7 @@ store is `[traces] db`, else `<workspace>/traces.db`.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -16,9 +17,9 @@ from agent.cli.common import command_group, fail, get_config
 from agent.cli.common import out as console
 from agent.workspace import open_store, trace_db_path
 from traces import times
-from traces.otel import export_otlp_json
+from traces.otel import OtlpPushError, export_otlp_json, otlp_endpoint, otlp_headers, push_traces
 from traces.render import stats_table, trace_table, trace_tree
-from traces.schemas import TraceQuery
+from traces.schemas import Trace, TraceQuery
 from traces.store import TraceStore, TraceStoreError, export_jsonl
 
 traces_app = command_group("Inspect, export and prune recorded traces.")
@@ -141,11 +142,76 @@ def export_cmd(
                 console.print(f"wrote {n} traces to {out}")
             else:
                 n = export_otlp_json(
-                    store.query(q, with_spans=True), out, cfg.traces.capture_content, patterns
-                )
+                    store.query(q, with_spans=True), out, cfg.traces.capture_content, patterns,
+                    grades_of=store.grades,
+                )  # fmt: skip
                 console.print(f"wrote {n} OTel spans to {out}")
     except TraceStoreError as e:
         fail(str(e))
+
+
+@traces_app.command("push")
+def push_cmd(
+    ctx: typer.Context,
+    endpoint: Annotated[
+        str | None,
+        typer.Option(
+            "--endpoint",
+            help="OTLP/HTTP traces URL, e.g. http://localhost:6006/v1/traces (default: "
+            "[traces] otlp_endpoint, else OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / _ENDPOINT)",
+        ),
+    ] = None,
+    env: Env = None,
+    task: Task = None,
+    adapter: Adapter = None,
+    status: Status = None,
+    tag: Tag = None,
+    since: Since = None,
+    until: Until = None,
+    min_grade: MinGrade = None,
+    max_grade: MaxGrade = None,
+    grader: Grader = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1)] = None,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="spans per request")] = 512,
+) -> None:
+    """Send matching stored traces (scrubbed, with their grades) to an OpenTelemetry collector,
+    Arize Phoenix or Langfuse over OTLP/HTTP protobuf."""
+    q = _query(env, task, adapter, status, tag, since, until, min_grade, max_grade, grader, limit)
+    cfg = get_config(ctx)
+    url = otlp_endpoint(endpoint or cfg.traces.otlp_endpoint)
+    if url is None:
+        fail(
+            "no OTLP endpoint: give --endpoint URL, set [traces] otlp_endpoint, or "
+            "OTEL_EXPORTER_OTLP_ENDPOINT"
+        )
+    try:
+        with _open(ctx) as store:
+            n = push_traces(
+                _pages(store, q),
+                url,
+                otlp_headers(cfg.traces.otlp_headers),
+                capture_content=cfg.traces.capture_content,
+                extra_patterns=cfg.traces.scrub_patterns,
+                grades_of=store.grades,
+                batch_size=batch,
+            )
+    except (TraceStoreError, OtlpPushError) as e:
+        fail(str(e))
+    console.print(f"sent {n} OTel spans to {url}")
+
+
+def _pages(store: TraceStore, q: TraceQuery, page: int = 200) -> Iterator[Trace]:
+    """Every trace `q` matches, with spans, read `page` traces at a time."""
+    left = q.limit
+    offset = q.offset
+    while left is None or left > 0:
+        n = page if left is None else min(page, left)
+        traces = store.query(q.model_copy(update={"limit": n, "offset": offset}), with_spans=True)
+        yield from traces
+        if len(traces) < n:
+            return
+        offset += n
+        left = None if left is None else left - n
 
 
 @traces_app.command("stats")
