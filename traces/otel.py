@@ -13,11 +13,13 @@ span per stored span, named and attributed as the GenAI conventions say:
 Messages follow the GenAI "parts" shape: `gen_ai.input.messages` / `gen_ai.output.messages` are
 JSON arrays of `{role, parts: [{type: "text", content} | {type: "tool_call", id, name,
 arguments} | {type: "tool_call_response", id, response}]}`; leading system messages go to
-`gen_ai.system_instructions`, tool schemas to `gen_ai.tool.definitions`. Arize Phoenix (and
-Arize AX) display only OpenInference attributes (`openinference.span.kind`, `input.value`,
+`gen_ai.system_instructions`, tool schemas to `gen_ai.tool.definitions`. Arize Phoenix and
+Arize AX display OpenInference attributes (`openinference.span.kind`, `input.value`,
 `output.value`, `llm.input_messages.N.message.*`, `llm.token_count.*`,
 `retrieval.documents.N.document.*`, `session.id`), so each span carries those too, mirroring
-the GenAI ones; Langfuse reads the GenAI ones.
+the GenAI ones: Phoenix 20 also derives them from `gen_ai.*` when it ingests a span (what a
+span states wins), but older Phoenix and Arize AX do not, and no agent span gets an
+`input.value` that way. Langfuse reads the GenAI ones.
 
 A thread's turns share `gen_ai.conversation.id` (and OpenInference `session.id`): the agent's
 thread id from the trace's metadata (`thread_id`, else `session_id`), else the trace id.
