@@ -64,5 +64,8 @@ def test_setup_puts_our_template_in_the_model_folder(cfg):
 
     from agent.model.template import SELFTUNE_TEMPLATE
 
+    from agent.model.files import ORIGINAL_TEMPLATE
+
     folder = setup_model(cfg, log=lambda _: None)
     assert AutoTokenizer.from_pretrained(str(folder)).chat_template == SELFTUNE_TEMPLATE
+    assert "{% generation %}" not in (folder / ORIGINAL_TEMPLATE).read_text()  # SmolLM2's own

@@ -66,9 +66,16 @@ CONVERSATION = [
 
 @pytest.fixture(scope="module")
 def tok():
+    """SmolLM2's tokenizer with SmolLM2's own chat template (setup made selftune's the
+    folder's template and kept the model's beside it)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(require_model()))
+    from agent.model.files import ORIGINAL_TEMPLATE
+
+    folder = require_model()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer.chat_template = (folder / ORIGINAL_TEMPLATE).read_text(encoding="utf-8")
+    return tokenizer
 
 
 def _assistant_spans(tok, messages):

