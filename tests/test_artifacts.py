@@ -62,9 +62,8 @@ def test_trl_trains_on_our_rows_with_only_the_model_folder(cfg, tmp_path):
 def test_setup_puts_our_template_in_the_model_folder(cfg):
     from transformers import AutoTokenizer
 
-    from agent.model.template import SELFTUNE_TEMPLATE
-
     from agent.model.files import ORIGINAL_TEMPLATE
+    from agent.model.template import SELFTUNE_TEMPLATE
 
     folder = setup_model(cfg, log=lambda _: None)
     assert AutoTokenizer.from_pretrained(str(folder)).chat_template == SELFTUNE_TEMPLATE
