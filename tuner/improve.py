@@ -104,6 +104,83 @@ def job_lock(cfg: Config) -> Iterator[None]:
         fh.close()
 
 
+async def collect(
+    cfg: Config,
+    env: str,
+    settings: ImproveConfig,
+    *,
+    adapter: str | None,
+    weak: bool,
+    seed: int,
+    agent: Any,
+    tags: list[str],
+    console: Console,
+) -> dict[str, Any]:
+    """Play `env`'s train tasks with `adapter`; returns the counts per wave. While the model is
+    `weak`, in up to three waves:
+    1. with the environment's demonstrations (few-shot);
+    2. the failed tasks again with their hints, where tasks have them (STaR's
+       rationalization; the dataset puts the plain prompt back);
+    3. the tasks still failed, with the most similar solved tasks as extra examples
+       (bootstrapped few-shot: a solved task of the same kind shows which numbers go where).
+    Measured on calculator with the base SmolLM2: a demonstration's operator is copied
+    (0 of 132 sampled tries at temperature 1 found "+", "-" or "/" when both showed "*"),
+    hints fix about half of those, and similar solved examples most of the rest."""
+    from agent.envs import load_environment
+    from agent.envs.run import run_suite
+
+    few = settings.few_shot if weak else 0
+    waves: list[tuple[int, str | None]] = [(few, None)]
+    if weak and settings.hints:
+        train = load_environment(env, config=cfg.agent).split("train")
+        if any(t.hint for t in train[: settings.collect_limit]):
+            waves.append((few, "hinted"))
+    if weak and few:
+        waves.append((few + 2, "similar"))
+    solved: set[str] = set()
+    attempted: set[str] = set()
+    stats: dict[str, Any] = {"n": 0, "successes": 0, "few_shot": few, "waves": []}
+    for wave, (k, which) in enumerate(waves):
+        ids = None
+        if which is not None:
+            ids = attempted - solved
+            if not ids or (which == "similar" and not solved):
+                break
+        console.print(
+            f"[bold]collect[/bold] {env} wave {wave + 1}"
+            f"{' (' + which + ')' if which else ''}: "
+            f"{len(ids) if ids is not None else settings.collect_limit} train tasks, "
+            f"few-shot {k}, adapter {adapter or 'base'}"
+        )
+        res = await run_suite(
+            cfg,
+            env,
+            split="train",
+            limit=settings.collect_limit,
+            task_ids=ids,
+            concurrency=settings.concurrency,
+            adapter=adapter or "base",
+            few_shot=k,
+            samples=settings.collect_samples,
+            temperature=settings.collect_temperature if settings.collect_samples > 1 else None,
+            seed=seed + wave,
+            max_tokens=settings.max_tokens,
+            agent=agent,
+            tags=tags,
+            progress=True,
+            hints=which == "hinted",
+        )
+        attempted |= {o.task_id for o in res.outcomes}
+        solved |= {o.task_id for o in res.outcomes if o.success}
+        stats["n"] += res.n
+        stats["successes"] += res.successes
+        stats["waves"].append(
+            {"kind": which or "demos", "few_shot": k, "n": res.n, "successes": res.successes}
+        )
+    stats["tasks_solved"] = len(solved)
+    return stats
+
+
 class ImproveJob:
     """One improve job: its state file, its agent, and the loop over cycles."""
 
@@ -197,83 +274,24 @@ class ImproveJob:
         return rec.version if rec else None
 
     async def _collect(self, cycle: CycleState) -> None:
-        """Play the train tasks. While the active model is weak, in up to three waves:
-        1. with the environment's demonstrations (few-shot);
-        2. the failed tasks again with their hints, where tasks have them (STaR's
-           rationalization; the dataset puts the plain prompt back);
-        3. the tasks still failed, with the most similar solved tasks as extra examples
-           (bootstrapped few-shot: a solved task of the same kind shows which numbers go where).
-        Measured on calculator with the base SmolLM2: a demonstration's operator is copied
-        (0 of 132 sampled tries at temperature 1 found "+", "-" or "/" when both showed "*"),
-        hints fix about half of those, and similar solved examples most of the rest."""
-        from agent.envs import load_environment
-        from agent.envs.run import run_suite
-
-        settings = self.settings
-        if settings.method == "grpo":
+        """Play each environment's train tasks with the active model (`collect`)."""
+        if self.settings.method == "grpo":
             return  # GRPO collects its own rollouts, from the policy it trains
         agent = await self._agent_started()
         active = self._active()
-        for env in settings.envs:
+        for env in self.settings.envs:
             known = self._latest_eval(env, active)
-            weak = known is None or known["success_rate"] < settings.weak_below
-            few = settings.few_shot if weak else 0
-            waves: list[tuple[int, str | None]] = [(few, None)]
-            if weak and settings.hints:
-                train = load_environment(env, config=self.cfg.agent).split("train")
-                if any(t.hint for t in train[: settings.collect_limit]):
-                    waves.append((few, "hinted"))
-            if weak and few:
-                waves.append((few + 2, "similar"))
-            solved: set[str] = set()
-            attempted: set[str] = set()
-            stats = {"n": 0, "successes": 0, "few_shot": few, "waves": []}
-            for w, (k, which) in enumerate(waves):
-                ids = None
-                if which is not None:
-                    ids = attempted - solved
-                    if not ids or (which == "similar" and not solved):
-                        break
-                self.console.print(
-                    f"[bold]collect[/bold] {env} wave {w + 1}"
-                    f"{' (' + which + ')' if which else ''}: "
-                    f"{len(ids) if ids is not None else settings.collect_limit} train tasks, "
-                    f"few-shot {k}, adapter {active or 'base'}"
-                )
-                res = await run_suite(
-                    self.cfg,
-                    env,
-                    split="train",
-                    limit=settings.collect_limit,
-                    task_ids=ids,
-                    concurrency=settings.concurrency,
-                    adapter=active or "base",
-                    few_shot=k,
-                    samples=settings.collect_samples,
-                    temperature=(
-                        settings.collect_temperature if settings.collect_samples > 1 else None
-                    ),
-                    seed=settings.seed + 1000 * cycle.index + w,
-                    max_tokens=settings.max_tokens,
-                    agent=agent,
-                    tags=[*self._tags(), f"cycle:{cycle.index}", "collect"],
-                    progress=True,
-                    hints=which == "hinted",
-                )
-                attempted |= {o.task_id for o in res.outcomes}
-                solved |= {o.task_id for o in res.outcomes if o.success}
-                stats["n"] += res.n
-                stats["successes"] += res.successes
-                stats["waves"].append(
-                    {
-                        "kind": which or "demos",
-                        "few_shot": k,
-                        "n": res.n,
-                        "successes": res.successes,
-                    }
-                )
-            stats["tasks_solved"] = len(solved)
-            cycle.collect[env] = stats
+            cycle.collect[env] = await collect(
+                self.cfg,
+                env,
+                self.settings,
+                adapter=active,
+                weak=known is None or known["success_rate"] < self.settings.weak_below,
+                seed=self.settings.seed + 1000 * cycle.index,
+                agent=agent,
+                tags=[*self._tags(), f"cycle:{cycle.index}", "collect"],
+                console=self.console,
+            )
 
     def _latest_eval(self, env: str, adapter: str | None) -> dict[str, Any] | None:
         label = adapter or "base"
