@@ -11,7 +11,7 @@ from rich.console import Console
 
 from agent.config import GateConfig
 from agent.envs.run import EpisodeOutcome, SuiteResult
-from tuner.gate import GateError, decide, gate, judge
+from tuner.gate import GateError, compare_rates, decide, gate
 from tuner.registry import Registry
 from tuner.schemas import Guard
 
@@ -40,7 +40,7 @@ def summary(env: str, successes: int, n: int = 20, flag_rate: float = 0.0, **kw)
 
 
 def test_better_candidate_is_promoted():
-    r = decide(summary("calc", 15), summary("calc", 10), margin=0.05)
+    r = compare_rates(summary("calc", 15), summary("calc", 10), margin=0.05)
     assert r.promote
     row = r.numbers["success_rate[calc]"]
     assert row["active"] == 0.5 and row["candidate"] == 0.75 and row["ok"]
@@ -48,13 +48,13 @@ def test_better_candidate_is_promoted():
 
 
 def test_broken_candidate_with_lower_success_is_rejected():
-    r = decide(summary("calc", 4), summary("calc", 10), margin=0.05)
+    r = compare_rates(summary("calc", 4), summary("calc", 10), margin=0.05)
     assert not r.promote
     assert "short of the margin" in r.reasons[0]
 
 
 def test_gain_below_margin_is_rejected():
-    r = decide(summary("calc", 11), summary("calc", 10), margin=0.10)
+    r = compare_rates(summary("calc", 11), summary("calc", 10), margin=0.10)
     assert not r.promote  # +0.05 < 0.10
 
 
@@ -63,7 +63,7 @@ def test_guard_regression_rejects_even_with_higher_success():
         "success_rate[other]": Guard(0.40, 0.60, 0.05, True),  # fell by 0.2
         "flag_rate[calc]": (0.0, 0.0, 0.05, False),
     }
-    r = decide(summary("calc", 18), summary("calc", 10), margin=0.05, guards=guards)
+    r = compare_rates(summary("calc", 18), summary("calc", 10), margin=0.05, guards=guards)
     assert not r.promote
     assert r.numbers["success_rate[calc]"]["ok"]
     assert not r.numbers["success_rate[other]"]["ok"]
@@ -72,14 +72,18 @@ def test_guard_regression_rejects_even_with_higher_success():
 
 def test_lower_is_better_guard():
     hacked = {"flag_rate[calc]": Guard(0.30, 0.0, 0.05, False)}
-    assert not decide(summary("calc", 18), summary("calc", 10), margin=0.05, guards=hacked).promote
+    assert not compare_rates(
+        summary("calc", 18), summary("calc", 10), margin=0.05, guards=hacked
+    ).promote
     fewer = {"flag_rate[calc]": Guard(0.0, 0.30, 0.05, False)}
-    assert decide(summary("calc", 18), summary("calc", 10), margin=0.05, guards=fewer).promote
+    assert compare_rates(
+        summary("calc", 18), summary("calc", 10), margin=0.05, guards=fewer
+    ).promote
 
 
 def test_different_seeds_cannot_be_compared():
     with pytest.raises(GateError, match="differ in seed"):
-        decide(summary("calc", 15, seed=1), summary("calc", 10, seed=2), margin=0.05)
+        compare_rates(summary("calc", 15, seed=1), summary("calc", 10, seed=2), margin=0.05)
 
 
 def test_eval_summary_rejects_inconsistent_numbers():
@@ -89,15 +93,15 @@ def test_eval_summary_rejects_inconsistent_numbers():
 
 def test_the_target_is_the_pooled_rate_and_every_environment_is_a_guard():
     # calc +4 of 20, chat -1 of 20: the pool gains 3 of 40 (0.075 >= 0.05), chat falls 0.05
-    r = judge([summary("calc", 16), summary("chat", 9)], [summary("calc", 12), summary("chat", 10)],
+    r = decide([summary("calc", 16), summary("chat", 9)], [summary("calc", 12), summary("chat", 10)],
               SETTINGS)  # fmt: skip
     assert r.promote and r.numbers["success_rate[calc+chat]"]["delta"] == pytest.approx(0.075)
     assert {"success_rate[calc]", "success_rate[chat]", "flag_rate[calc]"} <= set(r.numbers)
     # one environment is its own pool
-    r = judge([summary("calc", 15)], [summary("calc", 10)], SETTINGS)
+    r = decide([summary("calc", 15)], [summary("calc", 10)], SETTINGS)
     assert r.promote and "success_rate[calc]" in r.numbers
     with pytest.raises(GateError, match="same environments"):
-        judge([summary("calc", 15)], [], SETTINGS)
+        decide([summary("calc", 15)], [], SETTINGS)
 
 
 def test_gate_rejects_broken_candidate_and_records_every_number(tmp_path):

@@ -1,6 +1,6 @@
 """The tuner: trainers, the adapter registry, the eval gate and reload."""
 
-from tuner.gate import GateError, decide, gate, gate_table, judge, run_gate
+from tuner.gate import GateError, compare_rates, decide, gate, gate_table, run_gate
 from tuner.registry import Registry, RegistryError
 from tuner.reload import LocalReloader, Reloader, ReloadError, VllmReloader
 from tuner.schemas import AdapterRecord, GateResult, Guard, TrainConfig, TrainResult
@@ -21,10 +21,10 @@ __all__ = [
     "TrainResult",
     "VllmReloader",
     "build_trainer",
+    "compare_rates",
     "decide",
     "gate",
     "gate_table",
-    "judge",
     "run_gate",
     "train",
     "tune",

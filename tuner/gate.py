@@ -5,7 +5,7 @@
 
 `evaluate_pair` plays the held-out episodes with both models in one run (same tasks, seeds and
 sampling). `gate` is the one place a candidate is judged, recorded, promoted or rejected: the
-improve job and `selftune gate` both end there. `judge` is its decision rule; it receives both
+improve job and `selftune gate` both end there. `decide` is its decision rule; it receives both
 models' results with every episode's outcome, so a paired test (McNemar on the tasks where
 the two disagree) can replace the rate comparison there without touching any caller.
 """
@@ -34,14 +34,15 @@ class GateError(ValueError):
 # -- the rule ---------------------------------------------------------------------------------
 
 
-def decide(
+def compare_rates(
     candidate: SuiteResult,
     active: SuiteResult,
     *,
     margin: float,
     guards: dict[str, Guard | tuple[float, float, float, bool]] | None = None,
 ) -> GateResult:
-    """Promote iff candidate success rate >= active + margin and no guard regresses past its margin.
+    """Promote iff candidate success rate >= active + margin and no guard regresses past its margin
+    (the rate comparison `decide` applies to the pooled results).
 
     `guards` maps a metric name to (candidate_value, active_value, margin, higher_is_better).
     Every number behind the decision is in the result's `numbers`, one row per metric.
@@ -151,7 +152,7 @@ def pooled(results: Sequence[SuiteResult]) -> SuiteResult:
     )
 
 
-def judge(
+def decide(
     candidate: Sequence[SuiteResult], active: Sequence[SuiteResult], settings: GateConfig
 ) -> GateResult:
     """The gate's decision from both models' results on the same episodes, one per environment.
@@ -169,7 +170,7 @@ def judge(
         )
     by_env = {r.env: r for r in active}
     active = [by_env.get(c.env, a) for c, a in zip(candidate, active, strict=True)]
-    return decide(
+    return compare_rates(
         pooled(candidate),
         pooled(active),
         margin=settings.margin,
@@ -211,12 +212,12 @@ def gate(
     record: dict[str, Any] | None = None,
     console: Console | None = None,
 ) -> GateResult:
-    """Decide (`judge`), store every number in the registry, promote or reject, print the table.
+    """Decide, store every number in the registry, promote or reject, print the table.
 
     `active` is the version the candidate was evaluated against (None: the base model);
     `record` adds keys to the stored evaluation (the improve job's id, say)."""
     registry.get(candidate)
-    result = judge(candidate_results, active_results, settings)
+    result = decide(candidate_results, active_results, settings)
     result.candidate, result.active = candidate, active
     registry.record_eval(
         candidate,

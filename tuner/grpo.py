@@ -488,6 +488,24 @@ def report(console: Console, log: StepLog) -> None:
                       "were left out of their groups[/yellow]")  # fmt: skip
 
 
+def start_rollout_server(cfg: Config, served: str, console: Console) -> tuple[Any, Config]:
+    """A vLLM server of the run's own, serving the base weights as `served` (the policy's
+    merged weights replace them each step), and the config whose agents roll out on it. It
+    stops with the run, and with this process if that is killed."""
+    from agent.serving.vllm import rollout_server
+
+    server = rollout_server(cfg, served, log=console.print)
+    console.print(f"starting the run's vLLM server (log: {server.log_path})")
+    server.start()
+    try:
+        server.wait_healthy()
+    except BaseException:
+        server.stop()
+        raise
+    model = cfg.model.model_copy(update={"backend": "openai", "base_url": server.url})
+    return server, cfg.model_copy(update={"model": model})
+
+
 # -- the run ----------------------------------------------------------------------------------
 
 
@@ -638,7 +656,12 @@ class GrpoRun:
         self.policy = load_policy(self.cfg, self.config, start=start, checkpoint=checkpoint)
         self._served = None
         if self.config.rollout_engine == "vllm":
-            self._start_server()
+            self._served = f"grpo-{self.state.id}"
+            t0 = time.perf_counter()
+            self.server, self.rollout_cfg = start_rollout_server(
+                self.cfg, self._served, self.console
+            )
+            self.server_start_s = time.perf_counter() - t0
         store = open_store(self.cfg)
         try:
             async with rollouts(
@@ -683,25 +706,6 @@ class GrpoRun:
         save_state(self.dir, self.state)
         self.console.print(f"reward curve: {self.dir / 'reward.png'}", soft_wrap=True)
         return rec
-
-    def _start_server(self) -> None:
-        """A vLLM server of the run's own, serving the policy as `grpo-<run>`; rollouts go to
-        it. It stops with the run, and with this process if that is killed."""
-        from agent.serving.vllm import rollout_server
-
-        self._served = f"grpo-{self.state.id}"
-        self.server = rollout_server(self.cfg, self._served, log=self.console.print)
-        t0 = time.perf_counter()
-        self.console.print(f"starting the run's vLLM server (log: {self.server.log_path})")
-        self.server.start()
-        try:
-            self.server.wait_healthy()
-        except BaseException:
-            self.server.stop()
-            raise
-        self.server_start_s = time.perf_counter() - t0
-        model = self.cfg.model.model_copy(update={"backend": "openai", "base_url": self.server.url})
-        self.rollout_cfg = self.cfg.model_copy(update={"model": model})
 
     def plot(self, path: Path) -> Path:
         """Reward mean ± sd and success rate against step."""
