@@ -10,15 +10,17 @@ Environment overrides use double underscores between section and key:
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from retrieval.schemas import RetrievalConfig
+from tools.errors import SelftuneError
 from tools.schemas import McpServerConfig
 from traces.schemas import TracesConfig
 
@@ -26,12 +28,18 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 CONFIG_FILENAME = "selftune.toml"
 
 
-class ConfigError(ValueError):
+class ConfigError(SelftuneError, ValueError):
     """A configuration problem, phrased for the person who has to fix it."""
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def updated(self, **overrides: Any) -> Self:
+        """A validated copy with `overrides` applied; None means "not given": keep the value.
+        How a command's options override the config: an option left unset takes its value."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return self.model_validate({**self.model_dump(), **given}) if given else self
 
 
 class ModelConfig(_Section):
@@ -87,25 +95,119 @@ class AgentConfig(_Section):
     subagents: list[SubagentConfig] = Field(default_factory=list)
 
 
-class TunerConfig(_Section):
-    lora_r: int = Field(default=16, ge=1, le=256)
+# The tuner's settings live here, not in tuner/: agent must not import tuner (the dependency
+# rule), and one pydantic tree means one place that loads, validates and documents every key.
+# tuner/ imports its sections from this module.
+
+# Every linear projection of a Llama-style block (SmolLM2, Llama, Qwen, Mistral...).
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class TrainConfig(_Section):
+    """`[tuner.train]`: how one adapter is trained (SFT, DPO, KTO)."""
+
+    lora_r: int = Field(default=16, ge=1, le=512)
     lora_alpha: int = Field(default=32, ge=1)
     lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: list(ALL_LINEAR))
+    # the largest rank the serving side accepts (vLLM --max-lora-rank); lora_r must fit it
+    max_lora_rank: int = Field(default=64, ge=1)
     # LoRA on ~100 rows: on calculator's improve dataset (89 rows, 24 steps) 2e-4 left the model
     # multiplying where it should add (57% zero-shot on test); 1e-3 reached 81.5%
     learning_rate: float = Field(default=1e-3, gt=0)
     epochs: float = Field(default=2.0, gt=0)
-    max_steps: int = Field(default=-1)
+    max_steps: int = Field(default=-1, ge=-1)  # -1: epochs decide
     batch_size: int = Field(default=8, ge=1)
     grad_accum: int = Field(default=1, ge=1)
-    max_length: int = Field(default=1024, ge=64)
+    max_length: int = Field(default=1024, ge=16)
     seed: int = 0
-    gate_margin: float = Field(default=0.05, ge=0.0, le=1.0)
+    save_steps: int = Field(default=25, ge=1)
+    save_total_limit: int = Field(default=2, ge=1)
+    logging_steps: int = Field(default=1, ge=1)
+    # None = decide from the hardware / model: bf16 where the CPU or GPU supports it,
+    # gradient checkpointing only for models of 1B parameters or more (it cost 1.6x on 135M).
+    bf16: bool | None = None
+    gradient_checkpointing: bool | None = None
+    padding_free: bool = False
+    beta: float = Field(default=0.1, gt=0)  # DPO / KTO temperature
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _rank_fits_serving(self) -> TrainConfig:
+        from agent.serving.vllm import LORA_RANKS  # that module imports this one
+
+        if self.lora_r > self.max_lora_rank:
+            raise ValueError(
+                f"lora_r={self.lora_r} is above max_lora_rank={self.max_lora_rank}: vLLM could not "
+                "serve the adapter. Lower [tuner.train] lora_r, or raise max_lora_rank and start "
+                f"vLLM with --max-lora-rank {self.lora_r} or more"
+            )
+        if self.max_lora_rank not in LORA_RANKS:
+            raise ValueError(
+                f"max_lora_rank={self.max_lora_rank} is not a value vLLM accepts: use one of "
+                f"{', '.join(map(str, LORA_RANKS))}"
+            )
+        return self
+
+
+class GrpoConfig(_Section):
+    """`[tuner.grpo]`: one online GRPO run (rollouts by the agent, group-relative advantages)."""
+
+    steps: int = Field(default=8, ge=1)
+    group_size: int = Field(default=4, ge=2)  # episodes per task per step
+    tasks_per_step: int = Field(default=4, ge=1)
+    temperature: float = Field(default=1.0, gt=0.0)
+    max_tokens: int = Field(default=64, ge=1)  # per model turn
+    learning_rate: float = Field(default=5e-5, gt=0)
+    # KL penalty to the adapter the run started from (k3 estimator, per token); 0 skips the
+    # reference forward pass, which costs a third of an update on CPU
+    beta: float = Field(default=0.0, ge=0.0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    micro_batch: int = Field(default=8, ge=1)  # sequences per forward/backward
+    concurrency: int = Field(default=16, ge=1)  # episodes at once in a rollout
+    judge: bool = False  # also rank each group with the LLM judge (RULER-style), mixed 50/50
+    # where the rollouts run: "agent" = the agent's own backend (in process, or the [model]
+    # server with the policy hot-loaded as a LoRA each step); "vllm" = a vLLM server the run
+    # starts for itself, serving the policy's merged weights, reloaded in place each step
+    rollout_engine: Literal["agent", "vllm"] = "agent"
+    seed: int = 0
+
+
+class GateConfig(_Section):
+    """`[tuner.gate]`: how much better a candidate must be, and how much worse it may not get."""
+
+    margin: float = Field(default=0.05, ge=0.0, le=1.0)
     guard_margin: float = Field(default=0.05, ge=0.0, le=1.0)
-    min_new_traces: int = Field(default=16, ge=1)
-    # where GRPO's rollouts run (`tune grpo --rollout-engine`, `improve --method grpo`): "agent"
-    # = the agent's backend; "vllm" = a vLLM server of the run's own, merged policy weights
-    grpo_rollout_engine: Literal["agent", "vllm"] = "agent"
+
+
+class TunerConfig(_Section):
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    grpo: GrpoConfig = Field(default_factory=GrpoConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
+
+
+class ImproveConfig(_Section):
+    """`[improve]`: the self-improvement job (`selftune improve`), and how it evaluates; the
+    `selftune gate` command evaluates the same way."""
+
+    envs: list[str] = Field(default_factory=lambda: ["calculator", "docs-qa"], min_length=1)
+    cycles: int = Field(default=1, ge=1)
+    method: Literal["sft", "dpo", "kto", "grpo"] = "sft"
+    budget_minutes: float | None = Field(default=None, gt=0)  # start no new cycle after this
+    collect_limit: int = Field(default=108, ge=1)  # train tasks per env per cycle (6 per kind)
+    collect_samples: int = Field(default=1, ge=1)
+    collect_temperature: float = Field(default=0.0, ge=0.0)
+    few_shot: int = Field(default=2, ge=0)  # demonstrations while collecting, if weak
+    hints: bool = True  # a wave with the tasks' hints for tasks failed without them
+    weak_below: float = Field(default=0.8, ge=0.0, le=1.0)  # zero-shot success under: weak
+    eval_limit: int = Field(default=54, ge=1)  # held-out test tasks per environment
+    concurrency: int = Field(default=16, ge=1)  # episodes at once (per model in the gate)
+    max_train_steps: int = Field(default=-1, ge=-1)  # -1: [tuner.train]; grpo: [tuner.grpo]
+    min_new_traces: int = Field(default=16, ge=1)  # fewer new passing traces: no training
+    seed: int = 0
+    # per model call: a tool call takes ~30 tokens and an answer ~10, while a rambling base model
+    # fills whatever it gets, and a batch lasts as long as its longest row
+    max_tokens: int = Field(default=64, ge=1)
 
 
 class Config(_Section):
@@ -116,6 +218,7 @@ class Config(_Section):
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     traces: TracesConfig = Field(default_factory=TracesConfig)
     tuner: TunerConfig = Field(default_factory=TunerConfig)
+    improve: ImproveConfig = Field(default_factory=ImproveConfig)
     # where the config came from, for `selftune doctor`; not a user key
     source: str | None = Field(default=None, exclude=True)
 
@@ -219,14 +322,35 @@ def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     return sorted(k for k in current.model_fields if k != "source")
 
 
+def _key_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every key of the tree as a dotted path ("tuner.gate.margin"), to point at a moved key."""
+    paths = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            paths += _key_paths(ann, f"{prefix}{name}.")
+        elif name != "source":
+            paths.append(prefix + name)
+    return paths
+
+
 def _explain(err: ValidationError, origin: str) -> str:
     lines = [f"invalid configuration in {origin}:"]
     for e in err.errors():
         loc = tuple(e["loc"])
         key = ".".join(str(p) for p in loc) or "(root)"
         if e["type"] == "extra_forbidden":
-            allowed = ", ".join(_allowed_keys(Config, loc))
-            lines.append(f"  - unknown key '{key}'. Allowed keys here: {allowed}")
+            allowed = _allowed_keys(Config, loc)
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            elsewhere = [p for p in _key_paths(Config) if p.rsplit(".", 1)[-1] == loc[-1]]
+            hint = (
+                f" Did you mean '{close[0]}'?"
+                if close
+                else f" It is '{elsewhere[0]}' now."
+                if elsewhere
+                else ""
+            )
+            lines.append(f"  - unknown key '{key}'.{hint} Allowed keys here: {', '.join(allowed)}")
         else:
             lines.append(f"  - {key} = {e.get('input')!r}: {e['msg']}")
     return "\n".join(lines)

@@ -173,3 +173,21 @@ def toy_env(root: Path, kinds: list[str]) -> Path:
     ]
     (env / "tasks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return env
+
+
+def real_adapter(folder: Path, base_dir: Path, r: int = 8) -> Path:
+    """A fresh LoRA of the real model saved as a PEFT folder (B is zero: it answers like the
+    base model), for tests that need adapters the engine can load without training one."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from agent.config import TrainConfig
+    from tuner.train import finish_adapter_config, lora_config
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    model = get_peft_model(base, lora_config(TrainConfig(lora_r=r)))
+    model.save_pretrained(str(folder), save_embedding_layers=False)
+    finish_adapter_config(folder, "smollm2-135m-instruct")
+    return folder

@@ -66,6 +66,7 @@ def test_a_selftune_error_ends_the_command_with_one_line_and_exit_1(monkeypatch,
 def test_every_error_class_of_the_library_is_a_selftune_error():
     import inspect
 
+    import agent.config
     import agent.envs
     import agent.model.adapters
     import agent.model.engine
@@ -80,12 +81,20 @@ def test_every_error_class_of_the_library_is_a_selftune_error():
     import traces.schemas
     import traces.store
     import traces.times
+    import tuner.gate
+    import tuner.grpo
+    import tuner.improve
+    import tuner.registry
+    import tuner.reload
+    import tuner.train
     from tools.errors import SelftuneError
 
     modules = [
         agent.envs, agent.model.adapters, agent.model.engine, agent.model.files,
         agent.model.openai, agent.model.template, agent.serving.vllm, tools.base, tools.catalog,
         tools.mcp_client, traces.datasets, traces.schemas, traces.store, traces.times,
+        agent.config, tuner.gate, tuner.grpo, tuner.improve, tuner.reload, tuner.registry,
+        tuner.train,
     ]  # fmt: skip
     errors = [
         obj
@@ -93,7 +102,7 @@ def test_every_error_class_of_the_library_is_a_selftune_error():
         for obj in vars(m).values()
         if inspect.isclass(obj) and issubclass(obj, Exception) and obj.__module__ == m.__name__
     ]
-    assert len(errors) >= 14
+    assert len(errors) >= 20
     assert [e.__name__ for e in errors if not issubclass(e, SelftuneError)] == []
 
 

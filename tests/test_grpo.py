@@ -15,8 +15,8 @@ import pytest
 from _tuner_fixtures import WORKED_EXAMPLE, toy_env
 
 from agent.agent import Agent
+from agent.config import GrpoConfig
 from tuner.grpo import GrpoRun, TurnSample, collate, group_advantages, turn_samples
-from tuner.schemas import GrpoConfig
 
 
 def test_group_advantages_normalise_skip_equal_groups_and_cap_flagged():
@@ -77,8 +77,8 @@ def test_merged_weights_are_peft_merge_under_the_checkpoint_names():
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
+    from agent.config import TrainConfig
     from tuner.grpo import merged_state_dict
-    from tuner.schemas import TrainConfig
     from tuner.train import lora_config
 
     mdir = require_model()
@@ -115,9 +115,9 @@ def _lora_weights(folder: Path) -> dict:
 @pytest.mark.slow
 async def test_one_grpo_step_on_the_real_model_changes_the_adapter(cfg, tmp_path):
     env = toy_env(tmp_path, ["words", "words2"])
-    gc = GrpoConfig(steps=1, group_size=4, tasks_per_step=2, max_tokens=24, temperature=1.0,
+    config = GrpoConfig(steps=1, group_size=4, tasks_per_step=2, max_tokens=24, temperature=1.0,
                     learning_rate=1e-3)  # fmt: skip
-    run = GrpoRun(cfg, str(env), gc)
+    run = GrpoRun(cfg, str(env), config)
     rec = await run.run()
     log = run.state.log[0]
     assert log["groups"] == 2 and log["skipped_groups"] == 0
@@ -139,8 +139,8 @@ async def test_one_grpo_step_on_the_real_model_changes_the_adapter(cfg, tmp_path
 @pytest.mark.slow
 async def test_equal_groups_and_a_throwing_grader_are_skipped_and_logged(cfg, tmp_path):
     env = toy_env(tmp_path, ["boom", "flat"])
-    gc = GrpoConfig(steps=1, group_size=4, tasks_per_step=2, max_tokens=12)
-    run = GrpoRun(cfg, str(env), gc)
+    config = GrpoConfig(steps=1, group_size=4, tasks_per_step=2, max_tokens=12)
+    run = GrpoRun(cfg, str(env), config)
     await run.run()
     log = run.state.log[0]
     assert log["groups"] == 2 and log["skipped_groups"] == 2
@@ -183,19 +183,49 @@ def test_killed_grpo_run_resumes_at_the_next_step(cli_env, cfg, tmp_path):
 
 def test_step_report_keeps_every_number_in_a_log_file():
     import io
-    from types import SimpleNamespace
 
     from rich.console import Console
 
-    from tuner.grpo import GrpoRun, StepLog
+    from tuner.grpo import StepLog, report
 
     buf = io.StringIO()  # not a terminal: a table would be squeezed into 80 columns
-    run = SimpleNamespace(console=Console(file=buf))
     log = StepLog(3, 0.792, 0.406, 0.79, 6, 3, 1, 2, 22, 900, 0.0123, 0.0, 7.04, 0.008, 28.9)
     log.skipped = ["calc-1: all 4 rewards equal (1)"]
-    GrpoRun._report(run, log)
+    report(Console(file=buf), log)
     out = buf.getvalue()
     for part in ("step 3", "reward mean ± sd 0.792 ± 0.406", "skipped groups 3/6", "flagged 1",
                  "sequences 22", "loss +0.0123", "rollout 7.0 s", "update 28.9 s",
                  "skipped group calc-1", "2 episodes had grader errors"):  # fmt: skip
         assert part in out, (part, out)
+
+
+def test_tune_grpo_options_default_to_the_config_and_override_it(monkeypatch, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    import tuner.grpo
+    from agent.cli.tune import tune_app
+
+    seen = {}
+
+    async def fake_grpo(cfg, env, config, **kw):
+        seen.update(config=config, env=env, **kw)
+        from types import SimpleNamespace
+
+        return SimpleNamespace(version="v1", path="x", metrics={"steps": config.steps})
+
+    monkeypatch.setattr(tuner.grpo, "grpo", fake_grpo)
+    monkeypatch.setenv("SELFTUNE_HOME", str(tmp_path))
+    monkeypatch.setenv("SELFTUNE_TUNER__GRPO__GROUP_SIZE", "6")
+    monkeypatch.setenv("SELFTUNE_TUNER__GRPO__ROLLOUT_ENGINE", "vllm")
+    monkeypatch.chdir(tmp_path)
+    app = typer.Typer()
+    app.add_typer(tune_app, name="tune")
+    res = CliRunner().invoke(app, ["tune", "grpo", "calculator", "--steps", "2", "--lr", "1e-3"],
+                             obj={})  # fmt: skip
+    assert res.exit_code == 0, res.output
+    config = seen["config"]
+    assert config.group_size == 6 and config.rollout_engine == "vllm"  # from the config
+    assert config.steps == 2 and config.learning_rate == 1e-3  # given
+    assert config.tasks_per_step == 4 and config.judge is False  # the defaults
+    assert "Next: `selftune gate v1`" in res.output

@@ -19,7 +19,10 @@ from agent.agent import Agent
 from tuner.improve import JobState, curve_points, parse_every
 from tuner.registry import Registry
 
-SELFTUNE = str(Path(sys.executable).parent / "selftune")
+ROOT = Path(__file__).resolve().parent.parent
+# `python -m agent.cli` from this checkout (run with cwd=ROOT): the `selftune` script may import
+# another checkout's code
+SELFTUNE = [sys.executable, "-m", "agent.cli"]
 # small limits: 8 train tasks collected in up to three waves (demonstrations, hints, similar
 # solved tasks), 4 training steps, 6 held-out tasks per model in the gate
 ARGS = [
@@ -50,9 +53,14 @@ def _state(home: Path) -> JobState | None:
 @pytest.mark.timeout(2400)
 def test_improve_cycle_killed_after_training_resumes_and_finishes(cfg, cli_env, tmp_path):
     home = cfg.workspace.root
-    env = dict(cli_env, SELFTUNE_TUNER__MIN_NEW_TRACES="1")
+    env = dict(cli_env, SELFTUNE_IMPROVE__MIN_NEW_TRACES="1")
     first = subprocess.Popen(
-        [SELFTUNE, *ARGS], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [*SELFTUNE, *ARGS],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     deadline = time.time() + 1500
     try:
@@ -77,7 +85,7 @@ def test_improve_cycle_killed_after_training_resumes_and_finishes(cfg, cli_env, 
     assert candidate and reg.get(candidate).status in ("candidate", "active", "rejected")
 
     second = subprocess.run(
-        [SELFTUNE, *ARGS], env=env, capture_output=True, text=True, timeout=1500
+        [*SELFTUNE, *ARGS], env=env, cwd=ROOT, capture_output=True, text=True, timeout=1500
     )
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
     assert "resuming job" in second.stderr
@@ -136,11 +144,48 @@ def test_a_second_job_is_refused_while_one_holds_the_lock(cfg):
 def test_a_missing_model_is_one_line_that_says_run_setup(tmp_path):
     env = dict(os.environ, SELFTUNE_HOME=str(tmp_path / "empty"))
     out = subprocess.run(
-        [SELFTUNE, "improve", "calculator"], env=env, capture_output=True, text=True, timeout=300
+        [*SELFTUNE, "improve", "calculator"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 1
     assert "does not exist: run `selftune setup`" in out.stdout + out.stderr
     assert "Traceback" not in out.stdout + out.stderr
+
+
+def test_options_left_out_take_the_config_and_given_ones_override_it(monkeypatch, tmp_path):
+    """`selftune improve`: [improve] (here from SELFTUNE_* variables) is the default of every
+    option; an option given wins."""
+    import typer
+    from typer.testing import CliRunner
+
+    import tuner.improve
+    from agent.cli.tune import improve
+
+    seen = {}
+
+    async def fake_improve(cfg, settings, *, every_s=None, resume=None, console=None):
+        seen.update(settings=settings, every_s=every_s)
+
+    monkeypatch.setattr(tuner.improve, "improve", fake_improve)
+    monkeypatch.setenv("SELFTUNE_HOME", str(tmp_path))
+    monkeypatch.setenv("SELFTUNE_IMPROVE__COLLECT_LIMIT", "5")
+    monkeypatch.setenv("SELFTUNE_IMPROVE__ENVS", '["calculator"]')
+    monkeypatch.chdir(tmp_path)  # no stray ./selftune.toml
+    app = typer.Typer()
+    app.command()(improve)
+    app.command()(lambda: None)  # two commands: `improve` is a sub-command, as in selftune
+    res = CliRunner().invoke(app, ["improve", "--eval-limit", "7", "--no-hints"], obj={})
+    assert res.exit_code == 0, res.output
+    s = seen["settings"]
+    assert s.collect_limit == 5 and s.envs == ["calculator"]  # from the config
+    assert s.eval_limit == 7 and s.hints is False  # given
+    assert s.cycles == 1 and s.method == "sft" and seen["every_s"] is None  # the defaults
+    res = CliRunner().invoke(app, ["improve", "--method", "ppo"], obj={})
+    assert res.exit_code == 1 and "--method 'ppo'" in res.output
 
 
 def test_every_parses_durations():

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from _tuner_fixtures import write_dataset
 
+from agent.config import ALL_LINEAR, TrainConfig
 from agent.model.hardware import cpu_has_bf16
-from tuner.schemas import ALL_LINEAR, TrainConfig
 from tuner.train import (
     TrainError,
     build_trainer,
@@ -38,14 +38,14 @@ def test_cpu_bf16_detection_reads_the_flags():
 def test_train_config_from_section_and_errors():
     from agent.config import TunerConfig
 
-    cfg = TrainConfig.from_section(TunerConfig(lora_r=32), max_steps=7)
+    cfg = TunerConfig(train=TrainConfig(lora_r=32)).train.updated(max_steps=7)
     assert cfg.lora_r == 32 and cfg.max_steps == 7 and cfg.target_modules == ALL_LINEAR
     with pytest.raises(ValueError, match="above max_lora_rank.*--max-lora-rank"):
         TrainConfig(lora_r=128)
     with pytest.raises(ValueError, match="not a value vLLM accepts"):
         TrainConfig(max_lora_rank=48)
     with pytest.raises(ValueError, match="extra"):
-        TrainConfig.from_section({"lora_rank": 8})
+        TrainConfig.model_validate({"lora_rank": 8})
 
 
 @pytest.mark.parametrize("kind", ["sft", "dpo", "kto"])
@@ -171,7 +171,7 @@ def test_tune_cli_registers_and_continues_from_a_version(tmp_path, cfg, monkeypa
     ds = write_dataset(tmp_path / "ds", "sft", n=4)
     monkeypatch.setenv("SELFTUNE_HOME", str(cfg.workspace.root))
     for key, value in {"batch_size": 2, "max_length": 256, "learning_rate": 1e-3}.items():
-        monkeypatch.setenv(f"SELFTUNE_TUNER__{key.upper()}", str(value))
+        monkeypatch.setenv(f"SELFTUNE_TUNER__TRAIN__{key.upper()}", str(value))
     monkeypatch.chdir(tmp_path)
     app = typer.Typer()
     app.add_typer(tune_app, name="tune")

@@ -264,8 +264,8 @@ async def test_grpo_on_its_own_vllm_server_rolls_out_the_updated_policy(home, tm
     served: list[list[str]] = []  # the server's greedy answers after each weight sync
     sync = run._sync_policy
 
-    async def spy(agent, step, folder):
-        name = await sync(agent, step, folder)
+    async def spy(step, folder):
+        name = await sync(step, folder)
         model = make_chat_model(run.rollout_cfg, adapter=name, max_tokens=24)
         served.append([(await model.ainvoke([HumanMessage(p)])).content for p in PROMPTS])
         return name

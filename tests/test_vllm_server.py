@@ -29,7 +29,7 @@ def test_lora_rank_rounds_up_to_what_vllm_accepts():
 
 
 def test_command_has_the_flags_selftune_needs(cfg, tmp_path):
-    cfg.tuner.lora_r = 24
+    cfg.tuner.train.lora_r = 24
     argv, env = serve_command(
         cfg,
         python="/venv/bin/python",

@@ -1,21 +1,13 @@
 """The tuner: trainers, the adapter registry, the eval gate and reload."""
 
-from tuner.gate import GateError, decide, gate, gate_table
+from tuner.gate import GateError, compare_rates, decide, gate, gate_table, run_gate
 from tuner.registry import Registry, RegistryError
 from tuner.reload import LocalReloader, Reloader, ReloadError, VllmReloader
-from tuner.schemas import (
-    AdapterRecord,
-    EvalSummary,
-    GateResult,
-    Guard,
-    TrainConfig,
-    TrainResult,
-)
+from tuner.schemas import AdapterRecord, GateResult, Guard, TrainConfig, TrainResult
 from tuner.train import TrainError, build_trainer, train, tune
 
 __all__ = [
     "AdapterRecord",
-    "EvalSummary",
     "GateError",
     "GateResult",
     "Guard",
@@ -29,9 +21,11 @@ __all__ = [
     "TrainResult",
     "VllmReloader",
     "build_trainer",
+    "compare_rates",
     "decide",
     "gate",
     "gate_table",
+    "run_gate",
     "train",
     "tune",
 ]

@@ -1,39 +1,49 @@
 """The eval gate: a candidate adapter replaces the active one only if it is measurably better.
 
-`decide` is the rule: the candidate's success rate must beat the active model's by at least
-`margin`, and no guard metric (success on other environments, the reward-hacking flag rate...)
-may get worse by more than its own margin. `gate` runs the whole step: evaluate the active
-model and the candidate in the same run, decide, store every number in the registry, print the
-table, and promote or reject.
+    results = await evaluate_pair(cfg, "v3", "v2", ["calculator"], cfg.improve)
+    gate(registry, "v3", *results, settings=cfg.tuner.gate, active="v2")
+
+`evaluate_pair` plays the held-out episodes with both models in one run (same tasks, seeds and
+sampling). `gate` is the one place a candidate is judged, recorded, promoted or rejected: the
+improve job and `selftune gate` both end there. `decide` is its decision rule; it receives both
+models' results with every episode's outcome, so a paired test (McNemar on the tasks where
+the two disagree) can replace the rate comparison there without touching any caller.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import asyncio
+import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from agent.config import Config, GateConfig, ImproveConfig
+from agent.envs.run import SuiteResult, wilson_interval
+from tools.errors import SelftuneError
 from tuner.registry import Registry
-from tuner.schemas import EvalSummary, GateResult, Guard
-
-Evaluate = Callable[[str | None], EvalSummary | Sequence[EvalSummary]]
+from tuner.schemas import GateResult, Guard
 
 
-class GateError(ValueError):
+class GateError(SelftuneError, ValueError):
     """The two evaluations cannot be compared; the message says why."""
 
 
-def decide(
-    candidate: EvalSummary,
-    active: EvalSummary,
+# -- the rule ---------------------------------------------------------------------------------
+
+
+def compare_rates(
+    candidate: SuiteResult,
+    active: SuiteResult,
     *,
     margin: float,
     guards: dict[str, Guard | tuple[float, float, float, bool]] | None = None,
 ) -> GateResult:
-    """Promote iff candidate success rate >= active + margin and no guard regresses past its margin.
+    """Promote iff candidate success rate >= active + margin and no guard regresses past its margin
+    (the rate comparison `decide` applies to the pooled results).
 
     `guards` maps a metric name to (candidate_value, active_value, margin, higher_is_better).
     Every number behind the decision is in the result's `numbers`, one row per metric.
@@ -83,9 +93,13 @@ def _row(active: float, candidate: float, margin: float, higher: bool, ok: bool)
     }
 
 
-def _check_comparable(candidate: EvalSummary, active: EvalSummary) -> None:
+# what makes two evaluations comparable: the same episodes, played the same way
+_SAME = ("env", "split", "n", "seed", "temperature", "few_shot", "samples")
+
+
+def _check_comparable(candidate: SuiteResult, active: SuiteResult) -> None:
     """Both sides must have played the same episodes, or the comparison means nothing."""
-    for field in ("env", "split", "n", "seed", "sampling"):
+    for field in _SAME:
         a, c = getattr(active, field), getattr(candidate, field)
         if a != c:
             raise GateError(
@@ -95,22 +109,74 @@ def _check_comparable(candidate: EvalSummary, active: EvalSummary) -> None:
 
 
 def guards_from(
-    candidate: Sequence[EvalSummary], active: Sequence[EvalSummary], *, guard_margin: float
+    candidate: Sequence[SuiteResult], active: Sequence[SuiteResult], *, guard_margin: float
 ) -> dict[str, Guard]:
-    """Standard guards: the flag rate on every environment, and success on the others."""
+    """Standard guards: the flag rate on every environment, and, when there are several,
+    success on each of them."""
     by_env = {s.env: s for s in active}
     guards: dict[str, Guard] = {}
-    for i, c in enumerate(candidate):
+    for c in candidate:
         a = by_env.get(c.env)
         if a is None:
             raise GateError(f"the active model was not evaluated on {c.env!r}: evaluate both alike")
         _check_comparable(c, a)
         guards[f"flag_rate[{c.env}]"] = Guard(c.flag_rate, a.flag_rate, guard_margin, False)
-        if i > 0:
+        if len(candidate) > 1:
             guards[f"success_rate[{c.env}]"] = Guard(
                 c.success_rate, a.success_rate, guard_margin, True
             )
     return guards
+
+
+def pooled(results: Sequence[SuiteResult]) -> SuiteResult:
+    """All environments' episodes as one result, task ids prefixed by their environment."""
+    if len(results) == 1:
+        return results[0]
+    n = sum(r.n for r in results)
+    wins = sum(r.successes for r in results)
+    first = results[0]
+    return first.model_copy(
+        update={
+            "env": "+".join(r.env for r in results),
+            "run_id": "+".join(r.run_id for r in results),
+            "n": n,
+            "successes": wins,
+            "success_rate": wins / n if n else 0.0,
+            "ci95": wilson_interval(wins, n),
+            "flag_rate": sum(r.flag_rate * r.n for r in results) / n if n else 0.0,
+            "outcomes": [
+                dataclasses.replace(o, task_id=f"{r.env}/{o.task_id}")
+                for r in results
+                for o in r.outcomes
+            ],
+        }
+    )
+
+
+def decide(
+    candidate: Sequence[SuiteResult], active: Sequence[SuiteResult], settings: GateConfig
+) -> GateResult:
+    """The gate's decision from both models' results on the same episodes, one per environment.
+
+    The target is the success rate pooled over every environment's episodes, not the first
+    environment's: the improve job trains on all of them at once, the pool weighs every
+    episode alike and has the most episodes (the narrowest interval), and a single environment
+    is its own pool. Each environment's success (when there are several) and flag rate are
+    guards, so no environment may pay for another's gain beyond `guard_margin`.
+    """
+    if not candidate or len(candidate) != len(active):
+        raise GateError(
+            f"{len(candidate)} candidate and {len(active)} active evaluations: evaluate both "
+            "models on the same environments"
+        )
+    by_env = {r.env: r for r in active}
+    active = [by_env.get(c.env, a) for c, a in zip(candidate, active, strict=True)]
+    return compare_rates(
+        pooled(candidate),
+        pooled(active),
+        margin=settings.margin,
+        guards=guards_from(candidate, active, guard_margin=settings.guard_margin),
+    )
 
 
 def gate_table(result: GateResult) -> Table:
@@ -133,55 +199,143 @@ def gate_table(result: GateResult) -> Table:
     return table
 
 
+# -- the step ---------------------------------------------------------------------------------
+
+
 def gate(
-    candidate_version: str,
-    evaluate: Evaluate,
     registry: Registry,
+    candidate: str,
+    candidate_results: Sequence[SuiteResult],
+    active_results: Sequence[SuiteResult],
     *,
-    margin: float,
-    guard_margin: float,
+    settings: GateConfig,
+    active: str | None,
+    record: dict[str, Any] | None = None,
     console: Console | None = None,
 ) -> GateResult:
-    """Evaluate the active model and the candidate in one run, decide, record, promote or reject.
+    """Decide, store every number in the registry, promote or reject, print the table.
 
-    `evaluate(name)` plays the held-out episodes with adapter `name` (a version; None for the
-    base model) and returns one EvalSummary per environment; the first is the target one.
-    """
-    registry.get(candidate_version)  # fail before spending time on episodes
-    active_rec = registry.active()
-    active_name = active_rec.version if active_rec else None
-    if active_name == candidate_version:
-        raise GateError(f"{candidate_version} is already active: train a new candidate first")
-    active_sums = _as_list(evaluate(active_name), "active")
-    cand_sums = _as_list(evaluate(candidate_version), "candidate")
-    result = decide(
-        cand_sums[0],
-        next((s for s in active_sums if s.env == cand_sums[0].env), active_sums[0]),
-        margin=margin,
-        guards=guards_from(cand_sums, active_sums, guard_margin=guard_margin),
-    )
-    result.candidate, result.active = candidate_version, active_name
+    `active` is the version the candidate was evaluated against (None: the base model);
+    `record` adds keys to the stored evaluation (the improve job's id, say)."""
+    registry.get(candidate)
+    result = decide(candidate_results, active_results, settings)
+    result.candidate, result.active = candidate, active
     registry.record_eval(
-        candidate_version,
+        candidate,
         {
             "gate": result.model_dump(),
-            "candidate": [s.model_dump() for s in cand_sums],
-            "active": [s.model_dump() for s in active_sums],
-            "active_version": active_name,
+            "candidate": [r.to_dict() for r in candidate_results],
+            "active": [r.to_dict() for r in active_results],
+            "active_version": active,
+            **(record or {}),
         },
     )
     if result.promote:
-        registry.promote(candidate_version, result)
+        registry.promote(candidate, result)
     else:
-        registry.reject(candidate_version, result)
+        registry.reject(candidate, result)
     (console or Console()).print(gate_table(result))
     return result
 
 
-def _as_list(x: EvalSummary | Sequence[EvalSummary], who: str) -> list[EvalSummary]:
-    items = [x] if isinstance(x, EvalSummary) else list(x)
-    if not items or not all(isinstance(s, EvalSummary) for s in items):
-        raise GateError(
-            f"evaluate() returned {x!r} for the {who} model: return EvalSummary objects"
-        )
-    return items
+async def evaluate(
+    cfg: Config,
+    env: str,
+    adapter: str | None,
+    settings: ImproveConfig,
+    *,
+    few_shot: int = 0,
+    agent: Any = None,
+    tags: Sequence[str] = (),
+    progress: bool = True,
+) -> SuiteResult:
+    """Held-out test split, greedy, fixed seed: what every model is judged on."""
+    from agent.envs.run import run_suite
+
+    return await run_suite(
+        cfg,
+        env,
+        split="test",
+        limit=settings.eval_limit,
+        concurrency=settings.concurrency,
+        adapter=adapter or "base",
+        few_shot=few_shot,
+        seed=settings.seed,
+        max_tokens=settings.max_tokens,
+        agent=agent,
+        tags=[*tags, "eval"],
+        progress=progress,
+    )
+
+
+async def evaluate_pair(
+    cfg: Config,
+    candidate: str,
+    active: str | None,
+    envs: Sequence[str],
+    settings: ImproveConfig,
+    *,
+    agent: Any = None,
+    tags: Sequence[str] = (),
+    console: Console | None = None,
+) -> tuple[list[SuiteResult], list[SuiteResult]]:
+    """Candidate and active on the same held-out tasks, same seed and sampling, in one run."""
+    from agent.agent import Agent
+
+    console = console or Console(stderr=True)
+    own = agent is None
+    agent = agent or Agent(cfg, checkpoints=False)
+    await agent.start()
+    results: tuple[list[SuiteResult], list[SuiteResult]] = ([], [])
+    try:
+        for env in envs:
+            console.print(
+                f"[bold]gate[/bold] candidate {candidate} and active {active or 'base'} on {env}"
+            )
+            # both at once: their requests share batches (peft mixed-adapter rows)
+            cand, act = await asyncio.gather(
+                evaluate(cfg, env, candidate, settings, agent=agent, tags=tags),
+                evaluate(cfg, env, active, settings, agent=agent, tags=tags, progress=False),
+            )
+            results[0].append(cand)
+            results[1].append(act)
+    finally:
+        if own:
+            await agent.aclose()
+    return results
+
+
+async def run_gate(
+    cfg: Config,
+    candidate: str,
+    *,
+    against: str = "active",
+    envs: Sequence[str] | None = None,
+    console: Console | None = None,
+) -> GateResult:
+    """`selftune gate`: evaluate `candidate` and `against` ("active", "base" or a version) on
+    `envs` (default `[improve] envs`) as the improve job does, then `gate`."""
+    from tuner.registry import open_registry
+
+    registry = open_registry(cfg)
+    registry.get(candidate)  # fail before spending time on episodes
+    if against == "active":
+        rec = registry.active()
+        reference = rec.version if rec else None
+    else:
+        reference = None if against == "base" else registry.get(against).version
+    if reference == candidate:
+        raise GateError(f"{candidate} is the reference itself: gate it against another version")
+    settings = cfg.improve
+    results = await evaluate_pair(
+        cfg, candidate, reference, envs or settings.envs, settings, console=console
+    )
+    return gate(
+        registry,
+        candidate,
+        *results,
+        settings=cfg.tuner.gate,
+        active=reference,
+        record={"command": "selftune gate"},
+        console=console,
+    )

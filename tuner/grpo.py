@@ -31,19 +31,26 @@ import shutil
 import statistics
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
-from agent.config import Config
-from tuner.schemas import GrpoConfig
+from agent.config import Config, GrpoConfig  # [tuner.grpo], a section of the one config tree
+from tools.errors import SelftuneError
+
+if TYPE_CHECKING:
+    from agent.envs import Environment
+    from agent.envs.run import SuiteResult
+    from traces.schemas import Task
+    from tuner.schemas import AdapterRecord
 
 
-class GrpoError(RuntimeError):
+class GrpoError(SelftuneError, RuntimeError):
     """A GRPO run cannot go on; the message says why and what to do."""
 
 
@@ -226,23 +233,298 @@ def merged_state_dict(model) -> dict[str, Any]:
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
 
+# -- the policy -------------------------------------------------------------------------------
+
+
+@dataclass
+class Policy:
+    """The trainable LoRA policy, its frozen reference (beta > 0) and its optimizer."""
+
+    model: Any
+    tokenizer: Any
+    optimizer: Any
+    device: str
+    ref: Any = None
+
+
+def load_policy(
+    cfg: Config, config: GrpoConfig, *, start: Path | None, checkpoint: Path | None
+) -> Policy:
+    """The policy from `checkpoint` (a resumed run, with its optimizer), else from the `start`
+    adapter, else a fresh LoRA of `[tuner.train]`'s shape on the base model."""
+    import torch
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from agent.model.files import model_dir
+    from agent.model.hardware import pick_device
+    from tuner.train import load_tokenizer, lora_config
+
+    torch.manual_seed(config.seed)
+    device = pick_device(cfg.tuner.train.device, setting="[tuner.train] device")
+    base_dir = model_dir(cfg)
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    source = checkpoint or start
+    if source is not None:
+        model = PeftModel.from_pretrained(base, str(source), is_trainable=True)
+    else:
+        model = get_peft_model(base, lora_config(cfg.tuner.train))
+    model.to(device)
+    ref = None
+    if config.beta > 0:  # a frozen copy of where the run started
+        ref = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+        if start is not None:
+            ref = PeftModel.from_pretrained(ref, str(start)).merge_and_unload()
+        ref = ref.to(device).eval().requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
+    if checkpoint is not None:
+        state = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state)
+    return Policy(model, load_tokenizer(base_dir), optimizer, device, ref)
+
+
+def save_adapter(policy: Policy, folder: Path, base_name: str) -> Path:
+    """The policy's adapter as a PEFT folder written beside `folder`; returns that temp folder."""
+    from tuner.train import finish_adapter_config
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    # embeddings are never trained; "auto" would look the base config up on the hub
+    policy.model.save_pretrained(str(tmp), save_embedding_layers=False)
+    finish_adapter_config(tmp, base_name)
+    return tmp
+
+
+def save_checkpoint(policy: Policy, folder: Path, base_name: str) -> None:
+    """Adapter and optimizer to `folder`, complete or absent."""
+    import torch
+
+    tmp = save_adapter(policy, folder, base_name)
+    torch.save(policy.optimizer.state_dict(), tmp / "optimizer.pt")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def write_merged(policy: Policy, folder: Path, base_dir: Path) -> Path:
+    """The policy's merged weights as a checkpoint folder (complete or absent)."""
+    from safetensors.torch import save_file
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(merged_state_dict(policy.model), tmp / "model.safetensors")
+    shutil.copy(base_dir / "config.json", tmp / "config.json")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
+def update(
+    policy: Policy, samples: list[TurnSample], config: GrpoConfig
+) -> tuple[float, float, int]:
+    """One policy-gradient step on `samples`: (loss, mean KL per token, trained tokens)."""
+    import torch
+
+    if not samples:
+        return 0.0, 0.0, 0
+    model = policy.model
+    model.train()
+    pad = policy.tokenizer.pad_token_id or 0
+    total = sum(len(s.completion_ids) for s in samples)
+    policy.optimizer.zero_grad(set_to_none=True)
+    loss_sum = kl_sum = 0.0
+    # similar lengths together: less padding per micro-batch
+    order = sorted(samples, key=lambda s: len(s.prompt_ids) + len(s.completion_ids))
+    for i in range(0, len(order), config.micro_batch):
+        batch = {
+            k: v.to(policy.device) if hasattr(v, "to") else v
+            for k, v in collate(order[i : i + config.micro_batch], pad).items()
+        }
+        logp = token_logprobs(model, batch)
+        mask = batch["loss_mask"][:, -batch["keep"] + 1 :]
+        ref_logp = None
+        if policy.ref is not None:
+            with torch.no_grad():
+                ref_logp = token_logprobs(policy.ref, batch)
+        loss, kl = policy_loss(
+            logp,
+            batch["advantages"],
+            mask,
+            ref_logp=ref_logp,
+            beta=config.beta,
+            total_tokens=total,
+        )
+        loss.backward()
+        loss_sum += float(loss.detach())
+        kl_sum += kl
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+    policy.optimizer.step()
+    model.eval()
+    return loss_sum, kl_sum / max(total, 1), total
+
+
+# -- rollouts and groups ----------------------------------------------------------------------
+
+# (tasks, adapter name, step) -> the graded episodes, `group_size` per task
+Rollout = Callable[["list[Task]", str, int], Awaitable["SuiteResult"]]
+
+
+@asynccontextmanager
+async def rollouts(
+    cfg: Config, environment: Environment, config: GrpoConfig, run_id: str
+) -> AsyncIterator[Rollout]:
+    """A rollout function over an agent built from `cfg` (the configured backend, or the run's
+    own vLLM server): every episode a stored, graded trace tagged `grpo:<run>`, `grpo-step:<n>`."""
+    from agent.agent import Agent
+    from agent.envs.run import run_suite
+
+    agent = Agent(cfg, checkpoints=False)
+    await agent.start()
+
+    async def rollout(tasks: list[Task], adapter: str, step: int) -> SuiteResult:
+        return await run_suite(
+            cfg,
+            environment,
+            split="train",
+            task_ids={t.id for t in tasks},
+            samples=config.group_size,
+            temperature=config.temperature,
+            seed=config.seed + 1000 * step,
+            max_tokens=config.max_tokens,
+            concurrency=config.concurrency,
+            adapter=adapter,
+            agent=agent,
+            tags=[f"grpo:{run_id}", f"grpo-step:{step}"],
+            progress=True,
+        )
+
+    try:
+        yield rollout
+    finally:
+        await agent.aclose()
+
+
+def pick_tasks(environment: Environment, config: GrpoConfig, step: int) -> list[Task]:
+    """The step's train tasks: `tasks_per_step` of them, the same for the same seed and step."""
+    tasks = environment.split("train")
+    if not tasks:
+        raise GrpoError(f"environment {environment.name!r} has no train tasks")
+    rng = random.Random(config.seed * 100_003 + step)
+    return rng.sample(tasks, min(config.tasks_per_step, len(tasks)))
+
+
+async def judge_groups(
+    cfg: Config, tasks: dict[str, Task], by_task: dict[str, list], store
+) -> dict[str, float]:
+    """RULER-style: each group ranked by the base model as judge; trace id -> score."""
+    from agent.model import make_chat_model
+    from agent.workspace import get_engine
+    from traces.graders import agrade_group
+
+    engine = get_engine(cfg) if cfg.model.backend == "local" else None  # the rollouts' engine
+    judge = make_chat_model(cfg, engine=engine, max_tokens=128, temperature=0.0)
+    scores = {}
+    for task_id, outcomes in by_task.items():
+        traces = [store.get(o.trace_id) for o in outcomes if not o.grade_error]
+        for grade in await agrade_group(tasks[task_id], traces, judge):
+            store.add_grade(grade)
+            if not grade.metadata.get("error"):
+                scores[grade.trace_id] = grade.value
+    return scores
+
+
+def groups_of(by_task: dict[str, list], judged: dict[str, float]):
+    """Per task: its GroupStats; and (outcome, advantage) for every episode that trains."""
+    groups, kept = [], []
+    for task_id, outcomes in sorted(by_task.items()):
+        ok = [o for o in outcomes if not o.grade_error]
+        errors = len(outcomes) - len(ok)
+        rewards = [
+            0.5 * o.score + 0.5 * judged[o.trace_id] if o.trace_id in judged else o.score
+            for o in ok
+        ]
+        flagged = [bool(o.flags) for o in ok]
+        advantages, why = group_advantages(rewards, flagged)  # the graded ones form the group
+        groups.append(GroupStats(task_id, rewards, advantages, sum(flagged), errors, why))
+        if why is None:
+            kept += [(o, a) for o, a in zip(ok, advantages, strict=True) if a != 0.0]
+    return groups, kept
+
+
+# -- the run's state and report -----------------------------------------------------------------
+
+
+def save_state(folder: Path, state: RunState) -> None:
+    from tuner.registry import write_atomic
+
+    write_atomic(folder / "state.json", json.dumps(asdict(state), indent=2))
+
+
+def report(console: Console, log: StepLog) -> None:
+    """One step's numbers: a table on a terminal, one line in a log file."""
+    row = {
+        "step": str(log.step),
+        "reward mean ± sd": f"{log.reward_mean:.3f} ± {log.reward_std:.3f}",
+        "success": f"{log.success_rate:.0%}",
+        "skipped groups": f"{log.skipped_groups}/{log.groups}",
+        "flagged": str(log.flagged),
+        "sequences": str(log.sequences),
+        "loss": f"{log.loss:+.4f}",
+        "sync": f"{log.sync_s:.1f} s",
+        "rollout": f"{log.rollout_s:.1f} s",
+        "grade": f"{log.grade_s:.2f} s",
+        "update": f"{log.update_s:.1f} s",
+    }
+    if console.is_terminal:
+        table = Table(*row)
+        table.add_row(*row.values())
+        console.print(table)
+    else:  # a log file: rich would squeeze the table into 80 columns and cut the numbers
+        console.print(", ".join(f"{k} {v}" for k, v in row.items()), soft_wrap=True)
+    for why in log.skipped:
+        console.print(f"  skipped group {why}", style="dim")
+    if log.grader_errors:
+        console.print(f"  [yellow]{log.grader_errors} episodes had grader errors and "
+                      "were left out of their groups[/yellow]")  # fmt: skip
+
+
+def start_rollout_server(cfg: Config, served: str, console: Console) -> tuple[Any, Config]:
+    """A vLLM server of the run's own, serving the base weights as `served` (the policy's
+    merged weights replace them each step), and the config whose agents roll out on it. It
+    stops with the run, and with this process if that is killed."""
+    from agent.serving.vllm import rollout_server
+
+    server = rollout_server(cfg, served, log=console.print)
+    console.print(f"starting the run's vLLM server (log: {server.log_path})")
+    server.start()
+    try:
+        server.wait_healthy()
+    except BaseException:
+        server.stop()
+        raise
+    model = cfg.model.model_copy(update={"backend": "openai", "base_url": server.url})
+    return server, cfg.model_copy(update={"model": model})
+
+
 # -- the run ----------------------------------------------------------------------------------
 
 
 class GrpoRun:
-    """One GRPO run: its folder, the trainable policy, the agent that rolls out with it."""
+    """One GRPO run: its folder and state, the policy it trains, and where rollouts go."""
 
     def __init__(
         self,
         cfg: Config,
         env: str,
-        gc: GrpoConfig,
+        config: GrpoConfig,
         *,
         start_from: str | None = None,
         resume: bool = False,
         console: Console | None = None,
     ):
-        self.cfg, self.env_name, self.gc = cfg, env, gc
+        self.cfg, self.env_name, self.config = cfg, env, config
         self.console = console or Console(stderr=True)
         runs = cfg.workspace.jobs
         runs.mkdir(parents=True, exist_ok=True)
@@ -250,258 +532,83 @@ class GrpoRun:
         self.server = None  # the run's own vLLM server (rollout_engine = "vllm")
         self.server_start_s: float | None = None
         self.rollout_cfg = cfg  # the config the rollouts run with
-
-    # -- state ----------------------------------------------------------------------------------
+        self.policy: Policy | None = None
+        self._served: str | None = None  # the policy's name on the rollout engine
 
     def _open(self, runs: Path, start_from: str | None, resume: bool) -> tuple[Path, RunState]:
         if resume:
             for d in sorted(runs.glob("grpo-*"), key=lambda p: p.stat().st_mtime, reverse=True):
                 try:
-                    st = RunState(**json.loads((d / "state.json").read_text()))
+                    state = RunState(**json.loads((d / "state.json").read_text()))
                 except (OSError, json.JSONDecodeError, TypeError):
                     continue
-                if st.env == self.env_name and not st.finished:
-                    self.console.print(f"[yellow]resuming GRPO run {st.id} after step {st.step}")
-                    self.gc = GrpoConfig(**st.config)
-                    return d, st
+                if state.env == self.env_name and not state.finished:
+                    self.console.print(
+                        f"[yellow]resuming GRPO run {state.id} after step {state.step}"
+                    )
+                    self.config = GrpoConfig(**state.config)
+                    return d, state
             raise GrpoError(f"there is no unfinished GRPO run on {self.env_name} to resume")
         run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
         d = runs / f"grpo-{run_id}"
         d.mkdir()
-        st = RunState(run_id, self.env_name, start_from, self.gc.model_dump())
-        self._save(d, st)
-        return d, st
-
-    @staticmethod
-    def _save(d: Path, st: RunState) -> None:
-        from tuner.registry import write_atomic
-
-        write_atomic(d / "state.json", json.dumps(asdict(st), indent=2))
-
-    # -- model ----------------------------------------------------------------------------------
-
-    def _load_policy(self):
-        import torch
-        from peft import PeftModel, get_peft_model
-        from transformers import AutoModelForCausalLM
-
-        from agent.model.files import model_dir
-        from agent.model.hardware import pick_device
-        from tuner.registry import open_registry
-        from tuner.schemas import TrainConfig
-        from tuner.train import load_tokenizer, lora_config
-
-        torch.manual_seed(self.gc.seed)
-        tc = TrainConfig.from_section(self.cfg.tuner)
-        self.device = pick_device(tc.device, setting="TrainConfig.device")
-        mdir = model_dir(self.cfg)
-        self.tokenizer = load_tokenizer(mdir)
-        base = AutoModelForCausalLM.from_pretrained(str(mdir), dtype=torch.float32)
-        start = None
-        if self.state.start_from:
-            start = open_registry(self.cfg).path(self.state.start_from)
-        source = Path(self.state.checkpoint) if self.state.checkpoint else start
-        if source is not None:
-            self.model = PeftModel.from_pretrained(base, str(source), is_trainable=True)
-        else:
-            self.model = get_peft_model(base, lora_config(tc))
-        self.model.to(self.device)
-        self.ref = None
-        if self.gc.beta > 0:  # a frozen copy of where the run started
-            ref = AutoModelForCausalLM.from_pretrained(str(mdir), dtype=torch.float32)
-            if start is not None:
-                ref = PeftModel.from_pretrained(ref, str(start)).merge_and_unload()
-            self.ref = ref.to(self.device).eval().requires_grad_(False)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=self.gc.learning_rate, weight_decay=0.0)
-        if self.state.checkpoint:
-            opt = Path(self.state.checkpoint) / "optimizer.pt"
-            self.optimizer.load_state_dict(torch.load(opt, map_location="cpu", weights_only=True))
-
-    def _save_adapter(self, folder: Path) -> Path:
-        from tuner.train import _finish_adapter_config
-
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        # embeddings are never trained; "auto" would look the base config up on the hub
-        self.model.save_pretrained(str(tmp), save_embedding_layers=False)
-        _finish_adapter_config(tmp, self.cfg.model.name)
-        return tmp
+        state = RunState(run_id, self.env_name, start_from, self.config.model_dump())
+        save_state(d, state)
+        return d, state
 
     def _checkpoint(self, step: int) -> None:
-        """Adapter and optimizer to `checkpoint-<step>` (complete or absent), then the state."""
-        import torch
-
+        """The step's adapter and optimizer to `checkpoint-<step>`, then the state."""
         folder = self.dir / f"checkpoint-{step}"
-        tmp = self._save_adapter(folder)
-        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
+        save_checkpoint(self.policy, folder, self.cfg.model.name)
         old = self.state.checkpoint
         self.state.checkpoint = str(folder)
-        self._save(self.dir, self.state)
+        save_state(self.dir, self.state)
         if old and Path(old) != folder:
             shutil.rmtree(old, ignore_errors=True)
 
-    def _write_merged(self) -> Path:
-        """The policy's merged weights as a checkpoint folder (complete or absent)."""
-        from safetensors.torch import save_file
-
-        from agent.model.files import model_dir
-
-        folder = self.dir / "policy-weights"
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_file(merged_state_dict(self.model), tmp / "model.safetensors")
-        shutil.copy(model_dir(self.cfg) / "config.json", tmp / "config.json")
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
-        return folder
-
-    async def _sync_policy(self, agent, step: int, folder: Path) -> str:
+    async def _sync_policy(self, step: int, folder: Path) -> str:
         """Serve the policy to the rollouts. The run's own vLLM server reloads the merged
         weights in place and drops its prefix cache; otherwise the adapter in `folder` (the
         step's checkpoint) is loaded under a name of its own per step (no KV cache computed
         with older weights can be reused) and the previous one dropped."""
-        from tuner.reload import VllmReloader
+        from agent.model.files import model_dir
+        from agent.workspace import get_engine
+        from tuner.reload import VllmReloader, reloader_for
 
         if self.server is not None:
-            await VllmReloader(self.server.url, timeout_s=600).reload_weights(self._write_merged())
+            weights = write_merged(self.policy, self.dir / "policy-weights", model_dir(self.cfg))
+            await VllmReloader(self.server.url, timeout_s=600).reload_weights(weights)
             return self._served
         name = f"grpo-{self.state.id}-s{step}"
-        if self.cfg.model.backend == "openai":
-            reloader = VllmReloader(self.cfg.model.base_url)
-            await reloader.load(name, folder, inplace=True)
-            if self._served:
-                await reloader.unload(self._served, missing_ok=True)
-        else:
-            agent.engine.load_adapter(name, str(folder), replace=True)
-            if self._served and self._served in agent.engine.adapters():
-                agent.engine.unload_adapter(self._served)
+        engine = get_engine(self.cfg) if self.cfg.model.backend == "local" else None
+        reloader = reloader_for(self.cfg, engine)
+        await reloader.load(name, folder, inplace=True)
+        if self._served:
+            await reloader.unload(self._served, missing_ok=True)
         self._served = name
         return name
 
-    # -- one step -------------------------------------------------------------------------------
-
-    def _tasks(self, environment, step: int):
-        tasks = environment.split("train")
-        if not tasks:
-            raise GrpoError(f"environment {environment.name!r} has no train tasks")
-        rng = random.Random(self.gc.seed * 100_003 + step)
-        return rng.sample(tasks, min(self.gc.tasks_per_step, len(tasks)))
-
-    async def _rollout(self, agent, environment, step: int, policy: str):
-        from agent.envs.run import run_suite
-
-        tasks = self._tasks(environment, step)
-        return await run_suite(
-            self.rollout_cfg,
-            environment,
-            split="train",
-            task_ids={t.id for t in tasks},
-            samples=self.gc.group_size,
-            temperature=self.gc.temperature,
-            seed=self.gc.seed + 1000 * step,
-            max_tokens=self.gc.max_tokens,
-            concurrency=self.gc.concurrency,
-            adapter=policy,
-            agent=agent,
-            tags=[f"grpo:{self.state.id}", f"grpo-step:{step}"],
-            progress=True,
-        ), {t.id: t for t in tasks}
-
-    async def _judge(self, agent, tasks, by_task, store) -> dict[str, float]:
-        """RULER-style: each group ranked by the base model as judge; trace id -> score."""
-        from agent.model import make_chat_model
-        from traces.graders import agrade_group
-
-        judge = make_chat_model(self.cfg, engine=agent.engine, max_tokens=128, temperature=0.0)
-        out = {}
-        for tid, outcomes in by_task.items():
-            traces = [store.get(o.trace_id) for o in outcomes if not o.grade_error]
-            for g in await agrade_group(tasks[tid], traces, judge):
-                store.add_grade(g)
-                if not g.metadata.get("error"):
-                    out[g.trace_id] = g.value
-        return out
-
-    def _groups(self, by_task: dict[str, list], judged: dict[str, float]):
-        """Per task: its GroupStats; and (outcome, advantage) for every episode that trains."""
-        groups, kept = [], []
-        for tid, outcomes in sorted(by_task.items()):
-            ok = [o for o in outcomes if not o.grade_error]
-            errors = len(outcomes) - len(ok)
-            rewards = [
-                0.5 * o.score + 0.5 * judged[o.trace_id] if o.trace_id in judged else o.score
-                for o in ok
-            ]
-            flagged = [bool(o.flags) for o in ok]
-            adv, why = group_advantages(rewards, flagged)  # the graded ones form the group
-            groups.append(GroupStats(tid, rewards, adv, sum(flagged), errors, why))
-            if why is None:
-                kept += [(o, a) for o, a in zip(ok, adv, strict=True) if a != 0.0]
-        return groups, kept
-
-    def _update(self, samples: list[TurnSample]) -> tuple[float, float, int]:
-        import torch
-
-        if not samples:
-            return 0.0, 0.0, 0
-        self.model.train()
-        pad = self.tokenizer.pad_token_id or 0
-        total = sum(len(s.completion_ids) for s in samples)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = kl_sum = 0.0
-        mb = self.gc.micro_batch
-        # similar lengths together: less padding per micro-batch
-        order = sorted(samples, key=lambda s: len(s.prompt_ids) + len(s.completion_ids))
-        for i in range(0, len(order), mb):
-            batch = {
-                k: v.to(self.device) if hasattr(v, "to") else v
-                for k, v in collate(order[i : i + mb], pad).items()
-            }
-            logp = token_logprobs(self.model, batch)
-            mask = batch["loss_mask"][:, -batch["keep"] + 1 :]
-            ref_logp = None
-            if self.ref is not None:
-                with torch.no_grad():
-                    ref_logp = token_logprobs(self.ref, batch)
-            loss, kl = policy_loss(
-                logp,
-                batch["advantages"],
-                mask,
-                ref_logp=ref_logp,
-                beta=self.gc.beta,
-                total_tokens=total,
-            )
-            loss.backward()
-            loss_sum += float(loss.detach())
-            kl_sum += kl
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        torch.nn.utils.clip_grad_norm_(params, self.gc.max_grad_norm)
-        self.optimizer.step()
-        self.model.eval()
-        return loss_sum, kl_sum / max(total, 1), total
-
-    async def step(self, agent, environment, step: int, policy: str) -> StepLog:
+    async def step(
+        self, rollout: Rollout, store, environment: Environment, step: int, policy: str
+    ) -> StepLog:
+        """Roll out the step's tasks with `policy`, grade, form groups, update the policy."""
+        tasks = pick_tasks(environment, self.config, step)
         t0 = time.perf_counter()
-        res, tasks = await self._rollout(agent, environment, step, policy)
+        res = await rollout(tasks, policy, step)
         rollout_s = time.perf_counter() - t0
         grade_s = sum(o.grade_s for o in res.outcomes)
-        store = agent.tracer.store
         by_task: dict[str, list] = {}
         for o in res.outcomes:
             by_task.setdefault(o.task_id, []).append(o)
         judged: dict[str, float] = {}
-        if self.gc.judge:
+        if self.config.judge:
             t1 = time.perf_counter()
-            judged = await self._judge(agent, tasks, by_task, store)
+            judged = await judge_groups(self.cfg, {t.id: t for t in tasks}, by_task, store)
             grade_s += time.perf_counter() - t1
-        groups, kept = self._groups(by_task, judged)
+        groups, kept = groups_of(by_task, judged)
         samples = [s for o, a in kept for s in turn_samples(store.get(o.trace_id), a)]
         t2 = time.perf_counter()
-        loss, kl, tokens = self._update(samples)
+        loss, kl, tokens = update(self.policy, samples, self.config)
         update_s = time.perf_counter() - t2
         rewards = [r for g in groups for r in g.rewards]
         skipped = [f"{g.task_id}: {g.skipped}" for g in groups if g.skipped]
@@ -524,15 +631,13 @@ class GrpoRun:
             skipped=skipped,
         )
 
-    # -- the loop -------------------------------------------------------------------------------
-
-    async def run(self, agent=None):
+    async def run(self) -> AdapterRecord:
         """Run the remaining steps, register the adapter as a candidate, return its record.
 
-        `agent` rolls out on its own backend; with rollout_engine = "vllm" the run starts a
-        vLLM server for itself and an agent pointed at it instead."""
-        from agent.agent import Agent
+        Rollouts go to the configured backend, or with rollout_engine = "vllm" to a vLLM
+        server the run starts for itself."""
         from agent.envs import load_environment
+        from agent.workspace import open_store
         from tuner.registry import open_registry
 
         if self.state.finished:
@@ -541,50 +646,53 @@ class GrpoRun:
             )
         if self.cfg.model.backend == "openai" and not self.cfg.model.base_url:
             raise GrpoError('[model] backend = "openai" needs base_url (the vLLM server)')
-        if self.gc.rollout_engine == "vllm" and self.gc.judge:
+        if self.config.rollout_engine == "vllm" and self.config.judge:
             raise GrpoError(
                 "the run's vLLM server serves the policy's weights, so it cannot also judge as "
                 "the base model: drop --judge, or use --rollout-engine agent"
             )
         environment = load_environment(self.env_name, config=self.cfg.agent)
-        self._load_policy()
+        registry = open_registry(self.cfg)
+        start = registry.path(self.state.start_from) if self.state.start_from else None
+        checkpoint = Path(self.state.checkpoint) if self.state.checkpoint else None
+        self.policy = load_policy(self.cfg, self.config, start=start, checkpoint=checkpoint)
         self._served = None
-        if self.gc.rollout_engine == "vllm":
-            agent = None
-            self._start_server()
-        own = agent is None
-        try:
-            agent = agent or Agent(self.rollout_cfg, checkpoints=False)
-            await agent.start()
-            if self.state.checkpoint:  # resuming: the last step's weights
-                start = Path(self.state.checkpoint)
-            else:  # the adapter the run starts from (a fresh LoRA is the base model)
-                start = self.dir / "start"
-                shutil.rmtree(start, ignore_errors=True)
-                self._save_adapter(start).rename(start)
+        if self.config.rollout_engine == "vllm":
+            self._served = f"grpo-{self.state.id}"
             t0 = time.perf_counter()
-            policy = await self._sync_policy(agent, self.state.step, start)
-            sync_s = time.perf_counter() - t0
-            while self.state.step < self.gc.steps:
-                step = self.state.step + 1
-                self.console.rule(f"GRPO step {step}/{self.gc.steps}")
-                log = await self.step(agent, environment, step, policy)
-                log.sync_s = sync_s
-                self._report(log)
-                self.state.log.append(asdict(log))
-                self.state.step = step
-                self._checkpoint(step)
+            self.server, self.rollout_cfg = start_rollout_server(
+                self.cfg, self._served, self.console
+            )
+            self.server_start_s = time.perf_counter() - t0
+        store = open_store(self.cfg)
+        try:
+            async with rollouts(
+                self.rollout_cfg, environment, self.config, self.state.id
+            ) as rollout:
+                if checkpoint is None:  # the adapter the run starts from (fresh LoRA = base)
+                    checkpoint = self.dir / "start"
+                    shutil.rmtree(checkpoint, ignore_errors=True)
+                    save_adapter(self.policy, checkpoint, self.cfg.model.name).rename(checkpoint)
                 t0 = time.perf_counter()
-                policy = await self._sync_policy(agent, step, Path(self.state.checkpoint))
+                policy = await self._sync_policy(self.state.step, checkpoint)
                 sync_s = time.perf_counter() - t0
-                self.plot(self.dir / "reward.png")
+                while self.state.step < self.config.steps:
+                    step = self.state.step + 1
+                    self.console.rule(f"GRPO step {step}/{self.config.steps}")
+                    log = await self.step(rollout, store, environment, step, policy)
+                    log.sync_s = sync_s
+                    report(self.console, log)
+                    self.state.log.append(asdict(log))
+                    self.state.step = step
+                    self._checkpoint(step)
+                    t0 = time.perf_counter()
+                    policy = await self._sync_policy(step, Path(self.state.checkpoint))
+                    sync_s = time.perf_counter() - t0
+                    self.plot(self.dir / "reward.png")
         finally:
-            if own and agent is not None:
-                await agent.aclose()
             if self.server is not None:
                 self.server.stop()
                 shutil.rmtree(self.dir / "policy-weights", ignore_errors=True)
-        registry = open_registry(self.cfg)
         final = self.dir / "adapter"  # a copy: the checkpoint stays until the state says done
         shutil.rmtree(final, ignore_errors=True)
         shutil.copytree(self.state.checkpoint, final, ignore=shutil.ignore_patterns("optimizer.pt"))
@@ -592,96 +700,34 @@ class GrpoRun:
             final,
             base_model=self.cfg.model.name,
             parent=self.state.start_from,
-            train_config={"method": "grpo", **self.gc.model_dump()},
+            train_config={"method": "grpo", **self.config.model_dump()},
             metrics={"steps": self.state.step, "log": self.state.log, "run": self.state.id},
             notes=[f"GRPO run {self.state.id} on {self.env_name}"],
         )
         self.state.checkpoint, self.state.finished, self.state.candidate = None, True, rec.version
-        self._save(self.dir, self.state)
+        save_state(self.dir, self.state)
         self.console.print(f"reward curve: {self.dir / 'reward.png'}", soft_wrap=True)
         return rec
 
-    def _start_server(self) -> None:
-        """A vLLM server of the run's own, serving the policy as `grpo-<run>`; rollouts go to
-        it. It stops with the run, and with this process if that is killed."""
-        from agent.serving.vllm import rollout_server
-
-        self._served = f"grpo-{self.state.id}"
-        self.server = rollout_server(self.cfg, self._served, log=self.console.print)
-        t0 = time.perf_counter()
-        self.console.print(f"starting the run's vLLM server (log: {self.server.log_path})")
-        self.server.start()
-        try:
-            self.server.wait_healthy()
-        except BaseException:
-            self.server.stop()
-            raise
-        self.server_start_s = time.perf_counter() - t0
-        model = self.cfg.model.model_copy(update={"backend": "openai", "base_url": self.server.url})
-        self.rollout_cfg = self.cfg.model_copy(update={"model": model})
-
-    def _report(self, log: StepLog) -> None:
-        row = {
-            "step": str(log.step),
-            "reward mean ± sd": f"{log.reward_mean:.3f} ± {log.reward_std:.3f}",
-            "success": f"{log.success_rate:.0%}",
-            "skipped groups": f"{log.skipped_groups}/{log.groups}",
-            "flagged": str(log.flagged),
-            "sequences": str(log.sequences),
-            "loss": f"{log.loss:+.4f}",
-            "sync": f"{log.sync_s:.1f} s",
-            "rollout": f"{log.rollout_s:.1f} s",
-            "grade": f"{log.grade_s:.2f} s",
-            "update": f"{log.update_s:.1f} s",
-        }
-        if self.console.is_terminal:
-            t = Table(*row)
-            t.add_row(*row.values())
-            self.console.print(t)
-        else:  # a log file: rich would squeeze the table into 80 columns and cut the numbers
-            self.console.print(", ".join(f"{k} {v}" for k, v in row.items()), soft_wrap=True)
-        for why in log.skipped:
-            self.console.print(f"  skipped group {why}", style="dim")
-        if log.grader_errors:
-            self.console.print(f"  [yellow]{log.grader_errors} episodes had grader errors and "
-                               "were left out of their groups[/yellow]")  # fmt: skip
-
     def plot(self, path: Path) -> Path:
         """Reward mean ± sd and success rate against step."""
-        import matplotlib
+        from tuner.plots import reward_curve
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        steps = [r["step"] for r in self.state.log]
-        mean = [r["reward_mean"] for r in self.state.log]
-        sd = [r["reward_std"] for r in self.state.log]
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(steps, mean, marker="o", label="reward mean")
-        ax.fill_between(steps, [m - s for m, s in zip(mean, sd, strict=True)],
-                        [m + s for m, s in zip(mean, sd, strict=True)], alpha=0.2, label="± sd")  # fmt: skip
-        ax.plot(steps, [r["success_rate"] for r in self.state.log], ls="--", label="success")
-        ax.set(xlabel="step", ylabel="reward", ylim=(-0.05, 1.05),
-               title=f"GRPO on {self.env_name} (G={self.gc.group_size})")  # fmt: skip
-        ax.legend(loc="lower right")
-        fig.tight_layout()
-        tmp = path.with_suffix(".tmp.png")
-        fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        tmp.replace(path)
-        return path
+        title = f"GRPO on {self.env_name} (G={self.config.group_size})"
+        return reward_curve(self.state.log, title, path)
 
 
 async def grpo(
     cfg: Config,
     env: str,
-    gc: GrpoConfig | None = None,
+    config: GrpoConfig | None = None,
     *,
     start_from: str | None = None,
     resume: bool = False,
     console: Console | None = None,
-):
-    """Train a LoRA adapter on `env` with GRPO; returns the registered candidate's record."""
+) -> AdapterRecord:
+    """Train a LoRA adapter on `env` with GRPO (`config` default `[tuner.grpo]`); returns the
+    registered candidate's record."""
     from tuner.registry import open_registry
 
     if start_from in ("active", None) and not resume:
@@ -690,6 +736,6 @@ async def grpo(
     elif start_from == "base":
         start_from = None
     run = GrpoRun(
-        cfg, env, gc or GrpoConfig(), start_from=start_from, resume=resume, console=console
+        cfg, env, config or cfg.tuner.grpo, start_from=start_from, resume=resume, console=console
     )
     return await run.run()

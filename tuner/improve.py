@@ -29,38 +29,15 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from agent.config import Config
+from agent.config import Config, ImproveConfig  # [improve], a section of the one config tree
+from tools.errors import SelftuneError
 from traces.times import TimeParseError, parse_duration
-from tuner.schemas import EvalSummary
 
 STEPS = ("collect", "dataset", "tune", "gate", "reload")
 
 
-class ImproveError(RuntimeError):
+class ImproveError(SelftuneError, RuntimeError):
     """The job cannot go on; the message says what to do."""
-
-
-@dataclass
-class ImproveSettings:
-    envs: list[str]
-    cycles: int = 1
-    method: str = "sft"
-    budget_minutes: float | None = None
-    collect_limit: int = 108  # train tasks per environment per cycle (6 of each calculator kind)
-    collect_samples: int = 1
-    collect_temperature: float = 0.0
-    few_shot: int = 2  # demonstrations while collecting, if the active model is weak
-    hints: bool = True  # a wave with the tasks' hints for tasks failed without them
-    weak_below: float = 0.8  # "weak": zero-shot test success under this -> collect few-shot
-    eval_limit: int = 54  # held-out test tasks per environment for the gate
-    concurrency: int = 16  # episodes at once (per model in the gate); batches of up to 16
-    max_train_steps: int = -1  # -1: epochs from [tuner]
-    min_new_traces: int | None = None  # default [tuner] min_new_traces
-    seed: int = 0
-    # per model call: a tool call takes ~30 tokens and an answer ~10, while a rambling base model
-    # fills whatever it gets, and a batch lasts as long as its longest row
-    max_tokens: int = 64
-    every_s: float | None = None
 
 
 @dataclass
@@ -128,12 +105,89 @@ def job_lock(cfg: Config) -> Iterator[None]:
         fh.close()
 
 
+async def collect(
+    cfg: Config,
+    env: str,
+    settings: ImproveConfig,
+    *,
+    adapter: str | None,
+    weak: bool,
+    seed: int,
+    agent: Any,
+    tags: list[str],
+    console: Console,
+) -> dict[str, Any]:
+    """Play `env`'s train tasks with `adapter`; returns the counts per wave. While the model is
+    `weak`, in up to three waves:
+    1. with the environment's demonstrations (few-shot);
+    2. the failed tasks again with their hints, where tasks have them (STaR's
+       rationalization; the dataset puts the plain prompt back);
+    3. the tasks still failed, with the most similar solved tasks as extra examples
+       (bootstrapped few-shot: a solved task of the same kind shows which numbers go where).
+    Measured on calculator with the base SmolLM2: a demonstration's operator is copied
+    (0 of 132 sampled tries at temperature 1 found "+", "-" or "/" when both showed "*"),
+    hints fix about half of those, and similar solved examples most of the rest."""
+    from agent.envs import load_environment
+    from agent.envs.run import run_suite
+
+    few = settings.few_shot if weak else 0
+    waves: list[tuple[int, str | None]] = [(few, None)]
+    if weak and settings.hints:
+        train = load_environment(env, config=cfg.agent).split("train")
+        if any(t.hint for t in train[: settings.collect_limit]):
+            waves.append((few, "hinted"))
+    if weak and few:
+        waves.append((few + 2, "similar"))
+    solved: set[str] = set()
+    attempted: set[str] = set()
+    stats: dict[str, Any] = {"n": 0, "successes": 0, "few_shot": few, "waves": []}
+    for wave, (k, which) in enumerate(waves):
+        ids = None
+        if which is not None:
+            ids = attempted - solved
+            if not ids or (which == "similar" and not solved):
+                break
+        console.print(
+            f"[bold]collect[/bold] {env} wave {wave + 1}"
+            f"{' (' + which + ')' if which else ''}: "
+            f"{len(ids) if ids is not None else settings.collect_limit} train tasks, "
+            f"few-shot {k}, adapter {adapter or 'base'}"
+        )
+        res = await run_suite(
+            cfg,
+            env,
+            split="train",
+            limit=settings.collect_limit,
+            task_ids=ids,
+            concurrency=settings.concurrency,
+            adapter=adapter or "base",
+            few_shot=k,
+            samples=settings.collect_samples,
+            temperature=settings.collect_temperature if settings.collect_samples > 1 else None,
+            seed=seed + wave,
+            max_tokens=settings.max_tokens,
+            agent=agent,
+            tags=tags,
+            progress=True,
+            hints=which == "hinted",
+        )
+        attempted |= {o.task_id for o in res.outcomes}
+        solved |= {o.task_id for o in res.outcomes if o.success}
+        stats["n"] += res.n
+        stats["successes"] += res.successes
+        stats["waves"].append(
+            {"kind": which or "demos", "few_shot": k, "n": res.n, "successes": res.successes}
+        )
+    stats["tasks_solved"] = len(solved)
+    return stats
+
+
 class ImproveJob:
     """One improve job: its state file, its agent, and the loop over cycles."""
 
-    def __init__(self, cfg: Config, settings: ImproveSettings, console: Console | None = None):
+    def __init__(self, cfg: Config, settings: ImproveConfig, console: Console | None = None):
         self.cfg = cfg
-        self.s = settings
+        self.settings = settings
         self.console = console or Console(stderr=True)
         self.jobs_dir = cfg.workspace.jobs
         self.state: JobState | None = None
@@ -157,10 +211,10 @@ class ImproveJob:
             f = d / "state.json"
             if f.is_file():
                 try:
-                    st = JobState.load(f)
+                    state = JobState.load(f)
                 except (json.JSONDecodeError, TypeError, KeyError):
                     continue
-                return d if st.finished is None else None
+                return d if state.finished is None else None
         return None
 
     def open(self, resume: bool | None = None) -> None:
@@ -169,8 +223,10 @@ class ImproveJob:
         if unfinished is not None and resume is not False:
             self.dir = unfinished
             self.state = JobState.load(unfinished / "state.json")
-            cyc = self.state.cycles[-1] if self.state.cycles else None
-            where = f"cycle {cyc.index}, after {cyc.done or 'nothing'}" if cyc else "the start"
+            cycle = self.state.cycles[-1] if self.state.cycles else None
+            where = (
+                f"cycle {cycle.index}, after {cycle.done or 'nothing'}" if cycle else "the start"
+            )
             self.console.print(f"[yellow]resuming job {self.state.id} from {where}[/yellow]")
             return
         if resume:
@@ -178,7 +234,7 @@ class ImproveJob:
         job_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
         self.dir = self.jobs_dir / f"improve-{job_id}"
         self.dir.mkdir(parents=True)
-        self.state = JobState(id=job_id, settings=asdict(self.s))
+        self.state = JobState(id=job_id, settings=self.settings.model_dump())
         self._save()
 
     # -- the pieces -----------------------------------------------------------------------------
@@ -191,39 +247,26 @@ class ImproveJob:
             await self._agent.start()
         return self._agent
 
-    async def _evaluate(
-        self, env: str, adapter: str | None, few_shot: int = 0, progress: bool = True
-    ) -> dict[str, Any]:
-        """Held-out test split, greedy, fixed seed: what every model in the job is judged on."""
-        from agent.envs.run import run_suite
-
-        agent = await self._agent_started()
-        res = await run_suite(
-            self.cfg,
-            env,
-            split="test",
-            limit=self.s.eval_limit,
-            concurrency=self.s.concurrency,
-            adapter=adapter or "base",
-            few_shot=few_shot,
-            seed=self.s.seed,
-            max_tokens=self.s.max_tokens,
-            agent=agent,
-            tags=[f"job:{self.state.id}", "eval"],
-            progress=progress,
-        )
-        return _summary(res).model_dump()
-
     async def _baseline(self) -> None:
         """Base model zero-shot and few-shot on each environment, once per job (the learning
         curve's first two points)."""
-        for label, k in (("base", 0), ("base few-shot", self.s.few_shot)):
-            for env in self.s.envs:
+        from tuner.gate import evaluate
+
+        agent = None
+        for label, k in (("base", 0), ("base few-shot", self.settings.few_shot)):
+            for env in self.settings.envs:
                 if env in self.state.baseline.get(label, {}):
                     continue
                 self.console.print(f"[bold]baseline[/bold] {label} on {env}")
-                self.state.baseline.setdefault(label, {})[env] = await self._evaluate(env, None, k)
+                agent = agent or await self._agent_started()
+                res = await evaluate(
+                    self.cfg, env, None, self.settings, few_shot=k, agent=agent, tags=self._tags()
+                )
+                self.state.baseline.setdefault(label, {})[env] = res.to_dict()
                 self._save()
+
+    def _tags(self) -> list[str]:
+        return [f"job:{self.state.id}"]
 
     def _active(self) -> str | None:
         from tuner.registry import open_registry
@@ -231,260 +274,176 @@ class ImproveJob:
         rec = open_registry(self.cfg).active()
         return rec.version if rec else None
 
-    async def _collect(self, cyc: CycleState) -> None:
-        """Play the train tasks. While the active model is weak, in up to three waves:
-        1. with the environment's demonstrations (few-shot);
-        2. the failed tasks again with their hints, where tasks have them (STaR's
-           rationalization; the dataset puts the plain prompt back);
-        3. the tasks still failed, with the most similar solved tasks as extra examples
-           (bootstrapped few-shot: a solved task of the same kind shows which numbers go where).
-        Measured on calculator with the base SmolLM2: a demonstration's operator is copied
-        (0 of 132 sampled tries at temperature 1 found "+", "-" or "/" when both showed "*"),
-        hints fix about half of those, and similar solved examples most of the rest."""
-        from agent.envs import load_environment
-        from agent.envs.run import run_suite
-
-        if self.s.method == "grpo":
+    async def _collect(self, cycle: CycleState) -> None:
+        """Play each environment's train tasks with the active model (`collect`)."""
+        if self.settings.method == "grpo":
             return  # GRPO collects its own rollouts, from the policy it trains
         agent = await self._agent_started()
         active = self._active()
-        for env in self.s.envs:
+        for env in self.settings.envs:
             known = self._latest_eval(env, active)
-            weak = known is None or known["success_rate"] < self.s.weak_below
-            few = self.s.few_shot if weak else 0
-            waves: list[tuple[int, str | None]] = [(few, None)]
-            if weak and self.s.hints:
-                train = load_environment(env, config=self.cfg.agent).split("train")
-                if any(t.hint for t in train[: self.s.collect_limit]):
-                    waves.append((few, "hinted"))
-            if weak and few:
-                waves.append((few + 2, "similar"))
-            solved: set[str] = set()
-            attempted: set[str] = set()
-            stats = {"n": 0, "successes": 0, "few_shot": few, "waves": []}
-            for w, (k, which) in enumerate(waves):
-                ids = None
-                if which is not None:
-                    ids = attempted - solved
-                    if not ids or (which == "similar" and not solved):
-                        break
-                self.console.print(
-                    f"[bold]collect[/bold] {env} wave {w + 1}"
-                    f"{' (' + which + ')' if which else ''}: "
-                    f"{len(ids) if ids is not None else self.s.collect_limit} train tasks, "
-                    f"few-shot {k}, adapter {active or 'base'}"
-                )
-                res = await run_suite(
-                    self.cfg,
-                    env,
-                    split="train",
-                    limit=self.s.collect_limit,
-                    task_ids=ids,
-                    concurrency=self.s.concurrency,
-                    adapter=active or "base",
-                    few_shot=k,
-                    samples=self.s.collect_samples,
-                    temperature=self.s.collect_temperature if self.s.collect_samples > 1 else None,
-                    seed=self.s.seed + 1000 * cyc.index + w,
-                    max_tokens=self.s.max_tokens,
-                    agent=agent,
-                    tags=[f"job:{self.state.id}", f"cycle:{cyc.index}", "collect"],
-                    progress=True,
-                    hints=which == "hinted",
-                )
-                attempted |= {o.task_id for o in res.outcomes}
-                solved |= {o.task_id for o in res.outcomes if o.success}
-                stats["n"] += res.n
-                stats["successes"] += res.successes
-                stats["waves"].append(
-                    {
-                        "kind": which or "demos",
-                        "few_shot": k,
-                        "n": res.n,
-                        "successes": res.successes,
-                    }
-                )
-            stats["tasks_solved"] = len(solved)
-            cyc.collect[env] = stats
+            cycle.collect[env] = await collect(
+                self.cfg,
+                env,
+                self.settings,
+                adapter=active,
+                weak=known is None or known["success_rate"] < self.settings.weak_below,
+                seed=self.settings.seed + 1000 * cycle.index,
+                agent=agent,
+                tags=[*self._tags(), f"cycle:{cycle.index}", "collect"],
+                console=self.console,
+            )
 
     def _latest_eval(self, env: str, adapter: str | None) -> dict[str, Any] | None:
         label = adapter or "base"
-        for cyc in reversed(self.state.cycles):
-            if env in cyc.evals.get(label, {}):
-                return cyc.evals[label][env]
+        for cycle in reversed(self.state.cycles):
+            if env in cycle.evals.get(label, {}):
+                return cycle.evals[label][env]
         return self.state.baseline.get("base", {}).get(env) if adapter is None else None
 
-    def _dataset(self, cyc: CycleState) -> None:
+    async def _dataset(self, cycle: CycleState) -> None:
         from agent.envs import environment_tasks
         from agent.workspace import open_store
         from traces.datasets import DatasetError, DatasetFilters, build_dataset
 
-        if self.s.method == "grpo":
+        method = self.settings.method
+        if method == "grpo":
             return  # no dataset: GRPO learns from its rollouts' grades
         store = open_store(self.cfg)
-        new_passing = sum(c.get("tasks_solved", c["successes"]) for c in cyc.collect.values())
-        need = self.s.min_new_traces or self.cfg.tuner.min_new_traces
+        new_passing = sum(c.get("tasks_solved", c["successes"]) for c in cycle.collect.values())
+        need = self.settings.min_new_traces
         if new_passing < need:
-            cyc.skipped = (
-                f"only {new_passing} new passing traces this cycle (need {need}, [tuner] "
+            cycle.skipped = (
+                f"only {new_passing} new passing traces this cycle (need {need}, [improve] "
                 "min_new_traces): collect more tasks (--collect-limit) or lower the threshold"
             )
             return
         tasks: dict = {}
-        for env in self.s.envs:
+        for env in self.settings.envs:
             tasks.update(environment_tasks(env, self.cfg)[1])
-        out = self.dir / f"cycle{cyc.index}-{self.s.method}"
+        out = self.dir / f"cycle{cycle.index}-{method}"
         filters = DatasetFilters(
-            min_score=1.0, best_of_n=self.s.method == "sft", since=cyc.started, exclude_flagged=True
+            min_score=1.0, best_of_n=method == "sft", since=cycle.started, exclude_flagged=True
         )
         try:
             res = build_dataset(
                 store,
-                self.s.method,
+                method,
                 out,
                 filters,
                 tasks=tasks,
                 scrub_patterns=self.cfg.traces.scrub_patterns,
             )
         except DatasetError as e:
-            cyc.skipped = f"no dataset: {e}"
+            cycle.skipped = f"no dataset: {e}"
             return
-        cyc.dataset = {"dir": str(out), "rows": res.rows, "manifest": str(out / "manifest.json")}
+        cycle.dataset = {"dir": str(out), "rows": res.rows, "manifest": str(out / "manifest.json")}
 
-    async def _tune_grpo(self, cyc: CycleState) -> None:
-        """Online RL from the active adapter; a killed run resumes at its last step."""
-        from tuner.grpo import GrpoError, GrpoRun
-        from tuner.schemas import GrpoConfig
+    async def _tune(self, cycle: CycleState) -> None:
+        """Train a candidate from the active adapter: GRPO online, or on the cycle's dataset."""
+        if self.settings.method == "grpo":
+            await self._tune_grpo(cycle)
+            return
+        from tuner.train import TrainError, tune
 
-        if len(self.s.envs) != 1:
-            raise ImproveError("--method grpo trains on one environment: give exactly one")
-        gc = GrpoConfig(
-            steps=self.s.max_train_steps if self.s.max_train_steps > 0 else 8,
-            max_tokens=self.s.max_tokens,
-            concurrency=self.s.concurrency,
-            seed=self.s.seed,
-            rollout_engine=self.cfg.tuner.grpo_rollout_engine,
-        )
-        # a run on its own vLLM server makes its own agent, pointed at that server
-        agent = await self._agent_started() if gc.rollout_engine == "agent" else None
+        active = self._active()
+        max_steps = self.settings.max_train_steps
         try:
-            run = GrpoRun(self.cfg, self.s.envs[0], gc, resume=True, console=self.console)
-        except GrpoError:  # nothing to resume: a new run from the active adapter
-            run = GrpoRun(
-                self.cfg, self.s.envs[0], gc, start_from=self._active(), console=self.console
-            )
-        rec = await run.run(agent=agent)
-        cyc.candidate = rec.version
-        cyc.train_metrics = {"grpo_run": run.state.id, "steps": run.state.step}
-
-    def _tune(self, cyc: CycleState):
-        if self.s.method == "grpo":
-            return self._tune_grpo(cyc)
-        from agent.model.files import model_dir
-        from tuner.registry import open_registry
-        from tuner.schemas import TrainConfig
-        from tuner.train import TrainError, train_in_subprocess
-
-        registry = open_registry(self.cfg)
-        active = registry.active()
-        overrides: dict[str, Any] = {"seed": self.s.seed}
-        if self.s.max_train_steps > 0:
-            overrides["max_steps"] = self.s.max_train_steps
-        tc = TrainConfig.from_section(self.cfg.tuner, **overrides)
-        out = self.dir / f"cycle{cyc.index}-adapter"
-        try:
-            result = train_in_subprocess(
-                self.s.method,
-                cyc.dataset["dir"],
-                base_model_dir=model_dir(self.cfg),
-                out_dir=out,
-                parent_adapter_dir=registry.path(active.version) if active else None,
-                config=tc,
+            rec = tune(
+                self.settings.method,
+                cycle.dataset["dir"],
+                self.cfg,
+                from_version=active,
+                config=self.cfg.tuner.train.updated(
+                    seed=self.settings.seed, max_steps=max_steps if max_steps > 0 else None
+                ),
                 resume="auto",  # a killed tune step goes on from its last checkpoint
-                progress=True,
+                out_dir=self.dir / f"cycle{cycle.index}-adapter",
+                isolated=True,  # this process holds the model for inference
+                notes=[f"improve job {self.state.id}, cycle {cycle.index}"],
             )
         except TrainError as e:
             raise ImproveError(
-                f"cycle {cyc.index}: training failed: {e} (`selftune improve` resumes from the "
+                f"cycle {cycle.index}: training failed: {e} (`selftune improve` resumes from the "
                 "tune step and its last checkpoint)"
             ) from None
-        rec = registry.register(
-            result.adapter_dir,
-            base_model=self.cfg.model.name,
-            parent=active.version if active else None,
-            dataset_manifest=cyc.dataset["manifest"],
-            train_config=result.config.model_dump(),
-            metrics=result.metrics,
-            notes=[f"improve job {self.state.id}, cycle {cyc.index}"],
-        )
-        cyc.candidate = rec.version
-        cyc.train_metrics = result.metrics
+        cycle.candidate = rec.version
+        cycle.train_metrics = rec.metrics
 
-    async def _gate(self, cyc: CycleState) -> None:
-        """Active and candidate on the same held-out tasks, same seed and sampling, in one run."""
-        from tuner.gate import decide, gate_table, guards_from
+    async def _tune_grpo(self, cycle: CycleState) -> None:
+        """Online RL from the active adapter; a killed run resumes at its last step."""
+        from tuner.grpo import GrpoError, GrpoRun
+
+        if len(self.settings.envs) != 1:
+            raise ImproveError("--method grpo trains on one environment: give exactly one")
+        max_steps = self.settings.max_train_steps
+        grpo_config = self.cfg.tuner.grpo.updated(
+            steps=max_steps if max_steps > 0 else None,
+            max_tokens=self.settings.max_tokens,
+            concurrency=self.settings.concurrency,
+            seed=self.settings.seed,
+        )
+        env = self.settings.envs[0]
+        try:
+            run = GrpoRun(self.cfg, env, grpo_config, resume=True, console=self.console)
+        except GrpoError:  # nothing to resume: a new run from the active adapter
+            run = GrpoRun(
+                self.cfg, env, grpo_config, start_from=self._active(), console=self.console
+            )
+        rec = await run.run()
+        cycle.candidate = rec.version
+        cycle.train_metrics = {"grpo_run": run.state.id, "steps": run.state.step}
+
+    async def _gate(self, cycle: CycleState) -> None:
+        """Active and candidate on the same held-out tasks, decided by the one gate."""
+        from tuner.gate import evaluate_pair, gate
         from tuner.registry import open_registry
 
-        registry = open_registry(self.cfg)
         active = self._active()
-        sums: dict[str, list[EvalSummary]] = {"active": [], "candidate": []}
-        for env in self.s.envs:
-            # both at once: their requests share batches (peft mixed-adapter rows)
-            self.console.print(
-                f"[bold]gate[/bold] candidate {cyc.candidate} and active {active or 'base'} "
-                f"on {env}"
-            )
-            cand, act = await asyncio.gather(
-                self._evaluate(env, cyc.candidate), self._evaluate(env, active, progress=False)
-            )
-            for role, adapter, d in (("candidate", cyc.candidate, cand), ("active", active, act)):
-                cyc.evals.setdefault(adapter or "base", {})[env] = d
-                sums[role].append(
-                    EvalSummary(**{k: v for k, v in d.items() if k in EvalSummary.model_fields})
-                )
+        candidate_results, active_results = await evaluate_pair(
+            self.cfg,
+            cycle.candidate,
+            active,
+            self.settings.envs,
+            self.settings,
+            agent=await self._agent_started(),
+            tags=self._tags(),
+            console=self.console,
+        )
+        for adapter, results in ((cycle.candidate, candidate_results), (active, active_results)):
+            for res in results:
+                cycle.evals.setdefault(adapter or "base", {})[res.env] = res.to_dict()
         self._save()
-        margin, guard_margin = self.cfg.tuner.gate_margin, self.cfg.tuner.guard_margin
-        # the target is the mean over environments; each environment is also a guard
-        result = decide(
-            _pooled(sums["candidate"]),
-            _pooled(sums["active"]),
-            margin=margin,
-            guards=guards_from(sums["candidate"], sums["active"], guard_margin=guard_margin),
+        result = gate(
+            open_registry(self.cfg),
+            cycle.candidate,
+            candidate_results,
+            active_results,
+            settings=self.cfg.tuner.gate,
+            active=active,
+            record={"job": self.state.id},
+            console=self.console,
         )
-        result.candidate, result.active = cyc.candidate, active
-        registry.record_eval(
-            cyc.candidate,
-            {
-                "gate": result.model_dump(),
-                "candidate": [s.model_dump() for s in sums["candidate"]],
-                "active": [s.model_dump() for s in sums["active"]],
-                "active_version": active,
-                "job": self.state.id,
-            },
-        )
-        if result.promote:
-            registry.promote(cyc.candidate, result)
-        else:
-            registry.reject(cyc.candidate, result)
-        self.console.print(gate_table(result))
-        cyc.gate = result.model_dump()
+        cycle.gate = result.model_dump()
 
-    async def _reload(self, cyc: CycleState) -> None:
+    async def _reload(self, cycle: CycleState) -> None:
         """Make running agents answer with the new active adapter (or keep the old one)."""
+        from agent.workspace import get_engine
         from tuner.registry import open_registry
         from tuner.reload import reloader_for
 
         rec = open_registry(self.cfg).active()
-        agent = await self._agent_started()
-        await reloader_for(self.cfg, agent.engine).reload(rec)
+        # the local backend: the process's one engine, which every agent here answers with
+        engine = get_engine(self.cfg) if self.cfg.model.backend == "local" else None
+        await reloader_for(self.cfg, engine).reload(rec)
 
     # -- the loop -------------------------------------------------------------------------------
 
     async def run_cycle(self, index: int) -> CycleState:
-        cyc = next((c for c in self.state.cycles if c.index == index), None)
-        if cyc is None:
-            cyc = CycleState(index=index)
-            self.state.cycles.append(cyc)
+        cycle = next((c for c in self.state.cycles if c.index == index), None)
+        if cycle is None:
+            cycle = CycleState(index=index)
+            self.state.cycles.append(cycle)
             self._save()
         t0 = time.perf_counter()
         steps = {
@@ -495,34 +454,32 @@ class ImproveJob:
             "reload": self._reload,
         }
         for name in STEPS:
-            if name in cyc.done:
+            if name in cycle.done:
                 continue
-            if cyc.skipped:
+            if cycle.skipped:
                 break
             self.console.rule(f"cycle {index}: {name}")
-            out = steps[name](cyc)
-            if asyncio.iscoroutine(out):
-                await out
-            cyc.done.append(name)
+            await steps[name](cycle)
+            cycle.done.append(name)
             self._save()
-        if cyc.skipped:
-            self.console.print(f"[yellow]cycle {index} skipped training: {cyc.skipped}[/yellow]")
-        cyc.wall_s = (cyc.wall_s or 0) + time.perf_counter() - t0
+        if cycle.skipped:
+            self.console.print(f"[yellow]cycle {index} skipped training: {cycle.skipped}[/yellow]")
+        cycle.wall_s = (cycle.wall_s or 0) + time.perf_counter() - t0
         self._save()
-        return cyc
+        return cycle
 
     async def run(self) -> JobState:
-        deadline = time.time() + self.s.budget_minutes * 60 if self.s.budget_minutes else None
+        budget = self.settings.budget_minutes
+        deadline = time.time() + budget * 60 if budget else None
         try:
             await self._baseline()
-            for i in range(1, self.s.cycles + 1):
+            for i in range(1, self.settings.cycles + 1):
                 done = next((c for c in self.state.cycles if c.index == i), None)
                 if done is not None and (done.skipped or set(STEPS) <= set(done.done)):
                     continue  # finished before a crash or a resume
                 if deadline and time.time() > deadline:
                     self.console.print(
-                        f"[yellow]budget of {self.s.budget_minutes:g} min spent: "
-                        f"stopping before cycle {i}[/yellow]"
+                        f"[yellow]budget of {budget:g} min spent: stopping before cycle {i}[/yellow]"
                     )
                     break
                 await self.run_cycle(i)
@@ -535,40 +492,6 @@ class ImproveJob:
         return self.state
 
 
-def _summary(res) -> EvalSummary:
-    return EvalSummary(
-        env=res.env,
-        split=res.split,
-        n=res.n,
-        successes=res.successes,
-        success_rate=res.success_rate,
-        ci95=res.ci95,
-        flag_rate=res.flag_rate,
-        per_task=res.per_task(),
-        seed=res.seed,
-        sampling={"temperature": res.temperature, "few_shot": res.few_shot},
-    )
-
-
-def _pooled(sums: list[EvalSummary]) -> EvalSummary:
-    """All environments' episodes as one summary (the gate's target metric)."""
-    from agent.envs.run import wilson_interval
-
-    n = sum(s.n for s in sums)
-    wins = sum(s.successes for s in sums)
-    return EvalSummary(
-        env="+".join(s.env for s in sums),
-        split=sums[0].split,
-        n=n,
-        successes=wins,
-        success_rate=wins / n if n else 0.0,
-        ci95=wilson_interval(wins, n),
-        flag_rate=sum(s.flag_rate * s.n for s in sums) / n if n else 0.0,
-        seed=sums[0].seed,
-        sampling=sums[0].sampling,
-    )
-
-
 # -- report ---------------------------------------------------------------------------------------
 
 
@@ -578,13 +501,13 @@ def curve_points(state: JobState) -> list[tuple[str, dict[str, float]]]:
     for label in ("base", "base few-shot"):
         if label in state.baseline:
             points.append((label, {e: d["success_rate"] for e, d in state.baseline[label].items()}))
-    for cyc in state.cycles:
-        if cyc.candidate and cyc.candidate in cyc.evals:
-            verdict = "promoted" if cyc.gate.get("promote") else "rejected"
+    for cycle in state.cycles:
+        if cycle.candidate and cycle.candidate in cycle.evals:
+            verdict = "promoted" if cycle.gate.get("promote") else "rejected"
             points.append(
                 (
-                    f"c{cyc.index} {cyc.candidate} ({verdict})",
-                    {e: d["success_rate"] for e, d in cyc.evals[cyc.candidate].items()},
+                    f"c{cycle.index} {cycle.candidate} ({verdict})",
+                    {e: d["success_rate"] for e, d in cycle.evals[cycle.candidate].items()},
                 )
             )
     return points
@@ -598,46 +521,31 @@ def report_table(state: JobState) -> Table:
         table.add_column(env, justify="right")
     for label, rates in curve_points(state):
         table.add_row(label, *[f"{rates[e]:.1%}" if e in rates else "-" for e in envs])
-    for cyc in state.cycles:
-        if cyc.skipped:
-            table.add_row(f"c{cyc.index} (skipped)", *["-" for _ in envs])
+    for cycle in state.cycles:
+        if cycle.skipped:
+            table.add_row(f"c{cycle.index} (skipped)", *["-" for _ in envs])
     return table
 
 
 def plot_curve(state: JobState, path: Path) -> Path:
     """The learning curve as a PNG: success rate per point, one line per environment."""
-    import matplotlib
+    from tuner.plots import learning_curve
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    points = curve_points(state)
-    labels = [p[0] for p in points]
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(labels)), 4))
-    for env in state.settings["envs"]:
-        ys = [rates.get(env) for _, rates in points]
-        xs = [i for i, y in enumerate(ys) if y is not None]
-        ax.plot(xs, [ys[i] * 100 for i in xs], marker="o", label=env)
-    ax.set_xticks(range(len(labels)), labels, rotation=15, ha="right")
-    ax.set_ylabel("test success, %")
-    ax.set_ylim(-2, 102)
-    ax.set_title(f"selftune improve {state.id}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    title = f"selftune improve {state.id}"
+    return learning_curve(curve_points(state), state.settings["envs"], title, path)
 
 
 async def improve(
     cfg: Config,
-    settings: ImproveSettings,
+    settings: ImproveConfig | None = None,
     *,
+    every_s: float | None = None,
     resume: bool | None = None,
     console: Console | None = None,
 ) -> JobState:
-    """Run the improve job (cycles, or forever with `every_s`), under the workspace's job lock."""
+    """Run the improve job (`settings` default `[improve]`), under the workspace's job lock;
+    with `every_s`, again and again, that many seconds apart."""
+    settings = settings or cfg.improve
     console = console or Console(stderr=True)
     with job_lock(cfg):
         while True:
@@ -646,19 +554,16 @@ async def improve(
             state = await job.run()
             png = plot_curve(state, job.dir / "learning_curve.png")
             Console().print(report_table(state))
-            for cyc in state.cycles:
-                if cyc.wall_s:
+            for cycle in state.cycles:
+                if cycle.wall_s:
+                    verdict = "promoted" if cycle.gate.get("promote") else "rejected"
                     Console().print(
-                        f"cycle {cyc.index}: {cyc.wall_s / 60:.1f} min"
-                        + (
-                            f", candidate {cyc.candidate}: {'promoted' if cyc.gate.get('promote') else 'rejected'}"
-                            if cyc.candidate
-                            else ""
-                        )
+                        f"cycle {cycle.index}: {cycle.wall_s / 60:.1f} min"
+                        + (f", candidate {cycle.candidate}: {verdict}" if cycle.candidate else "")
                     )
             Console().print(f"learning curve: {png}", soft_wrap=True)  # a path must not wrap
-            if not settings.every_s:
+            if not every_s:
                 return state
             resume = False
-            console.print(f"next run in {settings.every_s / 3600:.2g} h (Ctrl-C to stop)")
-            await asyncio.sleep(settings.every_s)
+            console.print(f"next run in {every_s / 3600:.2g} h (Ctrl-C to stop)")
+            await asyncio.sleep(every_s)

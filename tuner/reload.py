@@ -44,9 +44,16 @@ class ReloadError(VllmAdminError):
 
 
 class Reloader(Protocol):
+    """What the two kinds of serving offer: promote a record, or load and unload an adapter
+    folder under a name (a GRPO run serves each step's policy that way)."""
+
     async def reload(self, record: AdapterRecord | None) -> None:
         """Make `record` (None: the base model) what agents get from now on."""
         ...
+
+    async def load(self, name: str, path: Path | str, *, inplace: bool = False) -> None: ...
+
+    async def unload(self, name: str, *, missing_ok: bool = False) -> None: ...
 
 
 class AdapterHost(Protocol):
@@ -55,6 +62,8 @@ class AdapterHost(Protocol):
     def adapters(self) -> dict[str, str]: ...
 
     def load_adapter(self, name: str, path: str, *, replace: bool = False) -> Any: ...
+
+    def unload_adapter(self, name: str) -> Any: ...
 
 
 class LocalReloader:
@@ -75,7 +84,17 @@ class LocalReloader:
         if not record.path:
             raise ReloadError(f"record {record.version} has no path: read it from the Registry")
         if self.backend.adapters().get(record.version) != str(record.path):
-            self.backend.load_adapter(record.version, str(record.path), replace=True)
+            await self.load(record.version, record.path, inplace=True)
+
+    async def load(self, name: str, path: Path | str, *, inplace: bool = False) -> None:
+        """Load the adapter at `path` as `name`; `inplace` replaces one already under that name."""
+        self.backend.load_adapter(name, str(path), replace=inplace)
+
+    async def unload(self, name: str, *, missing_ok: bool = False) -> None:
+        """Unload `name`; `missing_ok`: a name that is not loaded is no error."""
+        if missing_ok and name not in self.backend.adapters():
+            return
+        self.backend.unload_adapter(name)
 
 
 class VllmReloader:
@@ -142,8 +161,9 @@ class VllmReloader:
             raise ReloadError(str(e), e.status) from None
 
 
-def reloader_for(cfg: Config, engine: Any) -> Reloader:
-    """How a promotion reaches running agents: the in-process engine, or vLLM over HTTP."""
+def reloader_for(cfg: Config, engine: AdapterHost | None) -> Reloader:
+    """How a promotion reaches running agents: the in-process engine (the local backend's, from
+    `agent.workspace.get_engine`), or vLLM over HTTP (`engine` unused)."""
     if cfg.model.backend == "openai":
         if not cfg.model.base_url:
             raise ValueError("[model] backend = 'openai' needs [model] base_url to reload adapters")

@@ -27,13 +27,19 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from agent.config import TrainConfig  # the [tuner.train] section of the one config tree
 from agent.model.files import ModelError
 from agent.model.hardware import pick_device, supports_bf16
-from tuner.schemas import TrainConfig, TrainKind, TrainResult
+from tools.errors import SelftuneError
+from tuner.schemas import TrainKind, TrainResult
+
+if TYPE_CHECKING:
+    from agent.config import Config
+    from tuner.schemas import AdapterRecord
 
 # The columns each trainer reads: TRL's conversational formats, which traces/datasets.py writes.
 REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -46,7 +52,7 @@ BIG_MODEL_PARAMS = 1_000_000_000
 log = logging.getLogger(__name__)
 
 
-class TrainError(ValueError):
+class TrainError(SelftuneError, ValueError):
     """A dataset, model or setting the trainer cannot use; the message says what to do."""
 
 
@@ -144,7 +150,7 @@ def sft_dataset(rows: list[dict[str, Any]], tokenizer: Any, max_length: int | No
     if not ids:
         raise TrainError(
             f"none of the {len(rows)} SFT rows has an assistant token within max_length="
-            f"{max_length}: raise [tuner] max_length or check that the rows have assistant turns"
+            f"{max_length}: raise [tuner.train] max_length or check that the rows have assistant turns"
         )
     # TRL 1.16 takes a dataset with `input_ids` as already tokenized and folds `assistant_masks`
     # into the labels (-100 elsewhere) whatever `assistant_only_loss` says
@@ -329,7 +335,7 @@ def build_trainer(
             report["dropped"],
         )
     try:
-        device = pick_device(cfg.device, setting="TrainConfig.device")
+        device = pick_device(cfg.device, setting="[tuner.train] device")
     except ModelError as e:
         raise TrainError(str(e)) from None
     torch.manual_seed(cfg.seed)
@@ -342,7 +348,7 @@ def build_trainer(
         model = PeftModel.from_pretrained(model, str(parent), is_trainable=True)
         # the parent names its base by name; saving would look that name up on the hub to see
         # whether the vocabulary changed. Point it at the local folder (the saved adapter's
-        # config gets the name back in _finish_adapter_config).
+        # config gets the name back in finish_adapter_config).
         for peft_cfg in model.peft_config.values():
             peft_cfg.base_model_name_or_path = str(base_dir)
     else:
@@ -465,23 +471,23 @@ def train(
     base_model_dir: Path | str,
     out_dir: Path | str,
     parent_adapter_dir: Path | str | None = None,
-    config: TrainConfig | Mapping[str, Any] | Any = None,
+    config: TrainConfig | None = None,
     resume: bool | Literal["auto"] = False,
     progress: bool = True,
     base_model: str | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter of `kind` on `dataset_dir` and write it to `out_dir` (a new folder).
 
-        With `parent_adapter_dir` the parent's LoRA weights are loaded trainable and trained further;
-        otherwise a fresh LoRA goes on the base model. `config` is a TrainConfig, a `[tuner]`
-        section, or its dict. `resume` continues from the last checkpoint in `<out_dir>.work/` (an
+    With `parent_adapter_dir` the parent's LoRA weights are loaded trainable and trained further;
+    otherwise a fresh LoRA goes on the base model. `config` is the `[tuner.train]` section
+    (default: its defaults). `resume` continues from the last checkpoint in `<out_dir>.work/` (an
     error if there is none); `resume="auto"` continues if there is one and starts fresh if not.
-        `base_model` is the name written into adapter_config.json (default: the model's name).
-        The folder appears complete or not at all (written beside it, then renamed).
+    `base_model` is the name written into adapter_config.json (default: the model's name).
+    The folder appears complete or not at all (written beside it, then renamed).
     """
     from transformers import PrinterCallback
 
-    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_section(config)
+    cfg = config or TrainConfig()
     out = Path(out_dir)
     if out.exists():
         raise TrainError(f"{out} already exists: choose a new output folder or delete it")
@@ -532,7 +538,7 @@ def train(
         shutil.rmtree(tmp, ignore_errors=True)
     trainer.save_model(str(tmp))
     if trainer.is_world_process_zero():
-        _finish_adapter_config(tmp, base_model or base_model_name(base_dir))
+        finish_adapter_config(tmp, base_model or base_model_name(base_dir))
         # the tokenizer and chat_template.jinja stay: they record what the adapter was trained
         # on; the pickled TrainingArguments go (train_config.json says the same, readably)
         (tmp / "training_args.bin").unlink(missing_ok=True)
@@ -543,8 +549,9 @@ def train(
     return TrainResult(adapter_dir=out, metrics=metrics, config=cfg)
 
 
-def _finish_adapter_config(folder: Path, base_name: str) -> None:
-    """Record the base model by name (not a temp path) and refuse whole saved modules."""
+def finish_adapter_config(folder: Path, base_name: str) -> None:
+    """Record the base model by name (not a temp path) in a saved adapter folder, and refuse one
+    that saves whole modules (vLLM cannot serve it). GRPO's checkpoints go through it too."""
     path = folder / "adapter_config.json"
     data = json.loads(path.read_text())
     if data.get("modules_to_save"):
@@ -558,25 +565,31 @@ def _finish_adapter_config(folder: Path, base_name: str) -> None:
 def tune(
     kind: TrainKind,
     dataset_dir: Path | str,
-    cfg: Any,
+    cfg: Config,
     *,
     from_version: str | None = None,
-    resume: bool = False,
-    max_steps: int | None = None,
+    config: TrainConfig | None = None,
+    resume: bool | Literal["auto"] = False,
+    out_dir: Path | str | None = None,
+    isolated: bool = False,
+    notes: Sequence[str] = (),
     progress: bool = True,
-):
-    """Train on `dataset_dir` with the workspace's model and `[tuner]` settings, then register the
-    adapter as the next candidate version. `cfg` is the loaded `agent.config.Config`.
+) -> AdapterRecord:
+    """Train on `dataset_dir` with the workspace's model, then register the adapter as the next
+    candidate version: the one train-and-register path (`selftune tune`, the improve job).
 
-    `from_version` continues that registry version's adapter. The job folder is
-    `<workspace>/jobs/tune-<kind>-<dataset>/`, so `resume=True` finds the killed job's checkpoints.
-    Returns the new AdapterRecord (status `candidate`: the eval gate decides the rest).
+    `config` defaults to `[tuner.train]`; `from_version` continues that registry version's
+    adapter. The adapter is written to `out_dir` (default `<workspace>/jobs/tune-<kind>-<dataset>/
+    adapter`), so `resume` finds a killed job's checkpoints beside it. `isolated` trains in a
+    process of its own (for a caller that holds a model for inference). Returns the new
+    AdapterRecord (status `candidate`: the eval gate decides the rest).
     """
     from agent.model.files import model_dir, resolve_model
-    from tuner.registry import Registry
+    from tuner.registry import open_registry
 
     dataset_dir = Path(dataset_dir).resolve()
-    registry = Registry(cfg.workspace.adapters)
+    config = config or cfg.tuner.train
+    registry = open_registry(cfg)
     parent = registry.get(from_version) if from_version else None
     base_name = resolve_model(cfg).name
     if parent is not None and parent.base_model != base_name:
@@ -584,19 +597,20 @@ def tune(
             f"{from_version} was trained on {parent.base_model}, not on the configured model "
             f"{base_name}: set [model] name = {parent.base_model!r} or train from the base"
         )
-    train_cfg = TrainConfig.from_section(cfg.tuner, max_steps=max_steps)
-    job = cfg.workspace.jobs / f"tune-{kind}-{dataset_dir.name}"
-    job.mkdir(parents=True, exist_ok=True)
-    out = job / "adapter"
+    if out_dir is None:
+        job = cfg.workspace.jobs / f"tune-{kind}-{dataset_dir.name}"
+        job.mkdir(parents=True, exist_ok=True)
+        out_dir = job / "adapter"
+    out = Path(out_dir)
     if out.exists():  # a finished job that was never registered (e.g. killed in between)
         shutil.rmtree(out)
-    result = train(
+    result = (train_in_subprocess if isolated else train)(
         kind,
         dataset_dir,
         base_model_dir=model_dir(cfg),
         out_dir=out,
         parent_adapter_dir=parent.path if parent else None,
-        config=train_cfg,
+        config=config,
         resume=resume,
         progress=progress,
         base_model=base_name,
@@ -607,8 +621,9 @@ def tune(
         base_model=base_name,
         parent=from_version,
         dataset_manifest=manifest if manifest.is_file() else None,
-        train_config={"kind": kind, **train_cfg.model_dump()},
+        train_config={"kind": kind, **config.model_dump()},
         metrics=result.metrics,
+        notes=list(notes),
     )
 
 
@@ -624,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-model-dir", type=Path, required=True)
     parser.add_argument("--out-dir", type=Path, required=True)
     parser.add_argument("--parent-adapter-dir", type=Path)
-    parser.add_argument("--config-json", help="TrainConfig fields as a JSON object")
+    parser.add_argument("--config-json", help="[tuner.train] keys as a JSON object")
     parser.add_argument("--max-steps", type=int)
     parser.add_argument("--save-steps", type=int)
     parser.add_argument("--resume", action="store_true")
@@ -632,7 +647,9 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     try:
         base = json.loads(ns.config_json) if ns.config_json else {}
-        cfg = TrainConfig.from_section(base, max_steps=ns.max_steps, save_steps=ns.save_steps)
+        cfg = TrainConfig.model_validate(base).updated(
+            max_steps=ns.max_steps, save_steps=ns.save_steps
+        )
         result = train(
             ns.kind,
             ns.dataset_dir,

@@ -1,6 +1,8 @@
-"""`selftune tune ...` (train an adapter) and `selftune adapters ...` (the registry).
+"""`selftune tune ...` (train an adapter), `selftune gate VERSION` (the eval gate) and
+`selftune adapters ...` (the registry).
 
-Also `selftune improve`, the loop that collects, tunes, gates and promotes.
+Also `selftune improve`, the loop that collects, tunes, gates and promotes. Options that a
+config section holds default to None: left out, they take the config's value.
 """
 
 from __future__ import annotations
@@ -12,14 +14,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.table import Table
 
-from agent.cli.common import Concurrency, Seed, console, fail, get_config, out
+from agent.cli.common import command_group, console, fail, get_config, out
 
-tune_app = typer.Typer(help="Train a LoRA adapter on a dataset folder.", no_args_is_help=True)
-adapters_app = typer.Typer(
-    help="List, inspect, promote and roll back adapters.", no_args_is_help=True
-)
+tune_app = command_group("Train a LoRA adapter on a dataset folder.")
+adapters_app = command_group("List, inspect, promote and roll back adapters.")
 
 DatasetArg = Annotated[Path, typer.Argument(help="dataset folder (JSONL rows + manifest.json)")]
 FromOpt = Annotated[
@@ -52,54 +53,47 @@ def _run_tune(ctx, kind, dataset_dir, from_version, config, resume, max_steps) -
     cfg = get_config(ctx, config)
     try:
         rec = tune(
-            kind, dataset_dir, cfg, from_version=from_version, resume=resume, max_steps=max_steps
+            kind,
+            dataset_dir,
+            cfg,
+            from_version=from_version,
+            config=cfg.tuner.train.updated(max_steps=max_steps),
+            resume=resume,
         )
     except (TrainError, RegistryError, ModelError, ValueError) as e:
         fail(str(e))
     out.print(
         f"registered [bold]{rec.version}[/bold] (candidate) at {rec.path}: "
         f"{rec.metrics['global_step']} steps, final loss {rec.metrics['last_loss']:.4f}. "
-        "Next: run the eval gate on it."
+        f"Next: `selftune gate {rec.version}`."
     )
 
 
-@tune_app.command("sft")
-def tune_sft(
-    ctx: typer.Context,
-    dataset_dir: DatasetArg,
-    from_version: FromOpt = None,
-    config: ConfigOpt = None,
-    resume: ResumeOpt = False,
-    max_steps: StepsOpt = None,
-) -> None:
-    """Supervised fine-tuning on conversations (loss on assistant tokens only)."""
-    _run_tune(ctx, "sft", dataset_dir, from_version, config, resume, max_steps)
+_TUNE_KINDS = {
+    "sft": "Supervised fine-tuning on conversations (loss on assistant tokens only).",
+    "dpo": "Direct preference optimization on chosen/rejected pairs.",
+    "kto": "KTO on completions labelled good or bad.",
+}
 
 
-@tune_app.command("dpo")
-def tune_dpo(
-    ctx: typer.Context,
-    dataset_dir: DatasetArg,
-    from_version: FromOpt = None,
-    config: ConfigOpt = None,
-    resume: ResumeOpt = False,
-    max_steps: StepsOpt = None,
-) -> None:
-    """Direct preference optimization on chosen/rejected pairs."""
-    _run_tune(ctx, "dpo", dataset_dir, from_version, config, resume, max_steps)
+def _tune_command(kind: str):
+    def command(
+        ctx: typer.Context,
+        dataset_dir: DatasetArg,
+        from_version: FromOpt = None,
+        config: ConfigOpt = None,
+        resume: ResumeOpt = False,
+        max_steps: StepsOpt = None,
+    ) -> None:
+        _run_tune(ctx, kind, dataset_dir, from_version, config, resume, max_steps)
+
+    command.__doc__ = _TUNE_KINDS[kind]
+    command.__name__ = f"tune_{kind}"
+    return command
 
 
-@tune_app.command("kto")
-def tune_kto(
-    ctx: typer.Context,
-    dataset_dir: DatasetArg,
-    from_version: FromOpt = None,
-    config: ConfigOpt = None,
-    resume: ResumeOpt = False,
-    max_steps: StepsOpt = None,
-) -> None:
-    """KTO on completions labelled good or bad."""
-    _run_tune(ctx, "kto", dataset_dir, from_version, config, resume, max_steps)
+for _kind in _TUNE_KINDS:  # `selftune tune sft|dpo|kto DATASET`: one command, three kinds
+    tune_app.command(_kind)(_tune_command(_kind))
 
 
 @tune_app.command("grpo")
@@ -110,22 +104,46 @@ def tune_grpo(
         str | None,
         typer.Option("--from", help="start from this version (default: the active one; 'base')"),
     ] = None,
-    group_size: Annotated[int, typer.Option(help="episodes per task per step (G)")] = 4,
-    steps: Annotated[int, typer.Option(help="policy updates")] = 8,
-    tasks_per_step: Annotated[int, typer.Option(help="train tasks per step")] = 4,
-    temperature: Annotated[float, typer.Option(help="rollout sampling temperature")] = 1.0,
-    max_tokens: Annotated[int, typer.Option(help="max new tokens per model turn")] = 64,
-    learning_rate: Annotated[float, typer.Option("--lr", help="AdamW learning rate")] = 5e-5,
-    beta: Annotated[float, typer.Option(help="KL penalty to the starting adapter")] = 0.0,
+    group_size: Annotated[
+        int | None,
+        typer.Option(help="episodes per task per step, G (default: tuner.grpo.group_size)"),
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="policy updates (default: tuner.grpo.steps)")
+    ] = None,
+    tasks_per_step: Annotated[
+        int | None, typer.Option(help="train tasks per step (default: tuner.grpo.tasks_per_step)")
+    ] = None,
+    temperature: Annotated[
+        float | None,
+        typer.Option(help="rollout sampling temperature (default: tuner.grpo.temperature)"),
+    ] = None,
+    max_tokens: Annotated[
+        int | None,
+        typer.Option(help="max new tokens per model turn (default: tuner.grpo.max_tokens)"),
+    ] = None,
+    learning_rate: Annotated[
+        float | None,
+        typer.Option("--lr", help="AdamW learning rate (default: tuner.grpo.learning_rate)"),
+    ] = None,
+    beta: Annotated[
+        float | None,
+        typer.Option(help="KL penalty to the starting adapter (default: tuner.grpo.beta)"),
+    ] = None,
     judge: Annotated[
-        bool, typer.Option(help="mix in the group judge's ranking (RULER-style)")
-    ] = False,
-    seed: Annotated[int, typer.Option(help="task order and sampling seed")] = 0,
+        bool | None,
+        typer.Option(
+            help="mix in the group judge's ranking, RULER-style (default: tuner.grpo.judge)"
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="task order and sampling seed (default: tuner.grpo.seed)")
+    ] = None,
     rollout_engine: Annotated[
         str | None,
         typer.Option(
             help="agent: the agent's backend; vllm: a vLLM server of the run's own serving the "
-            "merged policy (default: [tuner] grpo_rollout_engine)"
+            "merged policy (default: tuner.grpo.rollout_engine)"
         ),
     ] = None,
     config: ConfigOpt = None,
@@ -136,11 +154,10 @@ def tune_grpo(
     from agent.serving.vllm import VllmError
     from tuner.grpo import GrpoError, grpo
     from tuner.registry import RegistryError
-    from tuner.schemas import GrpoConfig
 
     cfg = get_config(ctx, config)
     try:
-        gc = GrpoConfig(
+        grpo_config = cfg.tuner.grpo.updated(
             steps=steps,
             group_size=group_size,
             tasks_per_step=tasks_per_step,
@@ -150,17 +167,54 @@ def tune_grpo(
             beta=beta,
             judge=judge,
             seed=seed,
-            rollout_engine=rollout_engine or cfg.tuner.grpo_rollout_engine,
+            rollout_engine=rollout_engine,
         )
         rec = asyncio.run(
-            grpo(cfg, env, gc, start_from=from_version, resume=resume, console=console)
+            grpo(cfg, env, grpo_config, start_from=from_version, resume=resume, console=console)
         )
     except (GrpoError, RegistryError, ModelError, VllmError, ValueError) as e:
         fail(str(e))
     out.print(
         f"registered [bold]{rec.version}[/bold] (candidate) at {rec.path} after "
-        f"{rec.metrics['steps']} GRPO steps. Next: run the eval gate on it."
+        f"{rec.metrics['steps']} GRPO steps. Next: `selftune gate {rec.version}`."
     )
+
+
+def gate(
+    ctx: typer.Context,
+    version: Annotated[str, typer.Argument(help="the candidate version (e.g. v3)")],
+    against: Annotated[
+        str, typer.Option(help="the reference: 'active' (the base model if none), 'base' or vN")
+    ] = "active",
+    envs: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--env", help="environment to evaluate on, repeatable (default: improve.envs)"
+        ),
+    ] = None,
+    eval_limit: Annotated[
+        int | None,
+        typer.Option(help="held-out test tasks per environment (default: improve.eval_limit)"),
+    ] = None,
+    concurrency: Annotated[
+        int | None, typer.Option(help="episodes at once per model (default: improve.concurrency)")
+    ] = None,
+) -> None:
+    """The eval gate: evaluate VERSION and the reference on the same held-out tasks, then
+    promote VERSION or reject it; the decision and every number go into the registry."""
+    from agent.model.files import ModelError
+    from tuner.gate import GateError, run_gate
+    from tuner.registry import RegistryError
+    from tuner.reload import ReloadError
+
+    cfg = get_config(ctx)
+    try:
+        cfg.improve = cfg.improve.updated(eval_limit=eval_limit, concurrency=concurrency)
+        result = asyncio.run(run_gate(cfg, version, against=against, envs=envs, console=console))
+    except (GateError, RegistryError, ModelError, ReloadError, ValueError) as e:
+        fail(str(e))
+    verdict = "promoted: now active" if result.promote else "rejected"
+    out.print(f"{version} vs {result.active or 'the base model'}: {verdict}")
 
 
 def _when(t: float) -> str:
@@ -277,12 +331,17 @@ def _short(x) -> str:
 def improve(
     ctx: typer.Context,
     envs: Annotated[
-        list[str] | None, typer.Argument(help="environments (default: calculator docs-qa)")
+        list[str] | None, typer.Argument(help="environments (default: improve.envs)")
     ] = None,
-    cycles: Annotated[int, typer.Option(help="improvement cycles to run")] = 1,
-    method: Annotated[str, typer.Option(help="sft, dpo, kto or grpo (online RL)")] = "sft",
+    cycles: Annotated[
+        int | None, typer.Option(help="improvement cycles to run (default: improve.cycles)")
+    ] = None,
+    method: Annotated[
+        str | None, typer.Option(help="sft, dpo, kto or grpo, online RL (default: improve.method)")
+    ] = None,
     budget_minutes: Annotated[
-        float | None, typer.Option(help="start no new cycle after this")
+        float | None,
+        typer.Option(help="start no new cycle after this (default: improve.budget_minutes)"),
     ] = None,
     every: Annotated[
         str | None, typer.Option(help="keep running on a schedule: 30m, 6h, 1d")
@@ -293,36 +352,59 @@ def improve(
             "--resume/--fresh", help="resume the last unfinished job (default: if there is one)"
         ),
     ] = None,
-    collect_limit: Annotated[int, typer.Option(help="train tasks per environment per cycle")] = 108,
-    eval_limit: Annotated[int, typer.Option(help="held-out test tasks per environment")] = 54,
+    collect_limit: Annotated[
+        int | None,
+        typer.Option(help="train tasks per environment per cycle (default: improve.collect_limit)"),
+    ] = None,
+    eval_limit: Annotated[
+        int | None,
+        typer.Option(help="held-out test tasks per environment (default: improve.eval_limit)"),
+    ] = None,
     few_shot: Annotated[
-        int, typer.Option(help="demonstrations while collecting, while the model is weak")
-    ] = 2,
+        int | None,
+        typer.Option(
+            help="demonstrations while collecting, while the model is weak (default: improve.few_shot)"
+        ),
+    ] = None,
     hints: Annotated[
-        bool, typer.Option(help="a collection wave with the tasks' hints, where they have any")
-    ] = True,
-    concurrency: Concurrency = 16,
-    max_tokens: Annotated[int, typer.Option(help="max new tokens per model call")] = 64,
+        bool | None,
+        typer.Option(
+            help="a collection wave with the tasks' hints, where they have any (default: improve.hints)"
+        ),
+    ] = None,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(
+            help="episodes at once, batched by the local backend (default: improve.concurrency)"
+        ),
+    ] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option(help="max new tokens per model call (default: improve.max_tokens)")
+    ] = None,
     max_train_steps: Annotated[
-        int, typer.Option(help="cap on training steps (-1: [tuner] epochs; grpo: 8)")
-    ] = -1,
-    seed: Seed = 0,
+        int | None,
+        typer.Option(
+            help="cap on training steps; -1: tuner.train.epochs decide, grpo: tuner.grpo.steps (default: improve.max_train_steps)"
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="sampling seed of sample 0 (default: improve.seed)")
+    ] = None,
 ) -> None:
     """Collect, grade, build a dataset, tune, gate, promote and reload: the self-improvement loop."""
     from agent.model.files import ModelError
     from agent.serving.vllm import VllmError
+    from tuner.gate import GateError
     from tuner.grpo import GrpoError
-    from tuner.improve import ImproveError, ImproveSettings, parse_every
+    from tuner.improve import ImproveError, parse_every
     from tuner.improve import improve as run_improve
     from tuner.registry import RegistryError
     from tuner.train import TrainError
 
-    if method not in ("sft", "dpo", "kto", "grpo"):
-        fail(f"--method must be sft, dpo, kto or grpo, got {method!r}")
     cfg = get_config(ctx)
     try:
-        settings = ImproveSettings(
-            envs=list(envs or ["calculator", "docs-qa"]),
+        settings = cfg.improve.updated(
+            envs=list(envs) if envs else None,
             cycles=cycles,
             method=method,
             budget_minutes=budget_minutes,
@@ -334,9 +416,21 @@ def improve(
             max_tokens=max_tokens,
             max_train_steps=max_train_steps,
             seed=seed,
-            every_s=parse_every(every) if every else None,
         )
-        asyncio.run(run_improve(cfg, settings, resume=resume, console=console))
+        every_s = parse_every(every) if every else None
+        asyncio.run(run_improve(cfg, settings, every_s=every_s, resume=resume, console=console))
     # errors whose message says what to do (run `selftune setup`, say): one line, no traceback
-    except (ImproveError, ModelError, GrpoError, RegistryError, TrainError, VllmError) as e:
+    except (
+        ImproveError, ModelError, GateError, GrpoError, RegistryError, TrainError, VllmError
+    ) as e:  # fmt: skip
         fail(str(e))
+    except ValidationError as e:  # an option out of range: [improve]'s validation says which
+        fail(_option_error(e))
+
+
+def _option_error(err: ValidationError) -> str:
+    """A pydantic error about a section built from options, as the options' names."""
+    return "; ".join(
+        f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')} {e.get('input')!r}: {e['msg']}"
+        for e in err.errors()
+    )

@@ -13,8 +13,10 @@ import re
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agent.agent import Agent, RunResult
 from agent.config import Config
@@ -42,26 +44,43 @@ class EpisodeOutcome:
     grade_s: float = 0.0
 
 
-@dataclass
-class SuiteResult:
+class SuiteResult(BaseModel):
+    """One run of one model (base or adapter) on one environment's split: the statistics and
+    every episode's outcome. The one eval result type: `selftune eval` prints it, the eval gate
+    decides on two of them (candidate and active, the same episodes), and the adapter registry
+    stores `to_dict()` (the outcomes left out, the per-task scores kept)."""
+
+    model_config = ConfigDict(extra="forbid")
+
     env: str
-    split: str
-    run_id: str
-    adapter: str | None
-    n: int
-    successes: int
-    success_rate: float
-    ci95: tuple[float, float]
-    mean_steps: float
-    mean_tokens: float
-    mean_wall_s: float
-    flag_rate: float
-    wall_s: float
-    few_shot: int
-    samples: int
-    temperature: float | None
-    seed: int
-    outcomes: list[EpisodeOutcome] = field(default_factory=list)
+    split: str = "test"
+    run_id: str = ""
+    adapter: str | None = None
+    n: int = Field(ge=0)
+    successes: int = Field(ge=0)
+    success_rate: float = Field(ge=0.0, le=1.0)
+    ci95: tuple[float, float] = (0.0, 1.0)
+    mean_steps: float = 0.0
+    mean_tokens: float = 0.0
+    mean_wall_s: float = 0.0
+    flag_rate: float = Field(default=0.0, ge=0.0, le=1.0)  # e.g. reward-hacking flags
+    wall_s: float = 0.0
+    few_shot: int = 0
+    samples: int = 1
+    temperature: float | None = None
+    seed: int = 0
+    outcomes: list[EpisodeOutcome] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SuiteResult:
+        if self.successes > self.n:
+            raise ValueError(f"successes={self.successes} is more than n={self.n}")
+        if self.n and abs(self.successes / self.n - self.success_rate) > 1e-6:
+            raise ValueError(
+                f"success_rate={self.success_rate} does not match successes/n="
+                f"{self.successes}/{self.n}"
+            )
+        return self
 
     def per_task(self) -> dict[str, float]:
         """Mean score per task over its samples."""
@@ -71,11 +90,9 @@ class SuiteResult:
         return {k: sum(v) / len(v) for k, v in sorted(scores.items())}
 
     def to_dict(self, with_outcomes: bool = False) -> dict[str, Any]:
-        d = asdict(self)
+        d = self.model_dump(exclude=None if with_outcomes else {"outcomes"})
         d["ci95"] = list(self.ci95)
         d["per_task"] = self.per_task()
-        if not with_outcomes:
-            d.pop("outcomes")
         return d
 
 

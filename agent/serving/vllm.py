@@ -200,7 +200,7 @@ def serve_command(
         "--port", str(port),
         "--dtype", hardware.pick_dtype(cfg.model.dtype, "cuda" if cuda else "cpu"),
         "--max-model-len", str(max_model_len),
-        "--seed", str(cfg.tuner.seed),
+        "--seed", str(cfg.tuner.train.seed),
         # sampling defaults come from the request, not the model's generation_config.json
         "--generation-config", "vllm",
         "--enable-auto-tool-choice",
@@ -213,7 +213,7 @@ def serve_command(
         "DO_NOT_TRACK": "1",
     }
     if lora:
-        argv += ["--enable-lora", "--max-lora-rank", str(lora_rank_for(cfg.tuner.lora_r)),
+        argv += ["--enable-lora", "--max-lora-rank", str(lora_rank_for(cfg.tuner.train.lora_r)),
                  "--max-loras", str(max_loras)]  # fmt: skip
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         if adapters:
