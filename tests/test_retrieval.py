@@ -237,3 +237,91 @@ def test_index_killed_between_batches_is_completed_next_run(tmp_path: Path):
     before = embedding.calls["texts"]
     again = index_paths([docs], col, chunk_chars=150, overlap=0, batch_size=4)
     assert len(again.skipped) == 3 and embedding.calls["texts"] == before
+
+
+# --- hybrid ranking and the sentence cut -----------------------------------------------------
+
+ARMS = {  # codes alike to a sentence embedding; the Cormorant's passage is about paint
+    "arms.md": "# Robot arms\n\n"
+    "Product code QA-120 is the Heron Arm, a light robot arm for laboratory benches.\n\n"
+    "Product code QA-310 is the Kestrel Arm, a six-axis robot arm for assembly lines.\n\n"
+    "Product code QA-380 is the Osprey Arm, a heavy robot arm for pallets.\n\n"
+    "The Cormorant ships in teal paint with a QA-450 plate and a two-year warranty.\n",
+}
+
+
+def rank_of(passages, needle: str) -> int | None:
+    return next((i for i, p in enumerate(passages, 1) if needle in p.text), None)
+
+
+def test_hybrid_ranking_lifts_an_exact_term_that_dense_ranks_lower(tmp_path: Path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for name, text in ARMS.items():
+        (docs / name).write_text(text)
+    col = get_collection(open_client(RetrievalConfig(), tmp_path / "chroma"), "arms")
+    index_paths([docs], col, chunk_chars=100, overlap=0)
+    query = "Which product has code QA-450?"
+    dense = search(col, query, k=4, ranking="dense")
+    hybrid = search(col, query, k=4, ranking="hybrid")
+    assert rank_of(dense, "QA-450") == 4  # dense: last of the four arms
+    assert rank_of(hybrid, "QA-450") < 4  # BM25 ranks it first, the fusion lifts it
+    # fused scores: 1/(60 + rank) per ranking, best first
+    assert hybrid[0].score > hybrid[1].score and hybrid[0].score <= 2 / 61 + 1e-4
+    with pytest.raises(ValueError, match="unknown ranking"):
+        search(col, query, ranking="sparse")  # type: ignore[arg-type]
+
+
+def test_sentence_cut_keeps_the_matching_sentence():
+    from retrieval.search import cut_to_sentences
+
+    text = (
+        "# People\n\n- **Duarte Valente**: Head of the Lisbon office, joined in 2016.\n"
+        "- **Mateus Coelho**: Warehouse Systems Architect, badge number 1284.\n"
+        "- **Elin Fjeldstad**: General Counsel, based in Oslo. She joined in 2016."
+    )
+    cut = cut_to_sentences(text, "What is Mateus Coelho's badge number?", keep=1)
+    assert cut == "- **Mateus Coelho**: Warehouse Systems Architect, badge number 1284."
+    two = cut_to_sentences(text, "When did Elin Fjeldstad and Duarte Valente join?", keep=2)
+    assert "Duarte Valente" in two and "Elin Fjeldstad" in two and "Coelho" not in two
+    assert "# People" not in cut_to_sentences(text, "nothing matches here", keep=1)
+
+
+def test_search_tool_cuts_passages_to_sentences(tmp_path: Path):
+    docs = make_docs(tmp_path / "docs")
+    col = get_collection(open_client(RetrievalConfig(), tmp_path / "chroma"), "kb-cut")
+    index_paths([docs / "rockets.txt"], col, chunk_chars=400, overlap=0)
+    chunk = make_search_tool(col, k=1, ranking="dense", passage="chunk")
+    cut = make_search_tool(col, k=1, ranking="hybrid", passage="sentences")
+    whole = asyncio.run(chunk.asearch("when does the first stage separate"))[0].text
+    short = asyncio.run(cut.asearch("when does the first stage separate"))[0].text
+    assert "kerosene" in whole and "two minutes" in whole
+    assert short == "The first stage separates after about two minutes of flight."
+
+
+def test_lexical_index_is_rebuilt_when_documents_are_added(tmp_path: Path):
+    from retrieval import lexical
+
+    docs = make_docs(tmp_path / "docs")
+    store = tmp_path / "chroma"
+    col = get_collection(open_client(RetrievalConfig(), store), "kb-lex")
+    index_paths([docs / "cats.md"], col)
+    assert lexical.lexical_index(col).count == col.count()
+    assert not lexical.lexical_index(col).top("zeppelin hangar", 3)
+
+    # indexed through index_paths: found by its exact word at once
+    (docs / "airship.md").write_text("The zeppelin hangar at Friedrichshafen is 240 m long.\n")
+    index_paths([docs / "airship.md"], col)
+    hits = search(col, "zeppelin hangar", k=1, ranking="hybrid")
+    assert "Friedrichshafen" in hits[0].text
+
+    # added by another client (no index_paths in this process): the count changed
+    other = get_collection(open_client(RetrievalConfig(), store), "kb-lex")
+    other.add(
+        ids=["x1"], documents=["Quokkas live on Rottnest Island."], metadatas=[{"source": "q"}]
+    )
+    assert lexical.lexical_index(col).count == col.count()
+    assert lexical.lexical_index(col).top("quokkas", 1)
+    # a reopened collection (same id) reuses the index
+    again = get_collection(open_client(RetrievalConfig(), store), "kb-lex")
+    assert lexical.lexical_index(again) is lexical.lexical_index(col)
