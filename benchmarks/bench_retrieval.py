@@ -95,7 +95,7 @@ def quality(tmp: Path) -> dict:
         }
     cuts: dict[str, dict] = {}
     for ranking in ("dense", "hybrid"):
-        for passage in ("chunk", "sentences"):
+        for passage in ("chunk", "paragraph", "sentences"):
             found, chars = 0, 0
             for task in tasks:
                 texts = [p.text for p in search(col, task["prompt"], cfg.top_k, ranking, passage)]

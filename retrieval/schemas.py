@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Ranking = Literal["hybrid", "dense"]  # see retrieval/search.py
-PassageCut = Literal["sentences", "chunk"]
+PassageCut = Literal["paragraph", "sentences", "chunk"]
 
 
 class _Section(BaseModel):
@@ -21,4 +21,4 @@ class RetrievalConfig(_Section):
     chunk_overlap: int = Field(default=120, ge=0)
     top_k: int = Field(default=4, ge=1, le=100)
     ranking: Ranking = "hybrid"  # dense MiniLM fused with BM25, or dense alone
-    passage: PassageCut = "sentences"  # the matching sentences of a chunk, or the chunk
+    passage: PassageCut = "paragraph"  # the chunk's best-matching paragraph, 2 sentences, all

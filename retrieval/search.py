@@ -3,9 +3,12 @@
 Ranking ("dense" or "hybrid", `[retrieval] ranking`): dense ranks by MiniLM similarity
 alone; hybrid fuses that ranking with a BM25 ranking of the same collection (see
 retrieval/lexical.py) by reciprocal rank fusion, so an exact term the question names (a
-product code, a person) lifts its passage. Passage ("chunk" or "sentences", `[retrieval]
-passage`): the stored chunk, or only its sentences that share the most words with the query,
-so a small model is shown the fact rather than 800 characters around it.
+product code, a person) lifts its passage. Passage (`[retrieval] passage`): "chunk" is the
+stored chunk; "paragraph" keeps the one paragraph or list item of the chunk that BM25 ranks
+best for the query, "sentences" the best two sentences, so a small model is shown the fact
+rather than 800 characters around it. Measured on docs-qa (benchmarks/bench_retrieval.py),
+"paragraph" keeps every answer "chunk" shows in about half the characters; "sentences" loses
+one answer in seven (a fact split over "The Heron Arm ... launched in 2014. It weighs ...").
 
 Score: for dense ranking, the cosine similarity of the query and the passage, higher is better. Chroma returns
 a distance; in a cosine-space collection distance = 1 - cos, so score = 1 - distance. For an
@@ -30,7 +33,7 @@ from retrieval.schemas import PassageCut, Ranking
 from tools.base import Tool, ToolError
 
 CANDIDATES = 20  # how deep each ranking is read before fusion (at least k)
-MAX_SENTENCES = 2  # sentences a "sentences" passage keeps
+KEEP = {"paragraph": 1, "sentences": 2}  # units a cut passage keeps
 
 
 @dataclass(frozen=True)
@@ -70,8 +73,8 @@ def search(
         out = _dense(collection, query, k)
     else:
         out = _hybrid(collection, query, k)
-    if passage == "sentences":
-        out = [replace(p, text=cut_to_sentences(p.text, query)) for p in out]
+    if passage != "chunk":
+        out = [replace(p, text=cut_passage(p.text, query, passage)) for p in out]
     return out
 
 
@@ -107,31 +110,37 @@ def _hybrid(collection: Collection, query: str, k: int) -> list[Passage]:
     return [replace(by_id[id_], score=round(fused[id_], 4)) for id_ in best]
 
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9*\-\[(\"'])|\n+")
+_SPLIT = {
+    "paragraph": re.compile(r"\n+"),  # a markdown paragraph or list item is one line
+    "sentences": re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9*\-\[(\"'])|\n+"),
+}
 _HEADING_LINE = re.compile(r"^#{1,6}\s")
 
 
-def sentences(text: str) -> list[str]:
-    """The sentences and list items of a passage, headings left out."""
-    parts = (s.strip() for s in _SENTENCE_END.split(text))
+def units(text: str, unit: str = "paragraph") -> list[str]:
+    """The paragraphs (or sentences) of a passage, headings left out: a chunk's heading is
+    shown beside it (format_passages)."""
+    parts = (s.strip() for s in _SPLIT[unit].split(text))
     return [s for s in parts if s and not _HEADING_LINE.match(s)]
 
 
-def cut_to_sentences(text: str, query: str, keep: int = MAX_SENTENCES) -> str:
-    """The `keep` sentences of `text` that BM25 (over the passage's own sentences) ranks best
-    for `query`, in their original order; the first sentences when none shares a word."""
-    units = sentences(text)
-    if not units:
+def cut_passage(text: str, query: str, unit: str = "paragraph", keep: int | None = None) -> str:
+    """The `keep` units (paragraphs or sentences) of `text` that BM25, over the passage's own
+    units, ranks best for `query`, in their original order; the first units when none shares
+    a word with the query."""
+    keep = keep or KEEP[unit]
+    parts = units(text, unit)
+    if not parts:
         return text
     words = tokenize([query])[0]
     bm25 = bm25s.BM25()
-    bm25.index(tokenize(units), show_progress=False)
+    bm25.index(tokenize(parts), show_progress=False)
     ids = bm25.get_tokens_ids(words)
     if not ids:
-        return " ".join(units[:keep])
+        return " ".join(parts[:keep])
     scores = bm25.get_scores(ids)
-    best = sorted(sorted(range(len(units)), key=lambda i: -scores[i])[:keep])
-    return " ".join(units[i] for i in best if scores[i] > 0) or " ".join(units[:keep])
+    best = sorted(sorted(range(len(parts)), key=lambda i: -scores[i])[:keep])
+    return " ".join(parts[i] for i in best if scores[i] > 0) or " ".join(parts[:keep])
 
 
 async def asearch(
@@ -165,7 +174,7 @@ class SearchTool(Tool):
     collection: Collection | None = field(default=None, repr=False)
     k: int = 4
     ranking: Ranking = "hybrid"
-    passage: PassageCut = "sentences"
+    passage: PassageCut = "paragraph"
 
     async def asearch(self, query: str, k: int | None = None) -> list[Passage]:
         assert self.collection is not None
@@ -177,7 +186,7 @@ def make_search_tool(
     k: int = 4,
     name: str = "search",
     ranking: Ranking = "hybrid",
-    passage: PassageCut = "sentences",
+    passage: PassageCut = "paragraph",
 ) -> SearchTool:
     """A Tool that searches `collection` and returns the top `k` passages as text.
     `ranking` and `passage` default to `RetrievalConfig`'s defaults."""

@@ -272,27 +272,30 @@ def test_hybrid_ranking_lifts_an_exact_term_that_dense_ranks_lower(tmp_path: Pat
         search(col, query, ranking="sparse")  # type: ignore[arg-type]
 
 
-def test_sentence_cut_keeps_the_matching_sentence():
-    from retrieval.search import cut_to_sentences
+def test_cut_keeps_the_matching_paragraph_or_sentences():
+    from retrieval.search import cut_passage
 
     text = (
         "# People\n\n- **Duarte Valente**: Head of the Lisbon office, joined in 2016.\n"
         "- **Mateus Coelho**: Warehouse Systems Architect, badge number 1284.\n"
         "- **Elin Fjeldstad**: General Counsel, based in Oslo. She joined in 2016."
     )
-    cut = cut_to_sentences(text, "What is Mateus Coelho's badge number?", keep=1)
+    cut = cut_passage(text, "What is Mateus Coelho's badge number?")
     assert cut == "- **Mateus Coelho**: Warehouse Systems Architect, badge number 1284."
-    two = cut_to_sentences(text, "When did Elin Fjeldstad and Duarte Valente join?", keep=2)
+    elin = cut_passage(text, "Where is Elin Fjeldstad based?")
+    assert elin == "- **Elin Fjeldstad**: General Counsel, based in Oslo. She joined in 2016."
+    two = cut_passage(text, "When did Elin Fjeldstad and Duarte Valente join?", "sentences")
     assert "Duarte Valente" in two and "Elin Fjeldstad" in two and "Coelho" not in two
-    assert "# People" not in cut_to_sentences(text, "nothing matches here", keep=1)
+    assert "She joined" not in two  # a sentence, not its whole list item
+    assert cut_passage(text, "nothing matches here").startswith("- **Duarte")  # no heading
 
 
-def test_search_tool_cuts_passages_to_sentences(tmp_path: Path):
+def test_search_tool_cuts_passages_to_the_matching_paragraph(tmp_path: Path):
     docs = make_docs(tmp_path / "docs")
     col = get_collection(open_client(RetrievalConfig(), tmp_path / "chroma"), "kb-cut")
     index_paths([docs / "rockets.txt"], col, chunk_chars=400, overlap=0)
     chunk = make_search_tool(col, k=1, ranking="dense", passage="chunk")
-    cut = make_search_tool(col, k=1, ranking="hybrid", passage="sentences")
+    cut = make_search_tool(col, k=1)  # the defaults: hybrid ranking, paragraph cut
     whole = asyncio.run(chunk.asearch("when does the first stage separate"))[0].text
     short = asyncio.run(cut.asearch("when does the first stage separate"))[0].text
     assert "kerosene" in whole and "two minutes" in whole
