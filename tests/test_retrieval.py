@@ -328,3 +328,28 @@ def test_lexical_index_is_rebuilt_when_documents_are_added(tmp_path: Path):
     # a reopened collection (same id) reuses the index
     again = get_collection(open_client(RetrievalConfig(), store), "kb-lex")
     assert lexical.lexical_index(again) is lexical.lexical_index(col)
+
+
+async def test_retrieval_span_records_ids_and_fused_scores(cfg, scripted):
+    """The span keeps what a grader needs to tell a retrieval miss from a reading miss: the
+    passages' ids, sources, texts as shown, and the hybrid ranking's fused scores."""
+    from _agent_fixtures import call
+    from langchain_core.messages import AIMessage
+
+    from agent.agent import Agent
+    from agent.workspace import open_collection
+
+    docs = make_docs(cfg.workspace.root / "docs")
+    col = open_collection(cfg)
+    index_paths([docs], col, chunk_chars=200, overlap=30)
+    expected = search(col, "sourdough baking time", 4, "hybrid", "paragraph")
+    scripted(call("search", query="sourdough baking time"), AIMessage("Forty minutes."))
+    async with Agent(cfg, engine=object()) as agent:
+        res = await agent.run("How long is sourdough baked?", tools=["search"])
+        trace = agent.tracer.store.get(res.trace_id)
+    span = next(s for s in trace.spans if s.kind == "retrieval")
+    r = span.retrieval
+    assert r.ids == [p.id for p in expected] and r.scores == [p.score for p in expected]
+    assert r.scores == sorted(r.scores, reverse=True) and r.scores[0] <= 2 / 61 + 1e-4
+    assert Path(r.sources[0]).name == "bread.html" and r.texts == [p.text for p in expected]
+    assert span.tool.result == format_passages(expected)
