@@ -179,7 +179,8 @@ def main() -> None:
             *(f"recall@{k}" for k in KS),
             "MRR",
             "ms/query",
-            title=f"docs-qa test split, question as query ({q['tasks']} tasks, {q['chunks']} chunks)",
+            title=f"docs-qa test split, question as query ({q['tasks']} tasks, "
+            f"{q['chunks']} chunks)",
         )
         for name, r in q["rankings"].items():
             table.add_row(

@@ -10,12 +10,13 @@ rather than 800 characters around it. Measured on docs-qa (benchmarks/bench_retr
 "paragraph" keeps every answer "chunk" shows in about half the characters; "sentences" loses
 one answer in seven (a fact split over "The Heron Arm ... launched in 2014. It weighs ...").
 
-Score: for dense ranking, the cosine similarity of the query and the passage, higher is better. Chroma returns
-a distance; in a cosine-space collection distance = 1 - cos, so score = 1 - distance. For an
-l2-space collection of our normalised vectors, distance = |a - b|^2 = 2 - 2 cos, so
-score = 1 - distance / 2. For inner product ("ip"), distance = 1 - a.b, so score = 1 - distance.
-For hybrid ranking, the fused score: the sum over the two rankings of 1 / (60 + rank), so
-about 0.033 for a passage first in both, higher is better.
+Score, higher is better. Dense ranking: the cosine similarity of the query and the passage.
+Chroma returns a distance; in a cosine-space collection distance = 1 - cos, so score =
+1 - distance. For an l2-space collection of our normalised vectors, distance = |a - b|^2 =
+2 - 2 cos, so score = 1 - distance / 2. For inner product ("ip"), distance = 1 - a.b, so
+score = 1 - distance. Hybrid ranking: the fused score, the sum over the two rankings of
+1 / (60 + rank), about 0.033 for a passage first in both. A cut passage keeps its chunk's id,
+score and metadata (its start/end offsets are the chunk's).
 """
 
 from __future__ import annotations

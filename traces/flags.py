@@ -9,14 +9,15 @@
   up. A number "appears" when some number in the answer equals a tool's number rounded to
   the answer's decimals (33.33 matches 33.3333). Only numeric results are checked: a search
   result's text cannot be told apart from paraphrase by a rule.
-- `ungrounded`: the answer is right but the reference answer is in no text that retrieval
-  returned in the episode (the passage texts of every retrieval span): the model guessed, or knew, the fact rather than read it. Checked when the task
-  requires `search` (`requires_tools`, the task's or the environment's), or requires no tool
-  and the trace has retrieval spans; a task that requires another tool gets its answer from
-  that tool. A reference "appears" as for the `contains` grader (each string, case and
-  whitespace folded, with punctuation dropped on both sides) or, for a number, as a number
-  equal to it in a passage. It tells a reading miss from luck; `grounded_rate` is the share
-  of right answers that are grounded.
+- `ungrounded`: the answer is right but the reference answer is in no passage text that a
+  retrieval span of the episode holds: the model guessed, or knew, the fact rather than read
+  it. Checked when the task requires `search` (`requires_tools`, the task's or the
+  environment's), or requires no tool and the trace has retrieval spans (a task that requires
+  another tool gets its answer from that tool). A reference "appears" when each of its strings
+  is in one passage (`normalize_text` on both sides), or, for a number, when a passage holds
+  an equal number. `grounded_rate` is the share of right answers that are grounded. (A wrong
+  answer is a retrieval miss when the spans' `sources` lack the task's source, else a
+  reading miss.)
 - `copied_from_prompt`: the answer is mostly one span of the prompt (a run of at least 6
   words covering at least 70% of the answer's words) - it echoes the question.
 - `copied_from_demo`: a demonstration's final answer reappears in the answer of a different
