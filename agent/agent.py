@@ -227,7 +227,10 @@ class Agent:
             from retrieval import make_search_tool
 
             coll = open_collection(self.cfg)
-            self._extra_tools["search"] = make_search_tool(coll, k=self.cfg.retrieval.top_k)
+            r = self.cfg.retrieval
+            self._extra_tools["search"] = make_search_tool(
+                coll, k=r.top_k, ranking=r.ranking, passage=r.passage
+            )
             self._tool_cache = None
         return self._extra_tools["search"]
 

@@ -29,6 +29,8 @@ from pathlib import Path
 
 from chromadb.api.models.Collection import Collection
 
+from retrieval.lexical import forget
+
 TEXT_SUFFIXES = {".md", ".markdown", ".txt"}
 HTML_SUFFIXES = {".html", ".htm"}
 SUPPORTED = TEXT_SUFFIXES | HTML_SUFFIXES
@@ -278,6 +280,8 @@ def index_paths(
             report.chunks_removed += _delete_source(collection, source)
             report.removed.append(source)
             notify(source, "removed")
+    if report.chunks_added or report.chunks_removed:
+        forget(collection)  # the BM25 index is rebuilt on the next hybrid search
     return report
 
 

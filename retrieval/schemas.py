@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
+
+Ranking = Literal["hybrid", "dense"]  # see retrieval/search.py
+PassageCut = Literal["paragraph", "sentences", "chunk"]
 
 
 class _Section(BaseModel):
@@ -15,3 +20,5 @@ class RetrievalConfig(_Section):
     chunk_chars: int = Field(default=800, ge=100)
     chunk_overlap: int = Field(default=120, ge=0)
     top_k: int = Field(default=4, ge=1, le=100)
+    ranking: Ranking = "hybrid"  # dense MiniLM fused with BM25, or dense alone
+    passage: PassageCut = "paragraph"  # the chunk's best-matching paragraph, 2 sentences, all

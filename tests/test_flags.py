@@ -8,15 +8,18 @@ from _traces_fixtures import make_trace, task
 
 from agent.envs import load_environment
 from traces.flags import (
+    FLAGS,
     copied_from_demo,
     copied_from_prompt,
+    grounded_rate,
     injection_found,
     required_tool_not_called,
     tool_result_ignored,
     truncated,
+    ungrounded,
 )
 from traces.graders import grade_trace
-from traces.schemas import GradeResult
+from traces.schemas import Grade, GradeResult
 
 RIGHT, WRONG = GradeResult(1.0, "right"), GradeResult(0.0, "wrong")
 CALC = [("calculator", {"expression": "1234 * 5678"}, "7006652")]
@@ -129,3 +132,46 @@ def test_judge_steered_is_flagged_on_judge_grades_only():
     assert "judge_steered" not in clean.flags
     rule = grade_trace(task(), steering, "numeric")
     assert "judge_steered" not in rule.flags
+
+
+def searched(answer: str, passages: list[str]):
+    """A right-looking docs-qa episode: one search call whose retrieval span returned `passages`."""
+    trace = make_trace(answer, [("search", {"query": "QA-450"}, "\n".join(passages))])
+    for span in trace.spans:
+        if span.retrieval is not None:
+            span.retrieval.texts = passages
+    return trace
+
+
+def test_ungrounded_right_answer_without_a_supporting_passage():
+    qa = task("Which product has code QA-450?", ["Cormorant Arm"])
+    qa.metadata["requires_tools"] = ["search"]
+    seen = ["**Cormorant Arm** (QA-450): a six-axis arm.", "The Heron Arm lifts 5 kg."]
+    grounded = searched("It is the Cormorant arm.", seen)
+    guessed = searched("It is the Cormorant arm.", seen[1:])
+    assert not ungrounded(qa, grounded, RIGHT)
+    assert ungrounded(qa, guessed, RIGHT)
+    assert not ungrounded(qa, guessed, WRONG)  # a wrong answer is a miss, not a guess
+    # a number must appear as a number: 1284 is not grounded by badge 11284 or an id's digits
+    badge = task("Mateus Coelho's badge number?", 1284, metadata={"requires_tools": ["search"]})
+    assert not ungrounded(badge, searched("1284", ["Mateus Coelho, badge number 1,284."]), RIGHT)
+    assert ungrounded(badge, searched("1284", ["Mateus Coelho, badge number 11284."]), RIGHT)
+    # the environment's requirement counts like the task's
+    bare = task("Which product has code QA-450?", ["Cormorant Arm"])
+    assert ungrounded(bare, guessed, RIGHT, requires_tools=["search"])
+    # a task that needs another tool takes its answer from that tool, not from retrieval
+    assert not ungrounded(task(metadata={"requires_tools": ["calculator"]}), make_trace(), RIGHT)
+    assert FLAGS.index("ungrounded") > FLAGS.index("tool_result_ignored")
+
+
+def test_ungrounded_reaches_the_grade_and_the_grounded_rate():
+    env = load_environment("docs-qa")
+    t = next(x for x in env.split("test") if isinstance(x.answer, list))
+    ref = t.answer[0]
+    g_guess = grade_trace(t, searched(ref, ["nothing useful"]), requires_tools=env.requires_tools)
+    g_read = grade_trace(t, searched(ref, [f"... {ref} ..."]), requires_tools=env.requires_tools)
+    assert g_guess.value == g_read.value == 1.0
+    assert "ungrounded" in g_guess.flags and "ungrounded" not in g_read.flags
+    wrong = Grade(trace_id="w", value=0.0, source="verifier", grader="contains")
+    assert grounded_rate([g_guess, g_read, wrong]) == 0.5
+    assert grounded_rate([wrong]) is None

@@ -237,3 +237,119 @@ def test_index_killed_between_batches_is_completed_next_run(tmp_path: Path):
     before = embedding.calls["texts"]
     again = index_paths([docs], col, chunk_chars=150, overlap=0, batch_size=4)
     assert len(again.skipped) == 3 and embedding.calls["texts"] == before
+
+
+# --- hybrid ranking and the sentence cut -----------------------------------------------------
+
+ARMS = {  # codes alike to a sentence embedding; the Cormorant's passage is about paint
+    "arms.md": "# Robot arms\n\n"
+    "Product code QA-120 is the Heron Arm, a light robot arm for laboratory benches.\n\n"
+    "Product code QA-310 is the Kestrel Arm, a six-axis robot arm for assembly lines.\n\n"
+    "Product code QA-380 is the Osprey Arm, a heavy robot arm for pallets.\n\n"
+    "The Cormorant ships in teal paint with a QA-450 plate and a two-year warranty.\n",
+}
+
+
+def rank_of(passages, needle: str) -> int | None:
+    return next((i for i, p in enumerate(passages, 1) if needle in p.text), None)
+
+
+def test_hybrid_ranking_lifts_an_exact_term_that_dense_ranks_lower(tmp_path: Path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for name, text in ARMS.items():
+        (docs / name).write_text(text)
+    col = get_collection(open_client(RetrievalConfig(), tmp_path / "chroma"), "arms")
+    index_paths([docs], col, chunk_chars=100, overlap=0)
+    query = "Which product has code QA-450?"
+    dense = search(col, query, k=4, ranking="dense")
+    hybrid = search(col, query, k=4, ranking="hybrid")
+    assert rank_of(dense, "QA-450") == 4  # dense: last of the four arms
+    assert rank_of(hybrid, "QA-450") < 4  # BM25 ranks it first, the fusion lifts it
+    # fused scores: 1/(60 + rank) per ranking, best first
+    assert hybrid[0].score > hybrid[1].score and hybrid[0].score <= 2 / 61 + 1e-4
+    with pytest.raises(ValueError, match="unknown ranking"):
+        search(col, query, ranking="sparse")  # type: ignore[arg-type]
+
+
+def test_cut_keeps_the_matching_paragraph_or_sentences():
+    from retrieval.search import cut_passage
+
+    text = (
+        "# People\n\n- **Duarte Valente**: Head of the Lisbon office, joined in 2016.\n"
+        "- **Mateus Coelho**: Warehouse Systems Architect, badge number 1284.\n"
+        "- **Elin Fjeldstad**: General Counsel, based in Oslo. She joined in 2016."
+    )
+    cut = cut_passage(text, "What is Mateus Coelho's badge number?")
+    assert cut == "- **Mateus Coelho**: Warehouse Systems Architect, badge number 1284."
+    elin = cut_passage(text, "Where is Elin Fjeldstad based?")
+    assert elin == "- **Elin Fjeldstad**: General Counsel, based in Oslo. She joined in 2016."
+    two = cut_passage(text, "When did Elin Fjeldstad and Duarte Valente join?", "sentences")
+    assert "Duarte Valente" in two and "Elin Fjeldstad" in two and "Coelho" not in two
+    assert "She joined" not in two  # a sentence, not its whole list item
+    assert cut_passage(text, "nothing matches here").startswith("- **Duarte")  # no heading
+
+
+def test_search_tool_cuts_passages_to_the_matching_paragraph(tmp_path: Path):
+    docs = make_docs(tmp_path / "docs")
+    col = get_collection(open_client(RetrievalConfig(), tmp_path / "chroma"), "kb-cut")
+    index_paths([docs / "rockets.txt"], col, chunk_chars=400, overlap=0)
+    chunk = make_search_tool(col, k=1, ranking="dense", passage="chunk")
+    cut = make_search_tool(col, k=1)  # the defaults: hybrid ranking, paragraph cut
+    whole = asyncio.run(chunk.asearch("when does the first stage separate"))[0].text
+    short = asyncio.run(cut.asearch("when does the first stage separate"))[0].text
+    assert "kerosene" in whole and "two minutes" in whole
+    assert short == "The first stage separates after about two minutes of flight."
+
+
+def test_lexical_index_is_rebuilt_when_documents_are_added(tmp_path: Path):
+    from retrieval import lexical
+
+    docs = make_docs(tmp_path / "docs")
+    store = tmp_path / "chroma"
+    col = get_collection(open_client(RetrievalConfig(), store), "kb-lex")
+    index_paths([docs / "cats.md"], col)
+    assert lexical.lexical_index(col).count == col.count()
+    assert not lexical.lexical_index(col).top("zeppelin hangar", 3)
+
+    # indexed through index_paths: found by its exact word at once
+    (docs / "airship.md").write_text("The zeppelin hangar at Friedrichshafen is 240 m long.\n")
+    index_paths([docs / "airship.md"], col)
+    hits = search(col, "zeppelin hangar", k=1, ranking="hybrid")
+    assert "Friedrichshafen" in hits[0].text
+
+    # added by another client (no index_paths in this process): the count changed
+    other = get_collection(open_client(RetrievalConfig(), store), "kb-lex")
+    other.add(
+        ids=["x1"], documents=["Quokkas live on Rottnest Island."], metadatas=[{"source": "q"}]
+    )
+    assert lexical.lexical_index(col).count == col.count()
+    assert lexical.lexical_index(col).top("quokkas", 1)
+    # a reopened collection (same id) reuses the index
+    again = get_collection(open_client(RetrievalConfig(), store), "kb-lex")
+    assert lexical.lexical_index(again) is lexical.lexical_index(col)
+
+
+async def test_retrieval_span_records_ids_and_fused_scores(cfg, scripted):
+    """The span keeps what a grader needs to tell a retrieval miss from a reading miss: the
+    passages' ids, sources, texts as shown, and the hybrid ranking's fused scores."""
+    from _agent_fixtures import call
+    from langchain_core.messages import AIMessage
+
+    from agent.agent import Agent
+    from agent.workspace import open_collection
+
+    docs = make_docs(cfg.workspace.root / "docs")
+    col = open_collection(cfg)
+    index_paths([docs], col, chunk_chars=200, overlap=30)
+    expected = search(col, "sourdough baking time", 4, "hybrid", "paragraph")
+    scripted(call("search", query="sourdough baking time"), AIMessage("Forty minutes."))
+    async with Agent(cfg, engine=object()) as agent:
+        res = await agent.run("How long is sourdough baked?", tools=["search"])
+        trace = agent.tracer.store.get(res.trace_id)
+    span = next(s for s in trace.spans if s.kind == "retrieval")
+    r = span.retrieval
+    assert r.ids == [p.id for p in expected] and r.scores == [p.score for p in expected]
+    assert r.scores == sorted(r.scores, reverse=True) and r.scores[0] <= 2 / 61 + 1e-4
+    assert Path(r.sources[0]).name == "bread.html" and r.texts == [p.text for p in expected]
+    assert span.tool.result == format_passages(expected)

@@ -9,6 +9,15 @@
   up. A number "appears" when some number in the answer equals a tool's number rounded to
   the answer's decimals (33.33 matches 33.3333). Only numeric results are checked: a search
   result's text cannot be told apart from paraphrase by a rule.
+- `ungrounded`: the answer is right but the reference answer is in no passage text that a
+  retrieval span of the episode holds: the model guessed, or knew, the fact rather than read
+  it. Checked when the task requires `search` (`requires_tools`, the task's or the
+  environment's), or requires no tool and the trace has retrieval spans (a task that requires
+  another tool gets its answer from that tool). A reference "appears" when each of its strings
+  is in one passage (`normalize_text` on both sides), or, for a number, when a passage holds
+  an equal number. `grounded_rate` is the share of right answers that are grounded. (A wrong
+  answer is a retrieval miss when the spans' `sources` lack the task's source, else a
+  reading miss.)
 - `copied_from_prompt`: the answer is mostly one span of the prompt (a run of at least 6
   words covering at least 70% of the answer's words) - it echoes the question.
 - `copied_from_demo`: a demonstration's final answer reappears in the answer of a different
@@ -23,7 +32,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from difflib import SequenceMatcher
 from typing import Any
 
@@ -37,11 +46,12 @@ from traces.read import (
     normalize_text,
     tool_calls,
 )
-from traces.schemas import GradeResult, Task, Trace
+from traces.schemas import Grade, GradeResult, Task, Trace
 
 FLAGS = (
     "required_tool_not_called",
     "tool_result_ignored",
+    "ungrounded",
     "copied_from_prompt",
     "copied_from_demo",
     "truncated",
@@ -109,6 +119,56 @@ def _number_result(text: str) -> float | None:
     if len(numbers) != 1 or len(text) > 80:
         return None
     return numbers[0][0]
+
+
+def retrieved_texts(trace: Trace) -> list[str]:
+    """The passage texts of every retrieval span of the trace, as the model was shown them
+    (not the formatted tool result: its ids and scores hold digits that are no evidence)."""
+    spans = sorted((s for s in trace.spans if s.retrieval is not None), key=lambda s: s.start)
+    return [text for s in spans for text in s.retrieval.texts]
+
+
+def reference_in(reference: Any, texts: Sequence[str]) -> bool:
+    """Whether the reference answer appears in `texts`: a number as an equal number in one of
+    them, a string (or every string of a list) as a normalised substring of one of them."""
+    if isinstance(reference, bool) or reference is None:
+        return False
+    if isinstance(reference, int | float):
+        want = float(reference)
+        return any(
+            abs(value - want) <= 1e-9 * max(1.0, abs(want))
+            for text in texts
+            for value, _, _ in find_numbers(text)
+        )
+    refs = reference if isinstance(reference, list) else [reference]
+    haystacks = [normalize_text(t) for t in texts]
+    return all(any(normalize_text(str(r)) in h for h in haystacks) for r in refs)
+
+
+def _retrieval_checked(trace: Trace, required: Sequence[str]) -> bool:
+    if "search" in required:
+        return True
+    return not required and any(s.kind == "retrieval" for s in trace.spans)
+
+
+def ungrounded(
+    task: Task, trace: Trace, result: GradeResult, requires_tools: Sequence[str] = ()
+) -> bool:
+    required = task.metadata.get("requires_tools") or list(requires_tools)
+    if result.score < PASS_SCORE or task.answer is None:
+        return False
+    if not _retrieval_checked(trace, required):
+        return False
+    return not reference_in(task.answer, retrieved_texts(trace))
+
+
+def grounded_rate(grades: Iterable[Grade]) -> float | None:
+    """The share of right answers (grade value 1.0) not flagged `ungrounded`; None when no
+    grade is right. Meant for the grades of one retrieval environment's run."""
+    right = [g for g in grades if g.value >= PASS_SCORE]
+    if not right:
+        return None
+    return sum("ungrounded" not in g.flags for g in right) / len(right)
 
 
 def copied_from_prompt(task: Task, trace: Trace) -> bool:
@@ -199,6 +259,8 @@ def compute_flags(
         flags.append("required_tool_not_called")
     if tool_result_ignored(trace):
         flags.append("tool_result_ignored")
+    if ungrounded(task, trace, result, requires_tools):
+        flags.append("ungrounded")
     if copied_from_prompt(task, trace):
         flags.append("copied_from_prompt")
     if demos and copied_from_demo(task, trace, demos):

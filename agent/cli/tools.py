@@ -138,7 +138,7 @@ def search_cmd(
     rc = cfg.retrieval
     col = get_collection(open_client(rc, cfg.workspace.chroma), collection or rc.collection)
     try:
-        passages = search(col, query, k or rc.top_k)
+        passages = search(col, query, k or rc.top_k, rc.ranking, rc.passage)
     except ValueError as e:
         err.print(str(e))
         raise typer.Exit(2) from None

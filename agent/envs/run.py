@@ -117,7 +117,8 @@ def env_tools(cfg: Config, env: Environment) -> list[Tool]:
 
         coll = open_collection(cfg, env.collection or f"env-{env.name}")
         index_paths([env.corpus_dir], coll, cfg.retrieval.chunk_chars, cfg.retrieval.chunk_overlap)
-        tools.append(make_search_tool(coll, k=cfg.retrieval.top_k))
+        r = cfg.retrieval
+        tools.append(make_search_tool(coll, k=r.top_k, ranking=r.ranking, passage=r.passage))
     return tools
 
 
