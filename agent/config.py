@@ -226,6 +226,18 @@ class Config(_Section):
     def workspace(self) -> Workspace:
         return Workspace(self.home)
 
+    @model_validator(mode="after")
+    def _mcp_timeouts_below_the_agents(self) -> Config:
+        # the server's own timeout must fire first: only then is a hung server restarted
+        for server in self.mcp:
+            if server.timeout_s >= self.agent.tool_timeout_s:
+                raise ValueError(
+                    f"[[mcp]] '{server.name}' timeout_s = {server.timeout_s:g} must be below "
+                    f"[agent] tool_timeout_s = {self.agent.tool_timeout_s:g}, or a hung server "
+                    "is never restarted: lower the first or raise the second"
+                )
+        return self
+
 
 class Workspace:
     """The one folder a run writes to. Deleting it resets the project."""
@@ -275,10 +287,14 @@ class Workspace:
 
 
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
-    """`SELFTUNE_SECTION__KEY=value` -> {"section": {"key": value}}; values parse as JSON if they can."""
+    """`SELFTUNE_SECTION__KEY=value` -> {"section": {"key": value}}; values parse as JSON if they can.
+
+    Only names with a `__` are config keys: `SELFTUNE_HOME` and other one-word variables (like
+    `SELFTUNE_VLLM_PIP_ARGS`, read by the vLLM installer) belong to the programs that read them.
+    """
     out: dict[str, Any] = {}
     for key, raw in environ.items():
-        if not key.startswith("SELFTUNE_") or key == "SELFTUNE_HOME":
+        if not key.startswith("SELFTUNE_") or "__" not in key:
             continue
         path = key[len("SELFTUNE_") :].lower().split("__")
         try:

@@ -76,3 +76,31 @@ def test_updated_keeps_unset_values_and_validates_the_given_ones():
     assert train.updated(max_steps=3).max_steps == 3 and train.max_steps == -1
     with pytest.raises(ValueError, match="above max_lora_rank"):
         train.updated(lora_r=128)
+
+
+def test_only_section_variables_are_config_keys_and_a_typo_names_the_closest(tmp_path):
+    from agent.config import ConfigError, load_config
+
+    cfg = load_config(
+        environ={
+            "SELFTUNE_HOME": str(tmp_path),
+            "SELFTUNE_VLLM_PIP_ARGS": "--index-url http://127.0.0.1:1/simple",  # the installer's
+            "SELFTUNE_MODEL__MAX_NEW_TOKENS": "64",
+        }
+    )
+    assert cfg.model.max_new_tokens == 64
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        load_config(environ={"SELFTUNE_MODEL__MAX_NEW_TOKEN": "64"})
+
+
+def test_an_mcp_timeout_at_or_above_the_agents_is_refused(tmp_path):
+    from agent.config import ConfigError, load_config
+
+    toml = tmp_path / "selftune.toml"
+    toml.write_text('[[mcp]]\nname = "slow"\ncommand = "x"\ntimeout_s = 30\n')
+    with pytest.raises(ConfigError, match="must be below .agent. tool_timeout_s = 30"):
+        load_config(toml)
+    toml.write_text(
+        '[agent]\ntool_timeout_s = 60\n[[mcp]]\nname = "slow"\ncommand = "x"\ntimeout_s = 30\n'
+    )
+    assert load_config(toml).mcp[0].timeout_s == 30
