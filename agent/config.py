@@ -176,6 +176,11 @@ class GrpoConfig(_Section):
 class GateConfig(_Section):
     """`[tuner.gate]`: how much better a candidate must be, and how much worse it may not get."""
 
+    # "mcnemar": promote only on a significant paired gain (exact McNemar test on the episodes
+    # where the two models disagree, one-sided, at `alpha`); "margin": the old rule, the
+    # candidate's pooled success rate must beat the active one's by `margin`
+    test: Literal["mcnemar", "margin"] = "mcnemar"
+    alpha: float = Field(default=0.05, gt=0.0, lt=1.0)
     margin: float = Field(default=0.05, ge=0.0, le=1.0)
     guard_margin: float = Field(default=0.05, ge=0.0, le=1.0)
 

@@ -15,7 +15,8 @@ from tuner.gate import GateError, compare_rates, decide, gate
 from tuner.registry import Registry
 from tuner.schemas import Guard
 
-SETTINGS = GateConfig(margin=0.05, guard_margin=0.05)
+# the rate-margin rule, for the tests of the pooled target and guards; the paired test below
+SETTINGS = GateConfig(test="margin", margin=0.05, guard_margin=0.05)
 
 
 def summary(env: str, successes: int, n: int = 20, flag_rate: float = 0.0, **kw) -> SuiteResult:
@@ -144,6 +145,7 @@ async def test_the_improve_job_decides_through_the_one_gate(tmp_path, monkeypatc
     make(tmp_path, 2)  # the workspace's registry: tmp_path/adapters
     cfg = load_config(environ={"SELFTUNE_HOME": str(tmp_path)})
     cfg.improve.envs = ["calc", "chat"]
+    cfg.tuner.gate.test = "margin"  # four tasks gained of 40: the paired test would say "noise"
     pairs = {"calc": (summary("calc", 16), summary("calc", 12)),
              "chat": (summary("chat", 9), summary("chat", 10))}  # fmt: skip
     seen = []
@@ -205,3 +207,44 @@ def test_gate_command_evaluates_two_registry_versions_and_records_the_decision(c
     again = subprocess.run([*args[:5], "--against", "v2"], env=env, cwd=root, capture_output=True,
                            text=True)  # fmt: skip
     assert again.returncode == 1 and "reference itself" in again.stderr
+
+
+def paired(env: str, solved: set[int], n: int = 54, kinds: tuple[str, ...] = ("a", "b")):
+    """A result on tasks t0..t{n-1} with exactly the tasks in `solved` solved."""
+    outcomes = [
+        EpisodeOutcome(f"t{i}", 0, f"{env}-{i}", "ok", float(i in solved), i in solved, [], 1,
+                       10, 0.1, "x", kind=kinds[i % len(kinds)])
+        for i in range(n)
+    ]  # fmt: skip
+    return SuiteResult(env=env, n=n, successes=len(solved), success_rate=len(solved) / n,
+                       seed=0, temperature=0.0, outcomes=outcomes)  # fmt: skip
+
+
+PAIRED = GateConfig(test="mcnemar", alpha=0.05, guard_margin=0.05)
+
+
+def test_a_significant_paired_gain_is_promoted():
+    active = set(range(20))
+    candidate = active | set(range(20, 30))  # won 10, lost none: p = 0.5 ** 10
+    r = decide([paired("calc", candidate)], [paired("calc", active)], PAIRED)
+    assert r.promote and r.numbers["mcnemar_p[calc]"]["candidate"] == pytest.approx(0.5**10)
+    assert "won 10 and lost 0" in r.reasons[0] and "significant" in r.reasons[0]
+
+
+def test_a_gain_inside_the_noise_is_rejected_though_it_beats_the_old_margin():
+    active = set(range(20))
+    candidate = (active - {0, 1}) | {20, 21, 22, 23, 24}  # won 5, lost 2: +3 of 54
+    margin_rule = decide([paired("calc", candidate)], [paired("calc", active)], SETTINGS)
+    assert margin_rule.promote  # +0.056 clears the fixed 0.05 margin
+    r = decide([paired("calc", candidate)], [paired("calc", active)], PAIRED)
+    assert not r.promote and "not significant" in r.reasons[0]
+    assert r.numbers["mcnemar_p[calc]"]["candidate"] == pytest.approx(0.2265625)
+
+
+def test_the_report_says_per_task_kind_where_the_candidate_won_and_lost():
+    active = set(range(20))
+    candidate = (active - {0, 2}) | {21, 23, 25, 27, 29, 31, 33, 35, 37, 39, 41, 43}
+    r = decide([paired("calc", candidate)], [paired("calc", active)], PAIRED)
+    # even task ids are kind "a", odd ones "b": the losses are a's, the wins b's
+    assert r.by_kind == {"a": {"won": 0, "lost": 2, "tasks": 27},
+                         "b": {"won": 12, "lost": 0, "tasks": 27}}  # fmt: skip

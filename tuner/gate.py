@@ -153,6 +153,48 @@ def pooled(results: Sequence[SuiteResult]) -> SuiteResult:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class PairedTest:
+    """Candidate vs active on the same episodes: who won where the two disagree."""
+
+    won: int  # episodes the candidate solved and the active model did not
+    lost: int  # the other way round
+    same: int  # both solved, or both failed
+    p_value: float  # exact McNemar, one-sided: P(won >= observed | no difference)
+
+
+def paired_test(candidate: SuiteResult, active: SuiteResult) -> PairedTest:
+    """The exact McNemar test over the episodes both played (same task and sample).
+
+    Only the discordant episodes carry information about which model is better; under "no
+    difference" each is a fair coin, so the p-value is a binomial tail (scipy's binomtest).
+    """
+    from scipy.stats import binomtest
+
+    mine = {(o.task_id, o.sample): o.success for o in candidate.outcomes}
+    theirs = {(o.task_id, o.sample): o.success for o in active.outcomes}
+    both = mine.keys() & theirs.keys()
+    won = sum(1 for k in both if mine[k] and not theirs[k])
+    lost = sum(1 for k in both if theirs[k] and not mine[k])
+    p = binomtest(won, won + lost, 0.5, alternative="greater").pvalue if won + lost else 1.0
+    return PairedTest(won, lost, len(both) - won - lost, float(p))
+
+
+def by_kind(candidate: SuiteResult, active: SuiteResult) -> dict[str, dict[str, int]]:
+    """Per task kind: the episodes the candidate won and lost against the active model."""
+    theirs = {(o.task_id, o.sample): o.success for o in active.outcomes}
+    out: dict[str, dict[str, int]] = {}
+    for o in candidate.outcomes:
+        row = out.setdefault(o.kind, {"won": 0, "lost": 0, "tasks": 0})
+        row["tasks"] += 1
+        other = theirs.get((o.task_id, o.sample))
+        if other is None:
+            continue
+        row["won"] += int(o.success and not other)
+        row["lost"] += int(other and not o.success)
+    return dict(sorted(out.items()))
+
+
 def decide(
     candidate: Sequence[SuiteResult], active: Sequence[SuiteResult], settings: GateConfig
 ) -> GateResult:
@@ -171,12 +213,44 @@ def decide(
         )
     by_env = {r.env: r for r in active}
     active = [by_env.get(c.env, a) for c, a in zip(candidate, active, strict=True)]
-    return compare_rates(
-        pooled(candidate),
-        pooled(active),
-        margin=settings.margin,
-        guards=guards_from(candidate, active, guard_margin=settings.guard_margin),
+    mine, theirs = pooled(candidate), pooled(active)
+    guards = guards_from(candidate, active, guard_margin=settings.guard_margin)
+    if settings.test == "margin":
+        result = compare_rates(mine, theirs, margin=settings.margin, guards=guards)
+    else:
+        result = _paired_decision(mine, theirs, settings, guards)
+    result.by_kind = by_kind(mine, theirs)
+    return result
+
+
+def _paired_decision(
+    mine: SuiteResult, theirs: SuiteResult, settings: GateConfig, guards: dict[str, Guard]
+) -> GateResult:
+    """Promote on a significant paired gain (and no guard past its margin)."""
+    # the rate row is shown for reading; the decision on the target is the paired test's
+    result = compare_rates(mine, theirs, margin=0.0, guards=guards)
+    test = paired_test(mine, theirs)
+    ok = test.won > test.lost and test.p_value <= settings.alpha
+    key = f"success_rate[{mine.env}]"
+    result.numbers[key]["ok"] = ok
+    result.numbers[f"mcnemar_p[{mine.env}]"] = {
+        "active": settings.alpha,
+        "candidate": test.p_value,
+        "delta": test.p_value - settings.alpha,
+        "margin": 0.0,
+        "higher_is_better": False,
+        "ok": ok,
+        "won": test.won,
+        "lost": test.lost,
+    }
+    verdict = "significant" if ok else "not significant"
+    result.reasons[0] = (
+        f"{key} {theirs.success_rate:.3f} -> {mine.success_rate:.3f}: the candidate won "
+        f"{test.won} and lost {test.lost} of {test.won + test.lost + test.same} paired episodes, "
+        f"exact McNemar p = {test.p_value:.4f} ({verdict} at alpha {settings.alpha:g})"
     )
+    result.promote = ok and all(row["ok"] for row in result.numbers.values())
+    return result
 
 
 def gate_table(result: GateResult) -> Table:
@@ -235,6 +309,12 @@ def gate(
     else:
         registry.reject(candidate, result)
     (console or Console()).print(gate_table(result))
+    if result.by_kind:
+        (console or Console()).print(
+            "by task kind (won/lost): "
+            + ", ".join(f"{k} {v['won']}/{v['lost']}" for k, v in result.by_kind.items()),
+            highlight=False,
+        )
     return result
 
 

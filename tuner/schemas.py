@@ -55,6 +55,8 @@ class GateResult(_Schema):
     candidate: str | None = None
     active: str | None = None  # None: the base model
     decided_at: float = Field(default_factory=time.time)
+    # task kind -> {"won": n, "lost": n, "tasks": n}: where the candidate gained and lost
+    by_kind: dict[str, dict[str, int]] = Field(default_factory=dict)
 
 
 class AdapterRecord(_Schema):

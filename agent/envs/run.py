@@ -42,6 +42,14 @@ class EpisodeOutcome:
     answer: str | None
     grade_error: str | None = None
     grade_s: float = 0.0
+    kind: str = "-"  # the task's kind, for the gate's per-kind report (task_kind)
+
+
+def task_kind(task: Task) -> str:
+    """What kind of task this is, from its metadata: `kind`, else the generator's `template`,
+    else the `source` document; "-" when it says none."""
+    meta = task.metadata or {}
+    return str(meta.get("kind") or meta.get("template") or meta.get("source") or "-")
 
 
 class SuiteResult(BaseModel):
@@ -270,6 +278,7 @@ async def run_suite(
             (s.llm.input_tokens or 0) + (s.llm.output_tokens or 0) for s in trace.spans if s.llm
         )
         return EpisodeOutcome(
+            kind=task_kind(task),
             task_id=task.id,
             sample=sample,
             trace_id=res.trace_id,
