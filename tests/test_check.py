@@ -57,3 +57,14 @@ def test_the_command_exits_1_and_names_the_failing_probe(tmp_path, cli_env):
     assert done.returncode == 1, done.stderr
     report = json.loads(done.stdout)
     assert report["failed_by_probe"]["echo"] == 6 and not report["ok"]
+
+
+def test_improve_stops_on_a_broken_grader_before_collecting(tmp_path, cli_env):
+    folder = _env(tmp_path, grade="1.0")
+    done = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "improve", str(folder), "--fresh"],
+        env=cli_env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "the grader failed 18 probes on 6 tasks" in done.stderr.replace("\n", " ")
+    assert "collect" not in done.stdout  # no episode was played

@@ -468,10 +468,24 @@ class ImproveJob:
         self._save()
         return cycle
 
+    async def _check_graders(self) -> None:
+        """Reward integrity before anything is paid for: each environment's grader must give
+        the references 1 and empty, constant and echoed answers 0 (`selftune check`)."""
+        from agent.envs import load_environment
+        from agent.envs.check import check_environment
+
+        for env in self.settings.envs:
+            report = await check_environment(load_environment(env, config=self.cfg.agent))
+            if report.blocks_training():
+                raise ImproveError(report.summary())
+            if report.failures:
+                self.console.print(f"[yellow]warning:[/yellow] {report.summary()}", highlight=False)
+
     async def run(self) -> JobState:
         budget = self.settings.budget_minutes
         deadline = time.time() + budget * 60 if budget else None
         try:
+            await self._check_graders()
             await self._baseline()
             for i in range(1, self.settings.cycles + 1):
                 done = next((c for c in self.state.cycles if c.index == i), None)
