@@ -35,3 +35,29 @@ def test_an_unknown_perturbation_names_the_known_ones():
     assert parse_perturbations("typos, case") == ["typos", "case"]
     with pytest.raises(ValueError, match="choose from typos, case, spacing, verbose, terse"):
         parse_perturbations("typos,shouting")
+
+
+@pytest.mark.slow
+def test_eval_perturb_runs_the_same_tasks_clean_and_messy(cli_env):
+    import json
+    import subprocess
+    import sys
+
+    from traces.schemas import TraceQuery
+    from traces.store import TraceStore
+
+    done = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "eval", "calculator", "--limit", "2",
+         "--perturb", "case", "--concurrency", "2", "--json"],
+        env={**cli_env, "SELFTUNE_MODEL__MAX_NEW_TOKENS": "24"},
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(done.stdout)
+    assert set(results) == {"clean", "case"} and results["case"]["perturb"] == "case"
+    assert list(results["clean"]["per_task"]) == list(results["case"]["per_task"])
+    store = TraceStore(f"{cli_env['SELFTUNE_HOME']}/traces.db")
+    asked = {t.metadata.get("perturb"): t for t in store.query(TraceQuery(env="calculator"))}
+    messy = store.get(asked["case"].id)
+    first = next(s for s in messy.spans if s.kind == "llm")
+    assert first.llm.messages[-1]["content"] == first.llm.messages[-1]["content"].lower()

@@ -94,7 +94,7 @@ def _row(active: float, candidate: float, margin: float, higher: bool, ok: bool)
 
 
 # what makes two evaluations comparable: the same episodes, played the same way
-_SAME = ("env", "split", "n", "seed", "temperature", "few_shot", "samples")
+_SAME = ("env", "split", "n", "seed", "temperature", "few_shot", "samples", "perturb")
 
 
 def _check_comparable(candidate: SuiteResult, active: SuiteResult) -> None:

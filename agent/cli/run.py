@@ -172,6 +172,27 @@ def _suite(ctx: typer.Context, env: str, as_json: bool, **options) -> None:
         print_suite(result, out)
 
 
+def _robustness(ctx: typer.Context, env: str, spec: str, as_json: bool, **options) -> None:
+    """Clean and perturbed runs of the same tasks, and the gap table."""
+    from agent.cli.show import print_robustness
+    from agent.envs.perturb import parse_perturbations
+    from agent.envs.run import run_robustness
+
+    try:
+        names = parse_perturbations(spec)
+    except ValueError as e:
+        fail(str(e), 2)
+    cfg = get_config(ctx)
+    try:
+        results = asyncio.run(run_robustness(cfg, env, names, progress=not as_json, **options))
+    except Exception as e:  # noqa: BLE001 - every failure becomes one readable line
+        fail(f"{type(e).__name__}: {e}")
+    if as_json:
+        out.print_json(json.dumps({k: r.to_dict() for k, r in results.items()}))
+    else:
+        print_robustness(results, out)
+
+
 def eval_cmd(
     ctx: typer.Context,
     env: Env,
@@ -185,8 +206,22 @@ def eval_cmd(
     seed: Seed = 0,
     as_json: Json = False,
     strict: Strict = False,
+    perturb: Annotated[
+        str | None,
+        typer.Option(
+            help="also run the tasks as users mistype them and print the gap: "
+            "typos,case,spacing,verbose,terse (any of them, comma-separated)"
+        ),
+    ] = None,
 ) -> None:
     """Run the agent on an environment's tasks, grade every trace, print the success rate."""
+    if perturb is not None:
+        _robustness(
+            ctx, env, perturb, as_json, split=split, limit=limit, concurrency=concurrency,
+            adapter=adapter, few_shot=few_shot, samples=samples, temperature=temperature,
+            seed=seed, strict=strict,
+        )  # fmt: skip
+        return
     _suite(
         ctx, env, as_json, split=split, limit=limit, concurrency=concurrency, adapter=adapter,
         few_shot=few_shot, samples=samples, temperature=temperature, seed=seed, strict=strict,

@@ -59,3 +59,26 @@ def print_checks(checks: list[Any], cfg: Any, console: Console) -> None:
         table.add_row(c.name, "[green]yes[/green]" if c.ok else "[red]no[/red]", c.detail)
     console.print(table)
     console.print(f"model: {cfg.model.name}   backend: {cfg.model.backend}")
+
+
+def print_robustness(results: dict[str, Any], console: Console) -> None:
+    """Success clean and under each perturbation, with the gap to clean."""
+    clean = results["clean"]
+    table = Table(
+        title=f"{clean.env} / {clean.split}: messy prompts  (adapter {clean.adapter or 'base'})"
+    )
+    for col in ("prompts", "success", "95% CI", "gap to clean"):
+        table.add_column(col, justify="right" if col != "prompts" else "left")
+    for name, r in results.items():
+        lo, hi = r.ci95
+        gap = r.success_rate - clean.success_rate
+        table.add_row(
+            name,
+            f"{r.success_rate:.1%} ({r.successes}/{r.n})",
+            f"{lo:.1%}-{hi:.1%}",
+            "-" if name == "clean" else f"{gap:+.1%}",
+        )
+    console.print(table)
+    gap, name = min((r.success_rate - clean.success_rate, n) for n, r in results.items())
+    if gap < 0:
+        console.print(f"largest gap: {name} {gap:+.1%}")

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from agent.agent import Agent, RunResult
 from agent.config import Config
 from agent.envs import Environment, load_environment
+from agent.envs.perturb import perturb as perturb_prompt
 from tools.base import Tool
 from traces.schemas import Grade, Task, Trace
 
@@ -77,6 +78,7 @@ class SuiteResult(BaseModel):
     samples: int = 1
     temperature: float | None = None
     seed: int = 0
+    perturb: str | None = None  # the prompts as this perturbation wrote them (None: clean)
     outcomes: list[EpisodeOutcome] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -207,13 +209,16 @@ async def run_suite(
     strict: bool = False,
     task_ids: set[str] | None = None,
     hints: bool = False,
+    perturb: str | None = None,
 ) -> SuiteResult:
     """Run `samples` episodes per task of `split` (first `limit` tasks), `concurrency` at once,
     grade each trace into the store, and summarise. Same seeds, same sampling for every
     adapter, so two runs differ only in the adapter.
 
     `hints`: append each task's hint (if it has one) to its prompt; for collection only. The
-    trace records `hinted`, and training rows get the task's own prompt back."""
+    trace records `hinted`, and training rows get the task's own prompt back.
+    `perturb`: ask each task as that perturbation writes it (agent.envs.perturb: typos, case,
+    spacing, verbose, terse), seeded by `seed` and the task id; graded against the same answer."""
     environment = (
         env
         if isinstance(env, Environment)
@@ -245,8 +250,9 @@ async def run_suite(
                 environment, few_shot, store, exclude_task=task.id, prompt=task.prompt
             )
             hinted = bool(hints and task.hint)
+            prompt = perturb_prompt(task.prompt, perturb, seed, task.id) if perturb else task.prompt
             res: RunResult = await agent.run(
-                f"{task.prompt}\n\nHint: {task.hint}" if hinted else task.prompt,
+                f"{prompt}\n\nHint: {task.hint}" if hinted else prompt,
                 tools=task.tools if task.tools is not None else environment.tool_names,
                 extra_tools=extra,
                 subagents=environment.subagent_configs(),
@@ -262,6 +268,7 @@ async def run_suite(
                     "few_shot": few_shot,
                     "task_prompt": task.prompt,
                     "hinted": hinted,
+                    "perturb": perturb,
                     "task_answer": task.answer,
                     "task_grader": task.grader or environment.grader,
                 },
@@ -326,6 +333,7 @@ async def run_suite(
         samples=samples,
         temperature=temperature,
         seed=seed,
+        perturb=perturb,
         outcomes=sorted(outcomes, key=lambda o: (o.task_id, o.sample)),
     )
 
@@ -348,3 +356,14 @@ async def _gather_with_progress(coros: list, show: bool, label: str) -> list:
             return r
 
         return list(await asyncio.gather(*(tick(c) for c in coros)))
+
+
+async def run_robustness(
+    cfg: Config, env: str, perturbations: Sequence[str], **options: Any
+) -> dict[str, SuiteResult]:
+    """The same tasks, seeds and sampling clean and under each perturbation: {"clean": ...,
+    "typos": ...}. The gap to "clean" is how much messy typing costs the model."""
+    results = {"clean": await run_suite(cfg, env, **options)}
+    for name in perturbations:
+        results[name] = await run_suite(cfg, env, perturb=name, **options)
+    return results
