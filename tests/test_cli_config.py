@@ -3,6 +3,8 @@ the file's name, instead of running on the defaults."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from typer.testing import CliRunner
 
@@ -133,3 +135,11 @@ def test_help_keeps_its_brackets_and_h_and_version_work():
     assert result.exit_code == 0 and "(default: [agent] tools)" in result.output
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.startswith("selftune ")
+
+
+def test_doctor_and_adapters_list_speak_json(cli_env):
+    result = CliRunner(env=cli_env).invoke(app, ["doctor", "--json"])
+    checks = json.loads(result.output)
+    assert {"name", "ok", "detail"} <= set(checks[0]) and any(c["name"] == "config" for c in checks)
+    result = CliRunner(env=cli_env).invoke(app, ["adapters", "list", "--json"])
+    assert result.exit_code == 0 and json.loads(result.output) == []

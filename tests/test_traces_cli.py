@@ -116,3 +116,13 @@ def test_config_from_ctx_obj_and_missing_store(tmp_path: Path, monkeypatch):
         store.save(make_trace(env="cfgenv"))
     res = run("stats", obj={"config": str(cfg)})
     assert res.exit_code == 0 and "cfgenv" in res.output
+
+
+def test_list_json_is_one_object_per_trace_with_its_grades(home):
+    _, t = home
+    r = run("list", "--env", "calc", "--json")
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in r.output.splitlines()]
+    assert {row["task_id"] for row in rows} == {"old-task", "t-ok"}
+    ok = next(row for row in rows if row["id"] == t["ok"].id)
+    assert ok["adapter"] == "v1" and ok["grades"][0]["grader"] == "numeric"

@@ -43,14 +43,20 @@ def setup(
         fail(str(e))
 
 
-def doctor(ctx: typer.Context) -> None:
+def doctor(
+    ctx: typer.Context,
+    as_json: Json = False,
+) -> None:
     """Show what is installed and where, the configuration, and whether each part is reachable."""
     from agent.cli.doctor import run_checks
     from agent.cli.show import print_checks
 
     cfg = get_config(ctx)
     checks = run_checks(cfg)
-    print_checks(checks, cfg, out)
+    if as_json:
+        typer.echo(json.dumps([vars(c) for c in checks], indent=2))
+    else:
+        print_checks(checks, cfg, out)
     if not all(c.ok for c in checks):
         raise typer.Exit(1)
 

@@ -6,6 +6,7 @@ store is `[traces] db`, else `<workspace>/traces.db`.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,12 +89,19 @@ def list_cmd(
     max_grade: MaxGrade = None,
     grader: Grader = None,
     limit: Annotated[int, typer.Option("--limit", min=1)] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per trace")] = False,
 ) -> None:
     """List traces, newest first."""
     q = _query(env, task, adapter, status, tag, since, until, min_grade, max_grade, grader, limit)
     try:
         with _open(ctx) as store:
             traces = store.query(q)
+            if as_json:
+                for t in traces:
+                    row = t.model_dump(mode="json", exclude={"spans"})
+                    row["grades"] = [g.model_dump(mode="json") for g in store.grades(t.id)]
+                    typer.echo(json.dumps(row, ensure_ascii=False))
+                return
             console.print(trace_table(traces, {t.id: store.grades(t.id) for t in traces}))
     except TraceStoreError as e:
         fail(str(e))

@@ -222,9 +222,15 @@ def _when(t: float) -> str:
 
 
 @adapters_app.command("list")
-def adapters_list(ctx: typer.Context) -> None:
+def adapters_list(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="the records as a JSON list")] = False,
+) -> None:
     """Every version with its status, lineage and training result."""
     reg = _registry(ctx)
+    if as_json:
+        typer.echo(json.dumps([r.model_dump(mode="json") for r in reg.list()], indent=2))
+        return
     table = Table(title=f"adapters in {reg.root}")
     for col in ("version", "status", "parent", "base model", "kind", "steps", "loss", "created"):
         table.add_column(col)
