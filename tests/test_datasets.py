@@ -810,3 +810,10 @@ def test_trl_trainers_tokenize_the_rows(store: TraceStore, tmp_path: Path, model
         model=model, processing_class=tok, train_dataset=load("kto"), args=KTOConfig(**common)
     )
     assert sorted(kto.train_dataset["label"]) == [False, True, True, True]
+
+
+def test_a_store_of_eval_traces_says_to_collect_on_the_train_split(store):
+    held_out = calc_episode("h", "6+6", "12", "12", metadata={"split": "test"})
+    save(store, held_out, grade(held_out, 1.0))
+    with pytest.raises(DatasetError, match=r"held-out test split .*`selftune collect ENV`"):
+        build_dataset(store, "sft", store.path.parent / "sft", DatasetFilters())

@@ -698,8 +698,13 @@ def build_dataset(
     if not built.rows:
         why = ", ".join(f"{r}: {n}" for r, n in built.excluded.items()) or "no traces matched"
         where = f" of environment {filters.env!r}" if filters.env else ""
-        raise DatasetError(
-            f"no {kind} rows from {len(traces)} traces{where} ({why}): run and grade more "
-            "episodes, or loosen --min-score / --since / --grader"
-        )
+        fix = "run and grade more episodes, or loosen --min-score / --since / --grader"
+        if built.excluded.get("test_split") and len(traces) == built.excluded["test_split"]:
+            # `eval` plays the test split, which is held out from training on purpose
+            fix = (
+                "every trace is from the held-out test split (what `selftune eval` plays), which "
+                "is never trained on: collect on the train split with `selftune collect ENV` "
+                "(or `selftune eval ENV --split train`)"
+            )
+        raise DatasetError(f"no {kind} rows from {len(traces)} traces{where} ({why}): {fix}")
     return write_dataset(built, out, filters, formats, scrub_patterns)
