@@ -189,5 +189,5 @@ def real_adapter(folder: Path, base_dir: Path, r: int = 8) -> Path:
     base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     model = get_peft_model(base, lora_config(TrainConfig(lora_r=r)))
     model.save_pretrained(str(folder), save_embedding_layers=False)
-    finish_adapter_config(folder, "smollm2-135m-instruct")
+    finish_adapter_config(folder, base_dir)
     return folder

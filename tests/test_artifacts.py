@@ -68,3 +68,29 @@ def test_setup_puts_our_template_in_the_model_folder(cfg):
     folder = setup_model(cfg, log=lambda _: None)
     assert AutoTokenizer.from_pretrained(str(folder)).chat_template == SELFTUNE_TEMPLATE
     assert "{% generation %}" not in (folder / ORIGINAL_TEMPLATE).read_text()  # SmolLM2's own
+
+
+# a child with nothing from selftune: PEFT finds the base model from the adapter folder alone
+AUTO_PEFT = textwrap.dedent(
+    """
+    import sys
+    from peft import AutoPeftModelForCausalLM
+    model = AutoPeftModelForCausalLM.from_pretrained(sys.argv[1])
+    print(type(model).__name__, model.peft_config["default"].r)
+    """
+)
+
+
+def test_peft_loads_our_adapter_folder_with_nothing_but_the_folder(tmp_path, model_path):
+    from _tuner_fixtures import real_adapter
+
+    folder = real_adapter(tmp_path / "v1", model_path, r=8)
+    script = tmp_path / "auto_peft.py"
+    script.write_text(AUTO_PEFT)
+    done = subprocess.run(
+        [sys.executable, str(script), str(folder)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["PeftModelForCausalLM", "8"]

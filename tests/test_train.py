@@ -130,7 +130,7 @@ def test_sft_adapter_is_standard_peft_and_changes_logits(tmp_path, model_path):
     assert acfg["modules_to_save"] in (None, [])
     assert acfg["r"] == 16 and acfg["r"] <= 64
     assert sorted(acfg["target_modules"]) == sorted(ALL_LINEAR)
-    assert acfg["base_model_name_or_path"] == "smollm2-135m-instruct"
+    assert acfg["base_model_name_or_path"] == str(model_path.resolve())  # a path that resolves
     assert result.metrics["global_step"] == 1 and result.metrics["last_loss"] > 0
     assert not (tmp_path / "adapter.work").exists()  # checkpoints cleaned after success
 

@@ -41,6 +41,7 @@ from rich.console import Console
 from rich.table import Table
 
 from agent.config import Config, GrpoConfig  # [tuner.grpo], a section of the one config tree
+from agent.model.files import model_dir
 from tools.errors import SelftuneError
 
 if TYPE_CHECKING:
@@ -284,7 +285,7 @@ def load_policy(
     return Policy(model, load_tokenizer(base_dir), optimizer, device, ref)
 
 
-def save_adapter(policy: Policy, folder: Path, base_name: str) -> Path:
+def save_adapter(policy: Policy, folder: Path, base: Path | str) -> Path:
     """The policy's adapter as a PEFT folder written beside `folder`; returns that temp folder."""
     from tuner.train import finish_adapter_config
 
@@ -292,15 +293,15 @@ def save_adapter(policy: Policy, folder: Path, base_name: str) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     # embeddings are never trained; "auto" would look the base config up on the hub
     policy.model.save_pretrained(str(tmp), save_embedding_layers=False)
-    finish_adapter_config(tmp, base_name)
+    finish_adapter_config(tmp, base)
     return tmp
 
 
-def save_checkpoint(policy: Policy, folder: Path, base_name: str) -> None:
+def save_checkpoint(policy: Policy, folder: Path, base: Path | str) -> None:
     """Adapter and optimizer to `folder`, complete or absent."""
     import torch
 
-    tmp = save_adapter(policy, folder, base_name)
+    tmp = save_adapter(policy, folder, base)
     torch.save(policy.optimizer.state_dict(), tmp / "optimizer.pt")
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
@@ -559,7 +560,7 @@ class GrpoRun:
     def _checkpoint(self, step: int) -> None:
         """The step's adapter and optimizer to `checkpoint-<step>`, then the state."""
         folder = self.dir / f"checkpoint-{step}"
-        save_checkpoint(self.policy, folder, self.cfg.model.name)
+        save_checkpoint(self.policy, folder, model_dir(self.cfg))
         old = self.state.checkpoint
         self.state.checkpoint = str(folder)
         save_state(self.dir, self.state)
@@ -672,7 +673,7 @@ class GrpoRun:
                 if checkpoint is None:  # the adapter the run starts from (fresh LoRA = base)
                     checkpoint = self.dir / "start"
                     shutil.rmtree(checkpoint, ignore_errors=True)
-                    save_adapter(self.policy, checkpoint, self.cfg.model.name).rename(checkpoint)
+                    save_adapter(self.policy, checkpoint, model_dir(self.cfg)).rename(checkpoint)
                 t0 = time.perf_counter()
                 policy = await self._sync_policy(self.state.step, checkpoint)
                 sync_s = time.perf_counter() - t0

@@ -4,7 +4,7 @@
 
 A dataset folder holds JSONL rows exactly as TRL reads them (REQUIRED_COLUMNS below) and a
 `manifest.json`. The result is a standard PEFT folder (no `modules_to_save`, rank vLLM can
-serve) whose `base_model_name_or_path` is the base model's name, not a temporary path.
+serve) whose `base_model_name_or_path` is the base model's folder, a path that resolves.
 
 Settings chosen on purpose (TRL's defaults are for GPUs): bf16 only where the hardware has it
 (`agent.model.hardware`, the rule inference follows too: CPUs without avx512_bf16/amx fail or
@@ -538,7 +538,7 @@ def train(
         shutil.rmtree(tmp, ignore_errors=True)
     trainer.save_model(str(tmp))
     if trainer.is_world_process_zero():
-        finish_adapter_config(tmp, base_model or base_model_name(base_dir))
+        finish_adapter_config(tmp, base_dir)
         # the tokenizer and chat_template.jinja stay: they record what the adapter was trained
         # on; the pickled TrainingArguments go (train_config.json says the same, readably)
         (tmp / "training_args.bin").unlink(missing_ok=True)
@@ -549,16 +549,19 @@ def train(
     return TrainResult(adapter_dir=out, metrics=metrics, config=cfg)
 
 
-def finish_adapter_config(folder: Path, base_name: str) -> None:
-    """Record the base model by name (not a temp path) in a saved adapter folder, and refuse one
-    that saves whole modules (vLLM cannot serve it). GRPO's checkpoints go through it too."""
+def finish_adapter_config(folder: Path, base: Path | str) -> None:
+    """Record the base model in a saved adapter folder as a path that resolves (the model
+    folder, absolute), so PEFT's AutoPeftModelForCausalLM loads the adapter with nothing from
+    selftune; refuse one that saves whole modules (vLLM cannot serve it). GRPO's checkpoints
+    go through it too."""
     path = folder / "adapter_config.json"
     data = json.loads(path.read_text())
     if data.get("modules_to_save"):
         raise TrainError(
             f"the adapter would save whole modules {data['modules_to_save']}; vLLM cannot serve it"
         )
-    data["base_model_name_or_path"] = base_name
+    local = Path(base).expanduser()
+    data["base_model_name_or_path"] = str(local.resolve()) if local.is_dir() else str(base)
     path.write_text(json.dumps(data, indent=2))
 
 
