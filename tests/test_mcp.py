@@ -305,3 +305,27 @@ def test_our_server_over_streamable_http():
 def test_tool_names_are_valid_function_names():
     assert tool_name("fs", "read_file") == "fs__read_file"
     assert tool_name("my-srv", "ns.tool/x") == "my-srv__ns_tool_x"
+
+
+def test_our_server_names_its_version_and_annotates_its_tools():
+    from importlib.metadata import version
+
+    from mcp import ClientSession, StdioServerParameters
+    from mcp.client.stdio import stdio_client
+
+    params = StdioServerParameters(
+        command=sys.executable, args=["-m", "tools.mcp_server"], cwd=str(REPO)
+    )
+
+    async def main():
+        async with stdio_client(params) as (read, write), ClientSession(read, write) as s:
+            init = await s.initialize()
+            assert init.serverInfo.version == version("selftune")
+            listed = {t.name: t for t in (await s.list_tools()).tools}
+            calc = listed["calculator"]
+            assert calc.annotations.readOnlyHint and calc.annotations.idempotentHint
+            assert calc.outputSchema["required"] == ["result"]
+            result = await s.call_tool("calculator", {"expression": "6*7"})
+            assert result.structuredContent == {"result": "42"} and not result.isError
+
+    asyncio.run(main())

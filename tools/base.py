@@ -42,6 +42,9 @@ class Tool:
     func: ToolFunc | None = field(default=None, repr=False)
     source: str = "builtin"  # "builtin", "mcp:<server>", "module:<mod>", "subagent", ...
     server: str | None = None  # the MCP server's name, for MCP tools
+    # MCP tool annotations (readOnlyHint, destructiveHint, idempotentHint, openWorldHint), which
+    # clients show and use to decide what needs a person's confirmation
+    hints: dict[str, bool] = field(default_factory=dict)
     # Converts validated JSON arguments into what `func` takes (set by from_function).
     _convert: Callable[[dict[str, Any]], dict[str, Any]] | None = field(default=None, repr=False)
 

@@ -165,4 +165,6 @@ def _check_int(value: Any) -> Any:
 
 
 def calculator_tool() -> Tool:
-    return Tool.from_function(calculator)
+    t = Tool.from_function(calculator)
+    t.hints = {"readOnlyHint": True, "idempotentHint": True, "openWorldHint": False}
+    return t

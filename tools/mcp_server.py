@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from importlib.metadata import version
 from typing import Literal
 
 from mcp import types
@@ -23,6 +24,12 @@ from tools.base import Tool
 
 log = logging.getLogger(__name__)
 DEFAULT_PORT = 8765
+# every tool answers text; structured clients read it as {"result": "..."}
+OUTPUT_SCHEMA = {
+    "type": "object",
+    "properties": {"result": {"type": "string"}},
+    "required": ["result"],
+}
 
 
 def build_server(
@@ -40,21 +47,28 @@ def build_server(
         by_name[t.name] = t
     server = FastMCP(name, host=host, port=port, log_level=log_level)
     low = server._mcp_server  # the documented way to take over handlers FastMCP set up
+    low.version = version("selftune")  # not the SDK's version: clients show it as ours
 
     async def list_tools() -> list[types.Tool]:
         return [
-            types.Tool(name=t.name, description=t.description, inputSchema=t.parameters)
+            types.Tool(
+                name=t.name,
+                description=t.description,
+                inputSchema=t.parameters,
+                outputSchema=OUTPUT_SCHEMA,
+                annotations=types.ToolAnnotations(title=t.name, **t.hints),
+            )
             for t in by_name.values()
         ]
 
-    async def call_tool(tool_name: str, arguments: dict) -> list[types.TextContent]:
+    async def call_tool(tool_name: str, arguments: dict) -> tuple[list[types.TextContent], dict]:
         t = by_name.get(tool_name)
         if t is None:
             raise ValueError(f"unknown tool {tool_name!r}: this server offers {sorted(by_name)}")
         # ainvoke validates (with messages meant for a model) and raises ToolError on failure;
         # the low-level server turns any exception into an isError result with its text.
         text = await t.ainvoke(arguments)
-        return [types.TextContent(type="text", text=text)]
+        return [types.TextContent(type="text", text=text)], {"result": text}
 
     low.list_tools()(list_tools)
     low.call_tool(validate_input=False)(call_tool)

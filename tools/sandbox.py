@@ -362,6 +362,8 @@ def python(code: str) -> str:
 def python_tool(limits: SandboxLimits | None = None) -> Tool:
     """The `python` tool, with `limits` (defaults: SandboxLimits()). A failed run is a ToolError."""
     t = Tool.from_function(python)
+    # the code runs in a sandbox with no network and only its own scratch folder
+    t.hints = {"readOnlyHint": True, "destructiveHint": False, "openWorldHint": False}
     if limits is not None:
         t.func = functools.partial(_run_or_raise, limits=limits)
     return t
