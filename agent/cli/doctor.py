@@ -61,6 +61,7 @@ def run_checks(cfg: Config) -> list[Check]:
     for pkg in PACKAGES:
         v = _version(pkg)
         checks.append(Check(f"package {pkg}", v is not None, v or "not installed"))
+    checks.append(_import_names())
     from tools.sandbox import sandbox_mode, sandbox_problem
 
     problem = sandbox_problem()
@@ -127,3 +128,21 @@ def _local_backend(cfg: Config) -> Check:
         return Check("backend local", False, str(e))
     dtype = pick_dtype(cfg.model.dtype, device)
     return Check("backend local", True, f"in process on {device}, dtype {dtype}")
+
+
+TOP_LEVEL = ("agent", "tools", "retrieval", "traces", "tuner")
+
+
+def _import_names() -> Check:
+    """selftune's five import names are generic: say when another installed distribution
+    ships one of them too (installing both would overwrite one with the other)."""
+    owners = md.packages_distributions()
+    clashes = {
+        name: sorted({d for d in owners.get(name, []) if d.lower() != "selftune"})
+        for name in TOP_LEVEL
+    }
+    clashes = {k: v for k, v in clashes.items() if v}
+    if not clashes:
+        return Check("import names", True, ", ".join(TOP_LEVEL) + ": selftune's alone")
+    said = "; ".join(f"{k} also from {', '.join(v)}" for k, v in clashes.items())
+    return Check("import names", False, f"{said}: use a separate virtual environment for selftune")
