@@ -105,10 +105,11 @@ async def test_calculator_episode_through_vllm_records_its_token_ids(server, hom
 
 
 def _train_adapter(out: Path, tmp: Path) -> Path:
+    from agent.config import TrainConfig
     from tuner.train import train
 
     data = write_dataset(tmp / "sft", "sft", n=16)
-    cfg = {"max_steps": 8, "learning_rate": 5e-3, "batch_size": 4, "lora_r": 8}
+    cfg = TrainConfig(max_steps=8, learning_rate=5e-3, batch_size=4, lora_r=8)
     train("sft", data, base_model_dir=require_model(), out_dir=out, config=cfg, progress=False)
     return out
 
