@@ -138,12 +138,12 @@ def _plant_and_gate(cfg, dataset, steps: int, *, robustness: list[str]):
     from tuner.train import tune
 
     rec = tune("sft", dataset, cfg, progress=False, out_dir=cfg.workspace.root / "planted",
-               config=TrainConfig(batch_size=4, max_steps=steps, learning_rate=5e-3,
+               config=TrainConfig(batch_size=2, max_steps=steps, learning_rate=5e-3,
                                   max_length=256, save_steps=100, lora_r=8, lora_alpha=16))  # fmt: skip
-    # the first 10 held-out tasks of calculator and of the probe (base: about three in four)
-    cfg.improve = cfg.improve.updated(eval_limit=10, concurrency=16, max_tokens=24)
+    # the first 8 held-out tasks of calculator and of the probe (base: about three in four)
+    cfg.improve = cfg.improve.updated(eval_limit=8, concurrency=16, max_tokens=24)
     cfg.tuner.gate = cfg.tuner.gate.model_copy(
-        update={"robustness": robustness, "robustness_limit": 3}
+        update={"robustness": robustness, "robustness_limit": 2}
     )
     out = io.StringIO()
     r = asyncio.run(run_gate(cfg, rec.version, against="base", envs=["calculator"],
@@ -168,7 +168,7 @@ def test_an_adapter_that_answers_everything_with_a_tool_call_is_rejected_by_the_
          **({"tools": [CALCULATOR]} if i % 2 else {})}
         for i, q in enumerate(plain + sums)
     ]  # fmt: skip
-    version, r, text = _plant_and_gate(cfg, _write_rows(cfg.workspace.root / "ds", rows), 8,
+    version, r, text = _plant_and_gate(cfg, _write_rows(cfg.workspace.root / "ds", rows), 6,
                                        robustness=["typos"])  # fmt: skip
     probe = r.numbers["success_rate[general]"]
     assert probe["guard"] == "probe" and probe["candidate"] < probe["active"] - 0.10, probe
@@ -187,7 +187,7 @@ def test_an_adapter_trained_only_on_calculator_that_breaks_the_probe_is_rejected
     from tuner.registry import Registry
 
     dataset = write_dataset(cfg.workspace.root / "ds", "sft", n=24, seed=3)
-    version, r, _ = _plant_and_gate(cfg, dataset, 12, robustness=[])
+    version, r, _ = _plant_and_gate(cfg, dataset, 8, robustness=[])
     probe = r.numbers["success_rate[general]"]
     assert probe["candidate"] < probe["active"] - 0.10, probe
     assert not r.promote and "probe: success_rate[general]" in r.blocked_by, r.reasons
