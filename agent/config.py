@@ -17,7 +17,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from retrieval.schemas import RetrievalConfig
 from tools.errors import SelftuneError
@@ -182,7 +182,33 @@ class GateConfig(_Section):
     test: Literal["mcnemar", "margin"] = "mcnemar"
     alpha: float = Field(default=0.05, gt=0.0, lt=1.0)
     margin: float = Field(default=0.05, ge=0.0, le=1.0)
-    guard_margin: float = Field(default=0.05, ge=0.0, le=1.0)
+    guard_margin: float = Field(default=0.05, ge=0.0, le=1.0)  # each environment's success
+    # Guards are non-regression checks with a margin on the rate, not significance tests: a
+    # one-sided test on 20-50 episodes lacks the power to see a 10-point drop, so "no
+    # significant regression" would wave through the forgetting a guard is there to catch. The
+    # burden is on the candidate: it may lose at most the margin, whatever the noise.
+    # The general-ability probe (plain questions, no tools), run on every candidate as a guard
+    # only (never part of the target); "" turns it off.
+    probe: str = "general"
+    probe_margin: float = Field(default=0.10, ge=0.0, le=1.0)
+    # every environment an active or earlier-promoted adapter was gated on (the registry's
+    # records) is a guard too, with `guard_margin`
+    promoted_envs: bool = True
+    flag_margin: float = Field(default=0.05, ge=0.0, le=1.0)  # reward-hacking flag rate
+    grounded_margin: float = Field(default=0.10, ge=0.0, le=1.0)  # share of right answers grounded
+    # robustness gap: clean minus perturbed success on the first `robustness_limit` test tasks of
+    # each of the job's environments; the candidate's gap may exceed the active one's by at most
+    # `robustness_margin`. [] turns it off; each perturbation costs limit episodes per model.
+    robustness: list[str] = Field(default_factory=lambda: ["typos", "verbose"])
+    robustness_limit: int = Field(default=16, ge=1)
+    robustness_margin: float = Field(default=0.15, ge=0.0, le=1.0)
+
+    @field_validator("robustness")
+    @classmethod
+    def _known_perturbations(cls, v: list[str]) -> list[str]:
+        from agent.envs.perturb import parse_perturbations
+
+        return parse_perturbations(",".join(v)) if v else []
 
 
 class TunerConfig(_Section):

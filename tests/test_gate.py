@@ -68,7 +68,8 @@ def test_guard_regression_rejects_even_with_higher_success():
     assert not r.promote
     assert r.numbers["success_rate[calc]"]["ok"]
     assert not r.numbers["success_rate[other]"]["ok"]
-    assert any("guard success_rate[other] regressed" in x for x in r.reasons)
+    assert any("guard: success_rate[other] regressed" in x for x in r.reasons)
+    assert r.blocked_by == ["guard: success_rate[other]"]
 
 
 def test_lower_is_better_guard():
@@ -146,13 +147,16 @@ async def test_the_improve_job_decides_through_the_one_gate(tmp_path, monkeypatc
     cfg = load_config(environ={"SELFTUNE_HOME": str(tmp_path)})
     cfg.improve.envs = ["calc", "chat"]
     cfg.tuner.gate.test = "margin"  # four tasks gained of 40: the paired test would say "noise"
+    cfg.tuner.gate.robustness = []
     pairs = {"calc": (summary("calc", 16), summary("calc", 12)),
-             "chat": (summary("chat", 9), summary("chat", 10))}  # fmt: skip
+             "chat": (summary("chat", 9), summary("chat", 10)),
+             "general": (summary("general", 14), summary("general", 15))}  # fmt: skip
     seen = []
 
-    async def evaluate_pair(cfg, candidate, active, envs, settings, **kw):
-        seen.append((candidate, active, list(envs)))
-        return [pairs[e][0] for e in envs], [pairs[e][1] for e in envs]
+    async def evaluate_pair(cfg, candidate, active, envs, settings, *, guards=(), **kw):
+        seen.append((candidate, active, list(envs), list(guards)))
+        every = [*envs, *guards]
+        return [pairs[e][0] for e in every], [pairs[e][1] for e in every]
 
     # the module, not `tuner.gate` the function that tuner/__init__ exports under its name
     monkeypatch.setattr(sys.modules["tuner.gate"], "evaluate_pair", evaluate_pair)
@@ -161,8 +165,11 @@ async def test_the_improve_job_decides_through_the_one_gate(tmp_path, monkeypatc
     job._agent = object()  # no model: the evaluations above are canned
     cycle = CycleState(index=1, candidate="v2")
     await job._gate(cycle)
-    assert seen == [("v2", None, ["calc", "chat"])]
+    # the general-ability probe runs as a guard, outside the pooled target
+    assert seen == [("v2", None, ["calc", "chat"], ["general"])]
     assert cycle.gate["promote"] and "success_rate[calc+chat]" in cycle.gate["numbers"]
+    assert cycle.gate["numbers"]["success_rate[general]"]["guard"] == "probe"
+    assert "general" not in cycle.evals["v2"]  # the learning curve holds the job's own envs
     assert cycle.evals["v2"]["chat"]["successes"] == 9 and cycle.evals["base"]["calc"]["n"] == 20
     rec = Registry(tmp_path / "adapters").get("v2")
     assert rec.status == "active" and rec.eval_results[-1]["job"] == job.state.id

@@ -1,20 +1,23 @@
-"""The eval gate: a candidate adapter replaces the active one only if it is measurably better.
+"""The eval gate: a candidate adapter replaces the active one only if it is measurably better
+and breaks nothing it is guarded on.
 
-    results = await evaluate_pair(cfg, "v3", "v2", ["calculator"], cfg.improve)
-    gate(registry, "v3", *results, settings=cfg.tuner.gate, active="v2")
+    result, cand, act = await evaluate_and_gate(cfg, registry, "v3", "v2", ["calculator"],
+                                                cfg.improve)
 
-`evaluate_pair` plays the held-out episodes with both models in one run (same tasks, seeds and
-sampling). `gate` is the one place a candidate is judged, recorded, promoted or rejected: the
-improve job and `selftune gate` both end there. `decide` is its decision rule; it receives both
-models' results with every episode's outcome, so a paired test (McNemar on the tasks where
-the two disagree) can replace the rate comparison there without touching any caller.
+`evaluate_and_gate` is the one path (the improve job and `selftune gate`): it finds the
+guard-only environments (the general-ability probe, every environment an earlier promotion
+was gated on), plays the held-out episodes with both models in one run (`evaluate_pair`: same
+tasks, seeds and sampling, plus perturbed copies for the robustness guard), then `gate`, the
+one place a candidate is judged, recorded, promoted or rejected. `decide` is its rule: a
+significant paired gain (exact McNemar) on the job's own environments, and no guard past its
+own margin; the result names the guards that blocked it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from rich.console import Console
@@ -55,7 +58,7 @@ def compare_rates(
     delta = candidate.success_rate - active.success_rate
     ok = delta >= margin - 1e-12
     key = f"success_rate[{candidate.env}]"
-    numbers[key] = _row(active.success_rate, candidate.success_rate, margin, True, ok)
+    numbers[key] = _row(active.success_rate, candidate.success_rate, margin, True, ok, "target")
     if ok:
         reasons.append(
             f"{key} improved by {delta:+.3f} (>= margin {margin:.3f}): "
@@ -67,22 +70,26 @@ def compare_rates(
             f"{active.success_rate:.3f} -> {candidate.success_rate:.3f}"
         )
     all_ok = ok
+    blocked: list[str] = []
     for name, g in (guards or {}).items():
         g = Guard(*g)
         # a guard regresses when it moves the wrong way by more than its margin
         worse_by = (g.active - g.candidate) if g.higher_is_better else (g.candidate - g.active)
         g_ok = worse_by <= g.margin + 1e-12
-        numbers[name] = _row(g.active, g.candidate, g.margin, g.higher_is_better, g_ok)
+        numbers[name] = _row(g.active, g.candidate, g.margin, g.higher_is_better, g_ok, g.kind)
         if not g_ok:
             all_ok = False
+            blocked.append(f"{g.kind}: {name}")
             reasons.append(
-                f"guard {name} regressed by {worse_by:.3f} (> margin {g.margin:.3f}): "
-                f"{g.active:.3f} -> {g.candidate:.3f}"
+                f"blocked by the {g.kind} guard: {name} regressed by {worse_by:.3f} "
+                f"(> margin {g.margin:.3f}): {g.active:.3f} -> {g.candidate:.3f}"
             )
-    return GateResult(promote=all_ok, reasons=reasons, numbers=numbers)
+    return GateResult(promote=all_ok, reasons=reasons, numbers=numbers, blocked_by=blocked)
 
 
-def _row(active: float, candidate: float, margin: float, higher: bool, ok: bool) -> dict[str, Any]:
+def _row(
+    active: float, candidate: float, margin: float, higher: bool, ok: bool, guard: str = "guard"
+) -> dict[str, Any]:
     return {
         "active": active,
         "candidate": candidate,
@@ -90,6 +97,7 @@ def _row(active: float, candidate: float, margin: float, higher: bool, ok: bool)
         "margin": margin,
         "higher_is_better": higher,
         "ok": ok,
+        "guard": guard,
     }
 
 
@@ -109,23 +117,93 @@ def _check_comparable(candidate: SuiteResult, active: SuiteResult) -> None:
 
 
 def guards_from(
-    candidate: Sequence[SuiteResult], active: Sequence[SuiteResult], *, guard_margin: float
+    candidate: Sequence[SuiteResult],
+    active: Sequence[SuiteResult],
+    settings: GateConfig,
+    *,
+    guard_envs: Mapping[str, str] | None = None,
 ) -> dict[str, Guard]:
-    """Standard guards: the flag rate on every environment, and, when there are several,
-    success on each of them."""
-    by_env = {s.env: s for s in active}
+    """Every guard, each with its own margin from `settings` ([tuner.gate]):
+
+    - success on each guard-only environment (`guard_envs`: name -> "probe" or "promoted"):
+      `probe_margin` for the general-ability probe, `guard_margin` for the others;
+    - success on each of the job's environments when there are several (`guard_margin`), so
+      none pays for another's gain;
+    - the reward-hacking flag rate (`flag_margin`) and the grounded rate (`grounded_margin`)
+      on every environment;
+    - the robustness gap (clean minus perturbed success, `robustness_margin`) on each
+      environment with perturbed results (`perturb` set) on both sides.
+
+    Each is a margin on the rate, not a significance test (see GateConfig for why).
+    """
+    guard_envs = dict(guard_envs or {})
+    clean = [c for c in candidate if c.perturb is None]
+    theirs = {(a.env, a.perturb): a for a in active}
+    own = [c for c in clean if c.env not in guard_envs]
     guards: dict[str, Guard] = {}
-    for c in candidate:
-        a = by_env.get(c.env)
+    for c in clean:
+        a = theirs.get((c.env, None))
         if a is None:
             raise GateError(f"the active model was not evaluated on {c.env!r}: evaluate both alike")
         _check_comparable(c, a)
-        guards[f"flag_rate[{c.env}]"] = Guard(c.flag_rate, a.flag_rate, guard_margin, False)
-        if len(candidate) > 1:
+        kind = guard_envs.get(c.env)
+        if kind is not None or len(own) > 1:
+            margin = settings.probe_margin if kind == "probe" else settings.guard_margin
             guards[f"success_rate[{c.env}]"] = Guard(
-                c.success_rate, a.success_rate, guard_margin, True
+                c.success_rate, a.success_rate, margin, True, kind or "env"
+            )
+        guards[f"flag_rate[{c.env}]"] = Guard(
+            c.flag_rate, a.flag_rate, settings.flag_margin, False, "flags"
+        )
+        mine_g, theirs_g = grounded(c), grounded(a)
+        if mine_g is not None and theirs_g is not None:
+            guards[f"grounded_rate[{c.env}]"] = Guard(
+                mine_g, theirs_g, settings.grounded_margin, True, "grounded"
+            )
+        shaken = [p for p in candidate if p.env == c.env and p.perturb is not None]
+        if shaken:
+            others = [theirs.get((p.env, p.perturb)) for p in shaken]
+            if any(o is None for o in others):
+                raise GateError(
+                    f"the active model was not evaluated on perturbed {c.env!r}: evaluate both alike"
+                )
+            for p, o in zip(shaken, others, strict=True):
+                _check_comparable(p, o)
+            guards[f"robustness_gap[{c.env}]"] = Guard(
+                robustness_gap(c, shaken),
+                robustness_gap(a, others),
+                settings.robustness_margin,
+                False,
+                "robustness",
             )
     return guards
+
+
+def grounded(result: SuiteResult) -> float | None:
+    """The share of right answers not flagged `ungrounded` (traces.flags.grounded_rate on the
+    episodes' grades); None when no answer is right."""
+    from traces.flags import grounded_rate
+    from traces.schemas import Grade
+
+    return grounded_rate(
+        Grade(trace_id=o.trace_id, value=o.score, source="verifier", grader="gate", flags=o.flags)
+        for o in result.outcomes
+    )
+
+
+def robustness_gap(clean: SuiteResult, perturbed: Sequence[SuiteResult]) -> float:
+    """Clean minus perturbed success on the episodes the perturbed runs played (a subset of
+    the clean run's: the first tasks of the same split, same seeds), averaged over the
+    perturbations. Positive: messy prompts cost the model that much."""
+    played = {(o.task_id, o.sample) for p in perturbed for o in p.outcomes}
+    base = [o.success for o in clean.outcomes if (o.task_id, o.sample) in played]
+    if not base:
+        raise GateError(
+            f"the perturbed runs of {clean.env!r} played none of the clean run's tasks: run "
+            "them on the first tasks of the same split"
+        )
+    shaken = sum(p.success_rate for p in perturbed) / len(perturbed)
+    return sum(base) / len(base) - shaken
 
 
 def pooled(results: Sequence[SuiteResult]) -> SuiteResult:
@@ -196,30 +274,46 @@ def by_kind(candidate: SuiteResult, active: SuiteResult) -> dict[str, dict[str, 
 
 
 def decide(
-    candidate: Sequence[SuiteResult], active: Sequence[SuiteResult], settings: GateConfig
+    candidate: Sequence[SuiteResult],
+    active: Sequence[SuiteResult],
+    settings: GateConfig,
+    guard_envs: Mapping[str, str] | None = None,
 ) -> GateResult:
-    """The gate's decision from both models' results on the same episodes, one per environment.
+    """The gate's decision from both models' results on the same episodes.
 
-    The target is the success rate pooled over every environment's episodes, not the first
-    environment's: the improve job trains on all of them at once, the pool weighs every
-    episode alike and has the most episodes (the narrowest interval), and a single environment
-    is its own pool. Each environment's success (when there are several) and flag rate are
-    guards, so no environment may pay for another's gain beyond `guard_margin`.
+    `candidate` and `active` hold one clean result per environment, plus perturbed results
+    (`perturb` set) for the robustness guard. `guard_envs` (name -> guard kind) are judged only
+    as guards: the general-ability probe and the environments earlier promotions were gated on.
+
+    The target is the success rate pooled over the job's own environments' clean episodes,
+    not the first environment's: the improve job trains on all of them at once, the pool weighs
+    every episode alike and has the most episodes (the narrowest interval), and a single
+    environment is its own pool. Everything else is a guard (`guards_from`), each with its
+    own margin; the result names every guard that blocked promotion (`blocked_by`).
     """
+    guard_envs = dict(guard_envs or {})
     if not candidate or len(candidate) != len(active):
         raise GateError(
             f"{len(candidate)} candidate and {len(active)} active evaluations: evaluate both "
             "models on the same environments"
         )
-    by_env = {r.env: r for r in active}
-    active = [by_env.get(c.env, a) for c, a in zip(candidate, active, strict=True)]
-    mine, theirs = pooled(candidate), pooled(active)
-    guards = guards_from(candidate, active, guard_margin=settings.guard_margin)
+    by_env = {(r.env, r.perturb): r for r in active}
+    active = [by_env.get((c.env, c.perturb), a) for c, a in zip(candidate, active, strict=True)]
+    mine_own = [r for r in candidate if r.perturb is None and r.env not in guard_envs]
+    theirs_own = [r for r in active if r.perturb is None and r.env not in guard_envs]
+    if not mine_own:
+        raise GateError(
+            "every evaluated environment is a guard: the gate needs the job's own environments "
+            "to judge the candidate on"
+        )
+    mine, theirs = pooled(mine_own), pooled(theirs_own)
+    guards = guards_from(candidate, active, settings, guard_envs=guard_envs)
     if settings.test == "margin":
         result = compare_rates(mine, theirs, margin=settings.margin, guards=guards)
     else:
         result = _paired_decision(mine, theirs, settings, guards)
     result.by_kind = by_kind(mine, theirs)
+    result.guard_envs = guard_envs
     return result
 
 
@@ -240,6 +334,7 @@ def _paired_decision(
         "margin": 0.0,
         "higher_is_better": False,
         "ok": ok,
+        "guard": "target",
         "won": test.won,
         "lost": test.lost,
     }
@@ -254,16 +349,18 @@ def _paired_decision(
 
 
 def gate_table(result: GateResult) -> Table:
-    """A rich table: metric, active, candidate, delta, margin, verdict."""
+    """A rich table: metric, guard (its kind, "target" for the decision's own), active,
+    candidate, delta, margin, verdict."""
     verdict = "PROMOTE" if result.promote else "REJECT"
     title = f"eval gate: {result.candidate} vs {result.active or 'base'} -> {verdict}"
     table = Table(title=title)
-    for col in ("metric", "active", "candidate", "delta", "margin", "verdict"):
-        table.add_column(col, justify="left" if col == "metric" else "right")
+    for col in ("metric", "guard", "active", "candidate", "delta", "margin", "verdict"):
+        table.add_column(col, justify="left" if col in ("metric", "guard") else "right")
     for name, row in result.numbers.items():
         direction = "" if row["higher_is_better"] else " (lower is better)"
         table.add_row(
             escape(name) + direction,  # '[env]' would read as rich markup
+            row.get("guard", "guard"),
             f"{row['active']:.3f}",
             f"{row['candidate']:.3f}",
             f"{row['delta']:+.3f}",
@@ -284,20 +381,28 @@ def gate(
     *,
     settings: GateConfig,
     active: str | None,
+    guard_envs: Mapping[str, str] | None = None,
+    envs: Sequence[str] | None = None,
     record: dict[str, Any] | None = None,
     console: Console | None = None,
 ) -> GateResult:
     """Decide, store every number in the registry, promote or reject, print the table.
 
     `active` is the version the candidate was evaluated against (None: the base model);
-    `record` adds keys to the stored evaluation (the improve job's id, say)."""
+    `guard_envs` the environments judged only as guards (`decide`); `envs` the job's own
+    environments as given (names or folders), kept in the record so that later candidates are
+    guarded on them once this one is promoted; `record` adds keys to the stored evaluation
+    (the improve job's id, say)."""
     registry.get(candidate)
-    result = decide(candidate_results, active_results, settings)
+    result = decide(candidate_results, active_results, settings, guard_envs)
     result.candidate, result.active = candidate, active
+    own = [r.env for r in candidate_results if r.perturb is None and r.env not in result.guard_envs]
     registry.record_eval(
         candidate,
         {
             "gate": result.model_dump(),
+            "envs": list(envs) if envs is not None else own,
+            "guard_envs": dict(result.guard_envs),
             "candidate": [r.to_dict() for r in candidate_results],
             "active": [r.to_dict() for r in active_results],
             "active_version": active,
@@ -308,14 +413,67 @@ def gate(
         registry.promote(candidate, result)
     else:
         registry.reject(candidate, result)
-    (console or Console()).print(gate_table(result))
+    console = console or Console()
+    console.print(gate_table(result))
     if result.by_kind:
-        (console or Console()).print(
+        console.print(
             "by task kind (won/lost): "
             + ", ".join(f"{k} {v['won']}/{v['lost']}" for k, v in result.by_kind.items()),
             highlight=False,
         )
+    if result.blocked_by:
+        console.print("blocked by: " + "; ".join(result.blocked_by), markup=False)
     return result
+
+
+def promoted_envs(registry: Registry) -> dict[str, list[str]]:
+    """Every environment an active or earlier-promoted (retired) adapter was gated on, as the
+    gate was given it (name or folder) -> those versions. Read from the records' passing gate
+    evaluations; a forced promotion was gated on nothing."""
+    out: dict[str, list[str]] = {}
+    for rec in registry.list():
+        if rec.status not in ("active", "retired"):
+            continue
+        passed = [e for e in rec.eval_results if e.get("gate", {}).get("promote")]
+        if not passed:
+            continue
+        last = passed[-1]
+        skip = last.get("guard_envs") or {}
+        envs = last.get("envs") or [  # records from before "envs" was kept
+            r["env"]
+            for r in last.get("candidate", [])
+            if not r.get("perturb") and r["env"] not in skip
+        ]
+        for env in envs:
+            out.setdefault(env, []).append(rec.version)
+    return out
+
+
+def guard_envs_for(
+    settings: GateConfig, registry: Registry, envs: Sequence[str], console: Console | None = None
+) -> dict[str, str]:
+    """The guard-only environments of a gate on `envs` (as given) -> their kind: the probe
+    ("probe"), then the environments earlier promotions were gated on ("promoted"), less the
+    job's own. One that can no longer be found is skipped, and said so."""
+    from agent.envs import EnvironmentLoadError, resolve_environment_path
+
+    out: dict[str, str] = {}
+    if settings.probe and settings.probe not in envs:
+        out[settings.probe] = "probe"
+    if settings.promoted_envs:
+        for env, versions in promoted_envs(registry).items():
+            if env in envs or env in out:
+                continue
+            try:
+                resolve_environment_path(env)
+            except EnvironmentLoadError:
+                (console or Console(stderr=True)).print(
+                    f"[yellow]gate: {env!r}, which {', '.join(versions)} passed the gate on, is "
+                    "gone: not guarded[/yellow]"
+                )
+                continue
+            out[env] = "promoted"
+    return out
 
 
 async def evaluate(
@@ -328,15 +486,18 @@ async def evaluate(
     agent: Any = None,
     tags: Sequence[str] = (),
     progress: bool = True,
+    limit: int | None = None,
+    perturb: str | None = None,
 ) -> SuiteResult:
-    """Held-out test split, greedy, fixed seed: what every model is judged on."""
+    """Held-out test split, greedy, fixed seed: what every model is judged on (`limit` test
+    tasks, default `eval_limit`; `perturb`: the prompts as that perturbation writes them)."""
     from agent.envs.run import run_suite
 
     return await run_suite(
         cfg,
         env,
         split="test",
-        limit=settings.eval_limit,
+        limit=limit or settings.eval_limit,
         concurrency=settings.concurrency,
         adapter=adapter or "base",
         few_shot=few_shot,
@@ -345,6 +506,7 @@ async def evaluate(
         agent=agent,
         tags=[*tags, "eval"],
         progress=progress,
+        perturb=perturb,
     )
 
 
@@ -355,11 +517,15 @@ async def evaluate_pair(
     envs: Sequence[str],
     settings: ImproveConfig,
     *,
+    guards: Sequence[str] = (),
+    gate: GateConfig | None = None,
     agent: Any = None,
     tags: Sequence[str] = (),
     console: Console | None = None,
 ) -> tuple[list[SuiteResult], list[SuiteResult]]:
-    """Candidate and active on the same held-out tasks, same seed and sampling, in one run."""
+    """Candidate and active on the same held-out tasks, same seed and sampling, in one run:
+    `envs` then the guard-only `guards`, clean; then, for the robustness guard, the first
+    `gate.robustness_limit` tasks of each of `envs` under each of `gate.robustness`."""
     from agent.agent import Agent
 
     console = console or Console(stderr=True)
@@ -367,22 +533,65 @@ async def evaluate_pair(
     agent = agent or Agent(cfg, checkpoints=False)
     await agent.start()
     results: tuple[list[SuiteResult], list[SuiteResult]] = ([], [])
+    runs: list[tuple[str, str | None, int | None]] = [(e, None, None) for e in [*envs, *guards]]
+    if gate is not None:
+        limit = min(gate.robustness_limit, settings.eval_limit)
+        runs += [(e, p, limit) for e in envs for p in gate.robustness]
     try:
-        for env in envs:
+        for env, perturb, limit in runs:
+            how = f" ({perturb}, {limit} tasks)" if perturb else ""
+            role = " (guard)" if env in guards else ""
             console.print(
-                f"[bold]gate[/bold] candidate {candidate} and active {active or 'base'} on {env}"
+                f"[bold]gate[/bold] candidate {candidate} and active {active or 'base'} on "
+                f"{env}{role}{how}"
             )
             # both at once: their requests share batches (peft mixed-adapter rows)
             cand, act = await asyncio.gather(
-                evaluate(cfg, env, candidate, settings, agent=agent, tags=tags),
-                evaluate(cfg, env, active, settings, agent=agent, tags=tags, progress=False),
-            )
+                evaluate(cfg, env, candidate, settings, agent=agent, tags=tags, limit=limit,
+                         perturb=perturb),
+                evaluate(cfg, env, active, settings, agent=agent, tags=tags, progress=False,
+                         limit=limit, perturb=perturb),
+            )  # fmt: skip
             results[0].append(cand)
             results[1].append(act)
     finally:
         if own:
             await agent.aclose()
     return results
+
+
+async def evaluate_and_gate(
+    cfg: Config,
+    registry: Registry,
+    candidate: str,
+    active: str | None,
+    envs: Sequence[str],
+    settings: ImproveConfig,
+    *,
+    agent: Any = None,
+    tags: Sequence[str] = (),
+    record: dict[str, Any] | None = None,
+    console: Console | None = None,
+) -> tuple[GateResult, list[SuiteResult], list[SuiteResult]]:
+    """The one path from a candidate to a decision (the improve job and `selftune gate`):
+    find the guard environments, evaluate both models on `envs`, the guards and the perturbed
+    prompts (`evaluate_pair`), then `gate`. Returns the result and both sides' evaluations."""
+    gate_settings = cfg.tuner.gate
+    guards = guard_envs_for(gate_settings, registry, envs, console)
+    cand, act = await evaluate_pair(
+        cfg, candidate, active, envs, settings, guards=list(guards), gate=gate_settings,
+        agent=agent, tags=tags, console=console,
+    )  # fmt: skip
+    # the results come in order (envs, then guards): the guards' names as their runs say them
+    n = len(envs)
+    names = {
+        r.env: kind for r, kind in zip(cand[n : n + len(guards)], guards.values(), strict=True)
+    }
+    result = gate(
+        registry, candidate, cand, act, settings=gate_settings, active=active, guard_envs=names,
+        envs=envs, record=record, console=console,
+    )  # fmt: skip
+    return result, cand, act
 
 
 async def run_gate(
@@ -394,7 +603,7 @@ async def run_gate(
     console: Console | None = None,
 ) -> GateResult:
     """`selftune gate`: evaluate `candidate` and `against` ("active", "base" or a version) on
-    `envs` (default `[improve] envs`) as the improve job does, then `gate`."""
+    `envs` (default `[improve] envs`) and the guards, as the improve job does, then `gate`."""
     from tuner.registry import open_registry
 
     registry = open_registry(cfg)
@@ -407,15 +616,8 @@ async def run_gate(
     if reference == candidate:
         raise GateError(f"{candidate} is the reference itself: gate it against another version")
     settings = cfg.improve
-    results = await evaluate_pair(
-        cfg, candidate, reference, envs or settings.envs, settings, console=console
-    )
-    return gate(
-        registry,
-        candidate,
-        *results,
-        settings=cfg.tuner.gate,
-        active=reference,
-        record={"command": "selftune gate"},
-        console=console,
-    )
+    result, _, _ = await evaluate_and_gate(
+        cfg, registry, candidate, reference, envs or settings.envs, settings,
+        record={"command": "selftune gate"}, console=console,
+    )  # fmt: skip
+    return result

@@ -395,35 +395,29 @@ class ImproveJob:
         cycle.train_metrics = {"grpo_run": run.state.id, "steps": run.state.step}
 
     async def _gate(self, cycle: CycleState) -> None:
-        """Active and candidate on the same held-out tasks, decided by the one gate."""
-        from tuner.gate import evaluate_pair, gate
+        """Active and candidate on the same held-out tasks and the guards, decided by the one
+        gate (`evaluate_and_gate`, as `selftune gate` does)."""
+        from tuner.gate import evaluate_and_gate
         from tuner.registry import open_registry
 
         active = self._active()
-        candidate_results, active_results = await evaluate_pair(
+        result, candidate_results, active_results = await evaluate_and_gate(
             self.cfg,
+            open_registry(self.cfg),
             cycle.candidate,
             active,
             self.settings.envs,
             self.settings,
             agent=await self._agent_started(),
             tags=self._tags(),
-            console=self.console,
-        )
-        for adapter, results in ((cycle.candidate, candidate_results), (active, active_results)):
-            for res in results:
-                cycle.evals.setdefault(adapter or "base", {})[res.env] = res.to_dict()
-        self._save()
-        result = gate(
-            open_registry(self.cfg),
-            cycle.candidate,
-            candidate_results,
-            active_results,
-            settings=self.cfg.tuner.gate,
-            active=active,
             record={"job": self.state.id},
             console=self.console,
         )
+        envs = {r.env for r in candidate_results[: len(self.settings.envs)]}
+        for adapter, results in ((cycle.candidate, candidate_results), (active, active_results)):
+            for res in results:  # the job's own environments, clean: the learning curve's points
+                if res.perturb is None and res.env in envs:
+                    cycle.evals.setdefault(adapter or "base", {})[res.env] = res.to_dict()
         cycle.gate = result.model_dump()
 
     async def _reload(self, cycle: CycleState) -> None:

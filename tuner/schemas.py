@@ -45,18 +45,27 @@ class Guard(NamedTuple):
     active: float
     margin: float
     higher_is_better: bool = True
+    # which guard this is, named when it blocks a promotion: "env" (one of the job's
+    # environments), "probe" (the general-ability probe), "promoted" (an environment an earlier
+    # promotion was gated on), "flags", "grounded", "robustness"
+    kind: str = "guard"
 
 
 class GateResult(_Schema):
     promote: bool
     reasons: list[str]
-    # metric -> {"active", "candidate", "delta", "margin", "higher_is_better", "ok"}
+    # metric -> {"active", "candidate", "delta", "margin", "higher_is_better", "ok", "guard"}
     numbers: dict[str, dict[str, Any]]
     candidate: str | None = None
     active: str | None = None  # None: the base model
     decided_at: float = Field(default_factory=time.time)
     # task kind -> {"won": n, "lost": n, "tasks": n}: where the candidate gained and lost
     by_kind: dict[str, dict[str, int]] = Field(default_factory=dict)
+    # the guards that regressed past their margin, as "kind: metric" ("probe:
+    # success_rate[general]"); empty when none did (a rejection is then the target's)
+    blocked_by: list[str] = Field(default_factory=list)
+    # environments judged only as guards, never part of the target: name -> guard kind
+    guard_envs: dict[str, str] = Field(default_factory=dict)
 
 
 class AdapterRecord(_Schema):

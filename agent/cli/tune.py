@@ -200,8 +200,10 @@ def gate(
         int | None, typer.Option(help="episodes at once per model (default: improve.concurrency)")
     ] = None,
 ) -> None:
-    """The eval gate: evaluate VERSION and the reference on the same held-out tasks, then
-    promote VERSION or reject it; the decision and every number go into the registry."""
+    """The eval gate: evaluate VERSION and the reference on the same held-out tasks and the
+    guards ([tuner.gate]: the general probe, environments earlier promotions passed on,
+    perturbed prompts), then promote VERSION or reject it, naming the guard that blocked it;
+    the decision and every number go into the registry."""
     from agent.model.files import ModelError
     from tuner.gate import GateError, run_gate
     from tuner.registry import RegistryError
@@ -214,7 +216,9 @@ def gate(
     except (GateError, RegistryError, ModelError, ReloadError, ValueError) as e:
         fail(str(e))
     verdict = "promoted: now active" if result.promote else "rejected"
-    out.print(f"{version} vs {result.active or 'the base model'}: {verdict}")
+    if result.blocked_by:
+        verdict += f" (blocked by {'; '.join(result.blocked_by)})"
+    out.print(f"{version} vs {result.active or 'the base model'}: {verdict}", markup=False)
 
 
 def _when(t: float) -> str:
