@@ -129,14 +129,19 @@ def load_rows(kind: TrainKind, dataset_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def sft_dataset(rows: list[dict[str, Any]], tokenizer: Any, max_length: int | None):
+def sft_dataset(
+    rows: list[dict[str, Any]],
+    tokenizer: Any,
+    max_length: int | None,
+    trained: list[int] | None = None,
+):
     """SFT rows pre-tokenized for TRL: `input_ids` and `assistant_masks` from
     `agent.model.template.encode_for_training` on each row's exact messages and tools (the renderer the
     live prompt comes from), cut to `max_length` tokens. Other columns (`subagent`...) stay out.
 
     Returns `(dataset, report)`; the report counts rows `truncated` and rows `dropped` because no
-    assistant token was left to train on, and lists the tokens each row trains (`trained_tokens`,
-    for the loss-mask verdict in tuner/sanity.py).
+    assistant token was left to train on. `trained`, if given, is filled with the tokens each
+    row trains (for the loss-mask verdict in tuner/sanity.py).
     """
     import datasets
 
@@ -145,7 +150,7 @@ def sft_dataset(rows: list[dict[str, Any]], tokenizer: Any, max_length: int | No
     ids: list[list[int]] = []
     masks: list[list[int]] = []
     truncated = dropped = 0
-    trained: list[int] = []
+    trained = trained if trained is not None else []
     for i, row in enumerate(rows):
         try:
             # the template chat_template_for picks, as on the live path
@@ -162,12 +167,7 @@ def sft_dataset(rows: list[dict[str, Any]], tokenizer: Any, max_length: int | No
             continue
         ids.append(row_ids)
         masks.append(mask)
-    report = {
-        "rows": len(ids),
-        "truncated": truncated,
-        "dropped": dropped,
-        "trained_tokens": trained,
-    }
+    report = {"rows": len(ids), "truncated": truncated, "dropped": dropped}
     # TRL 1.16 takes a dataset with `input_ids` as already tokenized and folds `assistant_masks`
     # into the labels (-100 elsewhere) whatever `assistant_only_loss` says
     return datasets.Dataset.from_dict({"input_ids": ids, "assistant_masks": masks}), report
@@ -354,7 +354,8 @@ def build_trainer(
     rows = load_rows(kind, Path(dataset_dir))
     tok = load_tokenizer(base_dir)
     if kind == "sft":
-        train_rows, report = sft_dataset(rows, tok, cfg.max_length)
+        trained: list[int] = []
+        train_rows, report = sft_dataset(rows, tok, cfg.max_length, trained)
     else:
         # Limitation: DPO/KTO rows still go through Arrow and TRL renders them itself (with the
         # same template, but without normalize_messages: string arguments stay verbatim).
@@ -375,7 +376,7 @@ def build_trainer(
         max_task_share=cfg.max_task_share,
     )
     if kind == "sft":  # DPO and KTO rows are masked by TRL, from prompt and completion
-        verdicts.insert(0, mask_verdict(report["trained_tokens"], cfg.max_empty_mask_share))
+        verdicts.insert(0, mask_verdict(trained, cfg.max_empty_mask_share))
     raise_if_failed(verdicts, f"{dataset_dir} stopped before training")
     if report["truncated"] or report["dropped"]:
         log.warning(
