@@ -131,6 +131,17 @@ class TrainConfig(_Section):
     padding_free: bool = False
     beta: float = Field(default=0.1, gt=0)  # DPO / KTO temperature
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Sanity verdicts (tuner/sanity.py), checked before and after every tune; a failed one stops
+    # the tune before the gate. Before: the share of SFT rows whose loss mask trains no token
+    # (they are left out; none left stops at once), the share of rows that repeat an earlier
+    # row, the share of rows from the commonest task. After: the median loss of the last
+    # quarter of the logged steps must be below the first quarter's by this relative drop, and
+    # the next-token log-probabilities on a fixed probe must move from the parent's by this much.
+    max_empty_mask_share: float = Field(default=0.5, ge=0.0, le=1.0)
+    max_duplicate_share: float = Field(default=0.5, ge=0.0, le=1.0)
+    max_task_share: float = Field(default=0.5, ge=0.0, le=1.0)
+    min_loss_drop: float = Field(default=0.0, ge=-1.0, lt=1.0)
+    probe_min_change: float = Field(default=1e-3, ge=0.0)
 
     @model_validator(mode="after")
     def _rank_fits_serving(self) -> TrainConfig:
@@ -171,6 +182,13 @@ class GrpoConfig(_Section):
     # starts for itself, serving the policy's merged weights, reloaded in place each step
     rollout_engine: Literal["agent", "vllm"] = "agent"
     seed: int = 0
+    # Sanity verdicts after a run (tuner/sanity.py): it stops before the gate when more than
+    # this share of all groups were skipped (all-equal rewards: no signal), when the mean KL per
+    # token to the start adapter (measured only with beta > 0) passes max_kl, or when the
+    # policy's next-token log-probabilities on a fixed probe moved less than probe_min_change.
+    max_skipped_share: float = Field(default=0.9, ge=0.0, le=1.0)
+    max_kl: float = Field(default=1.0, gt=0.0)
+    probe_min_change: float = Field(default=1e-3, ge=0.0)
 
 
 class GateConfig(_Section):
@@ -215,6 +233,25 @@ class TunerConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     grpo: GrpoConfig = Field(default_factory=GrpoConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
+    # the improve job's SFT dataset gets one messy copy of each solved task's row, its prompt
+    # rewritten by one of these perturbations (agent/envs/perturb.py), drawn per task;
+    # true = all five, false or [] = none
+    augment_perturbed: list[str] = Field(default_factory=list)
+
+    @field_validator("augment_perturbed", mode="before")
+    @classmethod
+    def _perturbation_names(cls, v: Any) -> Any:
+        from agent.envs.perturb import PERTURBATIONS, parse_perturbations
+
+        if v is True:
+            return list(PERTURBATIONS)
+        if v is False or v is None:
+            return []
+        if isinstance(v, str):
+            v = v.split(",")
+        if isinstance(v, list) and v:
+            return parse_perturbations(",".join(str(x) for x in v))  # ValueError names the known
+        return v
 
 
 class ImproveConfig(_Section):

@@ -17,6 +17,8 @@ from _tuner_fixtures import WORKED_EXAMPLE, toy_env
 from agent.agent import Agent
 from agent.config import GrpoConfig
 from tuner.grpo import GrpoRun, TurnSample, collate, group_advantages, turn_samples
+from tuner.registry import open_registry
+from tuner.sanity import SanityError
 
 
 def test_group_advantages_normalise_skip_equal_groups_and_cap_flagged():
@@ -141,7 +143,14 @@ async def test_equal_groups_and_a_throwing_grader_are_skipped_and_logged(cfg, tm
     env = toy_env(tmp_path, ["boom", "flat"])
     config = GrpoConfig(steps=1, group_size=4, tasks_per_step=2, max_tokens=12)
     run = GrpoRun(cfg, str(env), config)
-    await run.run()
+    # no group carried a signal: the sanity verdicts stop the run before the gate
+    with pytest.raises(SanityError, match="grpo_skipped: 2 of 2 groups skipped"):
+        await run.run()
+    rec = open_registry(cfg).get(run.state.candidate)
+    assert rec.status == "rejected"
+    assert {v.name: v.ok for v in rec.verdicts} == {
+        "grpo_skipped": False, "grpo_kl": True, "probe_changed": False,
+    }  # fmt: skip
     log = run.state.log[0]
     assert log["groups"] == 2 and log["skipped_groups"] == 2
     assert log["grader_errors"] == 4 and log["sequences"] == 0

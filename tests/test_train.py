@@ -21,7 +21,10 @@ from tuner.train import (
     build_trainer,
     last_checkpoint,
     load_rows,
+    save_every,
+    total_steps,
     train,
+    trainer_args,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -245,6 +248,21 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, model_path):
     ds = write_dataset(tmp_path / "ds", "sft", n=2)
     with pytest.raises(TrainError, match="nothing to resume.*run without --resume"):
         train("sft", ds, base_model_dir=model_path, out_dir=tmp_path / "a", resume=True)
+
+
+def test_checkpoints_scale_with_the_run():
+    """Every save_steps, and at least twice per run: the default improve cycle (89 rows, batch
+    8, 2 epochs = 24 steps) used to save at step 25, i.e. never, so a killed tune restarted."""
+    cfg = TrainConfig()
+    steps = total_steps(cfg, rows=89)
+    assert steps == 24 and save_every(cfg, steps) == 12
+    assert save_every(cfg, total_steps(cfg, rows=1000)) == 25  # long runs: every save_steps
+    assert save_every(cfg, 1) == 1 and save_every(cfg, 3) == 1
+    assert total_steps(cfg.updated(max_steps=7), rows=89) == 7
+    assert total_steps(cfg.updated(grad_accum=2), rows=89) == 12  # 12 batches -> 6 per epoch
+    assert total_steps(cfg, rows=89, world_size=2) == 12
+    args = trainer_args("sft", cfg, Path("/tmp/x"), device="cpu", big=False, steps=steps)
+    assert args.save_steps == 12 and args.save_strategy == "steps"
 
 
 def test_last_checkpoint_skips_a_partly_written_one(tmp_path):

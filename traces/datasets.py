@@ -29,7 +29,7 @@ import json
 import os
 import shutil
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -500,6 +500,39 @@ def build_rows(
     return BUILDERS[kind](list(traces), grades, filters, tasks)
 
 
+# A rewrite of a user's prompt: (prompt, "env:task_id") -> (name of the rewrite, new prompt), or
+# None to leave that row alone. The improve job passes agent/envs/perturb.py's perturbations
+# (traces/ may not import agent/).
+Rewrite = Callable[[str, str], "tuple[str, str] | None"]
+
+
+def augment_rows(built: Built, rewrite: Rewrite) -> Built:
+    """SFT rows plus one copy of each orchestrator row whose first user turn `rewrite` changes,
+    placed right after its original; the copy's `row_info` names the rewrite under `augment`.
+    Subagent rows keep their one form: their prompts come from the orchestrator, not a user."""
+    if built.kind != "sft":
+        raise DatasetError(f"augmenting prompts applies to SFT rows, not {built.kind}")
+    rows: list[dict[str, Any]] = []
+    info: list[dict[str, Any]] = []
+    for row, meta in zip(built.rows, built.row_info, strict=True):
+        rows.append(row)
+        info.append(meta)
+        if meta["subagent"] is not None:
+            continue
+        first = next((i for i, m in enumerate(row["messages"]) if m.get("role") == "user"), None)
+        content = row["messages"][first].get("content") if first is not None else None
+        if not isinstance(content, str):
+            continue
+        new = rewrite(content, f"{meta['env'] or ''}:{meta['task_id']}")
+        if new is None or new[1] == content:
+            continue
+        messages = [dict(m) for m in row["messages"]]
+        messages[first]["content"] = new[1]
+        rows.append({**row, "messages": messages})
+        info.append({**meta, "augment": new[0]})
+    return Built(built.kind, rows, info, built.trace_ids, built.grade_ids, built.excluded)
+
+
 # --- writing ---------------------------------------------------------------------------------
 
 
@@ -571,6 +604,9 @@ def _counts(built: Built) -> dict[str, Any]:
     if built.kind == "sft":
         by_agent = Counter(i["subagent"] or "orchestrator" for i in built.row_info)
         counts["by_agent"] = dict(sorted(by_agent.items()))
+        augmented = Counter(i["augment"] for i in built.row_info if i.get("augment"))
+        if augmented:
+            counts["augmented"] = dict(sorted(augmented.items()))
     counts["tasks"] = len({(i["env"], i["task_id"]) for i in built.row_info})
     return counts
 
@@ -594,8 +630,16 @@ def manifest_for(
         "grade_ids": built.grade_ids,
         "files": {name: _sha256(data) for name, data in sorted(files.items())},
         "content_hash": digest.hexdigest(),
+        # each row's task, so that a trainer can see a dataset dominated by one (tuner/sanity.py)
         "row_sources": [
-            {"trace_ids": i["trace_ids"], "subagent": i["subagent"], "label": i["label"]}
+            {
+                "trace_ids": i["trace_ids"],
+                "subagent": i["subagent"],
+                "label": i["label"],
+                "env": i["env"],
+                "task_id": i["task_id"],
+                **({"augment": i["augment"]} if i.get("augment") else {}),
+            }
             for i in built.row_info
         ],
     }
@@ -682,10 +726,12 @@ def build_dataset(
     formats: Sequence[str] = ("trl",),
     tasks: Mapping[tuple[str, str], Task] | None = None,
     scrub_patterns: Sequence[str] = (),
+    augment: Rewrite | None = None,
 ) -> DatasetResult:
     """Build a `kind` dataset from the traces in `store` (a `traces.store.TraceStore`) that
     match `filters`, and write it to `out`. Raises DatasetError when no row qualifies, saying
-    why the traces were left out."""
+    why the traces were left out. `augment` (SFT only) adds a rewritten copy of each row's user
+    prompt (`augment_rows`)."""
     if kind not in BUILDERS:
         raise DatasetError(
             f"unknown dataset kind {kind!r}: choose one of {', '.join(DATASET_KINDS)}"
@@ -707,4 +753,6 @@ def build_dataset(
                 "(or `selftune eval ENV --split train`)"
             )
         raise DatasetError(f"no {kind} rows from {len(traces)} traces{where} ({why}): {fix}")
+    if augment is not None:
+        built = augment_rows(built, augment)
     return write_dataset(built, out, filters, formats, scrub_patterns)

@@ -3,7 +3,8 @@
 from tuner.gate import GateError, compare_rates, decide, gate, gate_table, run_gate
 from tuner.registry import Registry, RegistryError
 from tuner.reload import LocalReloader, Reloader, ReloadError, VllmReloader
-from tuner.schemas import AdapterRecord, GateResult, Guard, TrainConfig, TrainResult
+from tuner.sanity import SanityError
+from tuner.schemas import AdapterRecord, GateResult, Guard, TrainConfig, TrainResult, Verdict
 from tuner.train import TrainError, build_trainer, train, tune
 
 __all__ = [
@@ -16,9 +17,11 @@ __all__ = [
     "RegistryError",
     "ReloadError",
     "Reloader",
+    "SanityError",
     "TrainConfig",
     "TrainError",
     "TrainResult",
+    "Verdict",
     "VllmReloader",
     "build_trainer",
     "compare_rates",

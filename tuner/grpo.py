@@ -43,6 +43,7 @@ from rich.table import Table
 from agent.config import Config, GrpoConfig  # [tuner.grpo], a section of the one config tree
 from agent.model.files import model_dir
 from tools.errors import SelftuneError
+from tuner import sanity
 
 if TYPE_CHECKING:
     from agent.envs import Environment
@@ -697,6 +698,7 @@ class GrpoRun:
         final = self.dir / "adapter"  # a copy: the checkpoint stays until the state says done
         shutil.rmtree(final, ignore_errors=True)
         shutil.copytree(self.state.checkpoint, final, ignore=shutil.ignore_patterns("optimizer.pt"))
+        verdicts = self.verdicts()
         rec = registry.register(
             final,
             base_model=self.cfg.model.name,
@@ -704,11 +706,29 @@ class GrpoRun:
             train_config={"method": "grpo", **self.config.model_dump()},
             metrics={"steps": self.state.step, "log": self.state.log, "run": self.state.id},
             notes=[f"GRPO run {self.state.id} on {self.env_name}"],
+            verdicts=verdicts,
         )
         self.state.checkpoint, self.state.finished, self.state.candidate = None, True, rec.version
         save_state(self.dir, self.state)
+        if sanity.failed(verdicts):  # registered, so the record says why, but never gated
+            registry.reject(rec.version)
+            registry.add_note(rec.version, "rejected by the sanity verdicts")
+            sanity.raise_if_failed(verdicts, f"GRPO {rec.version} stopped before the gate")
         self.console.print(f"reward curve: {self.dir / 'reward.png'}", soft_wrap=True)
         return rec
+
+    def verdicts(self) -> list:
+        """The run's sanity verdicts (tuner/sanity.py): skipped groups, KL, and the policy's
+        outputs on the probe against the adapter it started from."""
+        c = self.config
+        verdicts = sanity.grpo_verdicts(self.state.log, c.max_skipped_share, c.max_kl, c.beta)
+        start = self.dir / "start"
+        if (start / "adapter_config.json").is_file():
+            model, tok = self.policy.model, self.policy.tokenizer
+            before = sanity.probe_against_folder(model, tok, start)
+            after = sanity.probe_outputs(model, tok)
+            verdicts.append(sanity.probe_verdict(before, after, c.probe_min_change))
+        return verdicts
 
     def plot(self, path: Path) -> Path:
         """Reward mean ± sd and success rate against step."""

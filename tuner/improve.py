@@ -182,6 +182,26 @@ async def collect(
     return stats
 
 
+def perturbed_copies(names: list[str], seed: int):
+    """The dataset builder's rewrite for `[tuner] augment_perturbed`: each task's prompt as one
+    of the perturbations `names`, drawn per task (seeded, so a resumed job rebuilds the same
+    rows); when the drawn one leaves the prompt as it was (no long word to mistype), the next."""
+    import random
+
+    from agent.envs.perturb import perturb
+
+    def rewrite(prompt: str, key: str) -> tuple[str, str] | None:
+        order = list(names)
+        random.Random(f"{seed}:{key}").shuffle(order)
+        for name in order:
+            text = perturb(prompt, name, seed, key)
+            if text != prompt:
+                return name, text
+        return None
+
+    return rewrite
+
+
 class ImproveJob:
     """One improve job: its state file, its agent, and the loop over cycles."""
 
@@ -325,6 +345,7 @@ class ImproveJob:
         filters = DatasetFilters(
             min_score=1.0, best_of_n=method == "sft", since=cycle.started, exclude_flagged=True
         )
+        names = self.cfg.tuner.augment_perturbed if method == "sft" else []
         try:
             res = build_dataset(
                 store,
@@ -333,17 +354,23 @@ class ImproveJob:
                 filters,
                 tasks=tasks,
                 scrub_patterns=self.cfg.traces.scrub_patterns,
+                augment=perturbed_copies(names, self.settings.seed + cycle.index)
+                if names
+                else None,
             )
         except DatasetError as e:
             cycle.skipped = f"no dataset: {e}"
             return
         cycle.dataset = {"dir": str(out), "rows": res.rows, "manifest": str(out / "manifest.json")}
+        if names:
+            cycle.dataset["augmented"] = res.manifest["counts"].get("augmented", {})
 
     async def _tune(self, cycle: CycleState) -> None:
         """Train a candidate from the active adapter: GRPO online, or on the cycle's dataset."""
         if self.settings.method == "grpo":
             await self._tune_grpo(cycle)
             return
+        from tuner.sanity import SanityError
         from tuner.train import TrainError, tune
 
         active = self._active()
@@ -362,17 +389,22 @@ class ImproveJob:
                 isolated=True,  # this process holds the model for inference
                 notes=[f"improve job {self.state.id}, cycle {cycle.index}"],
             )
+        except SanityError as e:  # trained on nothing worth gating: stop this cycle, say why
+            cycle.skipped = f"sanity check failed: {e}"
+            cycle.train_metrics = {"verdicts": [v.model_dump() for v in e.verdicts]}
+            return
         except TrainError as e:
             raise ImproveError(
                 f"cycle {cycle.index}: training failed: {e} (`selftune improve` resumes from the "
                 "tune step and its last checkpoint)"
             ) from None
         cycle.candidate = rec.version
-        cycle.train_metrics = rec.metrics
+        cycle.train_metrics = {**rec.metrics, "verdicts": [v.model_dump() for v in rec.verdicts]}
 
     async def _tune_grpo(self, cycle: CycleState) -> None:
         """Online RL from the active adapter; a killed run resumes at its last step."""
         from tuner.grpo import GrpoError, GrpoRun
+        from tuner.sanity import SanityError
 
         if len(self.settings.envs) != 1:
             raise ImproveError("--method grpo trains on one environment: give exactly one")
@@ -390,7 +422,12 @@ class ImproveJob:
             run = GrpoRun(
                 self.cfg, env, grpo_config, start_from=self._active(), console=self.console
             )
-        rec = await run.run()
+        try:
+            rec = await run.run()
+        except SanityError as e:
+            cycle.skipped = f"sanity check failed: {e}"
+            cycle.train_metrics = {"grpo_run": run.state.id, "steps": run.state.step}
+            return
         cycle.candidate = rec.version
         cycle.train_metrics = {"grpo_run": run.state.id, "steps": run.state.step}
 

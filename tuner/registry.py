@@ -23,7 +23,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from pydantic import ValidationError
 
 from agent.config import Config
 from agent.model.adapters import POINTER, RECORD, VERSION, RegistryError, read_pointer, versions
-from tuner.schemas import AdapterRecord, GateResult
+from tuner.schemas import AdapterRecord, GateResult, Verdict
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -196,8 +196,10 @@ class Registry:
         train_config: dict[str, Any] | None = None,
         metrics: dict[str, Any] | None = None,
         notes: list[str] | None = None,
+        verdicts: Sequence[Verdict] = (),
     ) -> AdapterRecord:
-        """Move `adapter_dir` into the registry as the next version, status `candidate`.
+        """Move `adapter_dir` into the registry as the next version, status `candidate`, with
+        its training's sanity `verdicts` (tuner/sanity.py).
 
         The folder appears under its version name complete with its record, or not at all.
         """
@@ -224,6 +226,7 @@ class Registry:
                 train_config=train_config or {},
                 metrics=metrics or {},
                 notes=notes or [],
+                verdicts=list(verdicts),
             )
             tmp = self.root / f".tmp-{version}-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)

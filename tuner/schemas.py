@@ -30,12 +30,23 @@ class _Schema(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class Verdict(_Schema):
+    """One training sanity check (tuner/sanity.py): what was measured against which limit."""
+
+    name: str  # loss_mask, duplicates, task_share, loss_down, probe_changed, grpo_skipped, grpo_kl
+    ok: bool
+    value: float | None = None  # None: not measurable here (the message says why)
+    threshold: float | None = None
+    message: str
+
+
 class TrainResult(_Schema):
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
     adapter_dir: Path
     metrics: dict[str, Any]
     config: TrainConfig
+    verdicts: list[Verdict] = Field(default_factory=list)
 
 
 class Guard(NamedTuple):
@@ -82,6 +93,8 @@ class AdapterRecord(_Schema):
     eval_results: list[dict[str, Any]] = Field(default_factory=list)
     created_at: float = Field(default_factory=time.time)
     notes: list[str] = Field(default_factory=list)
+    # the sanity verdicts of its training (empty in records written before they existed)
+    verdicts: list[Verdict] = Field(default_factory=list)
     # where the PEFT folder is; filled in by the registry when it reads the record
     path: str | None = Field(default=None, exclude=True)
 

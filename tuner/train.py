@@ -13,7 +13,9 @@ cost 1.6x), the loss on assistant tokens only with selftune's chat template (Smo
 no `{% generation %}` markers, and TRL then trains on nothing). SFT rows are tokenized here by
 `agent.model.template.encode_for_training`, the renderer of the live prompt, and handed to TRL as
 token ids: what the model trains on is what it sees when it runs. Checkpoints go to
-`<out_dir>.work/` every `save_steps`; `resume=True` continues from the last one.
+`<out_dir>.work/` every `save_steps` and at least twice per run (`save_every`); `resume=True`
+continues from the last one. Sanity verdicts (tuner/sanity.py) check the data before training
+and the loss and the adapter's outputs after it.
 
 Several GPUs: `accelerate launch --config_file tuner/accelerate/fsdp.yaml -m tuner.train ...`.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -35,7 +38,17 @@ from agent.config import TrainConfig  # the [tuner.train] section of the one con
 from agent.model.files import ModelError
 from agent.model.hardware import pick_device, supports_bf16
 from tools.errors import SelftuneError
-from tuner.schemas import TrainKind, TrainResult
+from tuner.sanity import (
+    SanityError,
+    dataset_verdicts,
+    failed,
+    loss_verdict,
+    mask_verdict,
+    probe_outputs,
+    probe_verdict,
+    raise_if_failed,
+)
+from tuner.schemas import TrainKind, TrainResult, Verdict
 
 if TYPE_CHECKING:
     from agent.config import Config
@@ -116,13 +129,19 @@ def load_rows(kind: TrainKind, dataset_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def sft_dataset(rows: list[dict[str, Any]], tokenizer: Any, max_length: int | None):
+def sft_dataset(
+    rows: list[dict[str, Any]],
+    tokenizer: Any,
+    max_length: int | None,
+    trained: list[int] | None = None,
+):
     """SFT rows pre-tokenized for TRL: `input_ids` and `assistant_masks` from
     `agent.model.template.encode_for_training` on each row's exact messages and tools (the renderer the
     live prompt comes from), cut to `max_length` tokens. Other columns (`subagent`...) stay out.
 
     Returns `(dataset, report)`; the report counts rows `truncated` and rows `dropped` because no
-    assistant token was left to train on.
+    assistant token was left to train on. `trained`, if given, is filled with the tokens each
+    row trains (for the loss-mask verdict in tuner/sanity.py).
     """
     import datasets
 
@@ -131,6 +150,7 @@ def sft_dataset(rows: list[dict[str, Any]], tokenizer: Any, max_length: int | No
     ids: list[list[int]] = []
     masks: list[list[int]] = []
     truncated = dropped = 0
+    trained = trained if trained is not None else []
     for i, row in enumerate(rows):
         try:
             # the template chat_template_for picks, as on the live path
@@ -141,17 +161,13 @@ def sft_dataset(rows: list[dict[str, Any]], tokenizer: Any, max_length: int | No
         if max_length is not None and len(row_ids) > max_length:
             truncated += 1  # keep the start, like TRL: the prompt and the first turns
             row_ids, mask = row_ids[:max_length], mask[:max_length]
+        trained.append(sum(mask))
         if not any(mask):
             dropped += 1
             continue
         ids.append(row_ids)
         masks.append(mask)
     report = {"rows": len(ids), "truncated": truncated, "dropped": dropped}
-    if not ids:
-        raise TrainError(
-            f"none of the {len(rows)} SFT rows has an assistant token within max_length="
-            f"{max_length}: raise [tuner.train] max_length or check that the rows have assistant turns"
-        )
     # TRL 1.16 takes a dataset with `input_ids` as already tokenized and folds `assistant_masks`
     # into the labels (-100 elsewhere) whatever `assistant_only_loss` says
     return datasets.Dataset.from_dict({"input_ids": ids, "assistant_masks": masks}), report
@@ -188,8 +204,32 @@ def lora_config(cfg: TrainConfig):
     )
 
 
-def trainer_args(kind: TrainKind, cfg: TrainConfig, work_dir: Path, *, device: str, big: bool):
-    """TRL's config for `kind`, with the settings that work here rather than TRL's GPU defaults."""
+def total_steps(cfg: TrainConfig, rows: int, world_size: int = 1) -> int:
+    """The optimizer steps a run of `rows` rows takes (`max_steps`, else the epochs), counted
+    as the HF Trainer counts them."""
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    batches = math.ceil(rows / (cfg.batch_size * world_size))
+    return max(1, math.ceil(cfg.epochs * max(1, batches // cfg.grad_accum)))
+
+
+def save_every(cfg: TrainConfig, steps: int) -> int:
+    """Steps between checkpoints: every `save_steps`, and at least twice per run, so that a
+    job killed in the default improve cycle (24 steps, save_steps 25) resumes halfway."""
+    return max(1, min(cfg.save_steps, steps // 2))
+
+
+def trainer_args(
+    kind: TrainKind,
+    cfg: TrainConfig,
+    work_dir: Path,
+    *,
+    device: str,
+    big: bool,
+    steps: int | None = None,
+):
+    """TRL's config for `kind`, with the settings that work here rather than TRL's GPU defaults.
+    `steps`: the run's length (`total_steps`), which checkpoints scale with (`save_every`)."""
     from trl import DPOConfig, KTOConfig, SFTConfig
 
     bf16 = pick_bf16(cfg, device)
@@ -203,7 +243,7 @@ def trainer_args(kind: TrainKind, cfg: TrainConfig, work_dir: Path, *, device: s
         max_steps=cfg.max_steps,
         logging_steps=cfg.logging_steps,
         save_strategy="steps",
-        save_steps=cfg.save_steps,
+        save_steps=save_every(cfg, steps) if steps else cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
         seed=cfg.seed,
         data_seed=cfg.seed,
@@ -298,7 +338,9 @@ def build_trainer(
 ):
     """The TRL trainer for `kind`, ready to `train()`: rows loaded and tokenized, LoRA attached
     (fresh, or the parent's weights loaded trainable), checkpoints going to `work_dir`.
-    `trainer.row_report` counts the rows used, and for SFT those truncated or dropped."""
+    `trainer.row_report` counts the rows used, and for SFT those truncated or dropped;
+    `trainer.verdicts` holds the sanity verdicts on the data (tuner/sanity.py), checked before
+    the model loads: a failed one raises SanityError and nothing is trained."""
     import datasets
     import torch
     from peft import PeftModel, get_peft_model
@@ -312,7 +354,8 @@ def build_trainer(
     rows = load_rows(kind, Path(dataset_dir))
     tok = load_tokenizer(base_dir)
     if kind == "sft":
-        train_rows, report = sft_dataset(rows, tok, cfg.max_length)
+        trained: list[int] = []
+        train_rows, report = sft_dataset(rows, tok, cfg.max_length, trained)
     else:
         # Limitation: DPO/KTO rows still go through Arrow and TRL renders them itself (with the
         # same template, but without normalize_messages: string arguments stay verbatim).
@@ -326,6 +369,15 @@ def build_trainer(
                 f"Arrow cannot hold the {kind.upper()} rows in {dataset_dir}: {e}"
             ) from None
         report = {"rows": len(rows), "truncated": 0, "dropped": 0}
+    verdicts = dataset_verdicts(
+        rows,
+        Path(dataset_dir),
+        max_duplicate_share=cfg.max_duplicate_share,
+        max_task_share=cfg.max_task_share,
+    )
+    if kind == "sft":  # DPO and KTO rows are masked by TRL, from prompt and completion
+        verdicts.insert(0, mask_verdict(trained, cfg.max_empty_mask_share))
+    raise_if_failed(verdicts, f"{dataset_dir} stopped before training")
     if report["truncated"] or report["dropped"]:
         log.warning(
             "%d of %d rows were cut to max_length=%d tokens; %d dropped (no assistant token left)",
@@ -353,10 +405,13 @@ def build_trainer(
             peft_cfg.base_model_name_or_path = str(base_dir)
     else:
         model = get_peft_model(model, lora_config(cfg))
-    args = trainer_args(kind, cfg, Path(work_dir), device=device, big=big)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    steps = total_steps(cfg, len(train_rows), world)
+    args = trainer_args(kind, cfg, Path(work_dir), device=device, big=big, steps=steps)
     trainer_cls = {"sft": _sft_trainer_class(), "dpo": DPOTrainer, "kto": KTOTrainer}[kind]
     trainer = trainer_cls(model=model, args=args, train_dataset=train_rows, processing_class=tok)
     trainer.row_report = report
+    trainer.verdicts = verdicts
     return trainer
 
 
@@ -391,11 +446,14 @@ def train_in_subprocess(kind: TrainKind, dataset_dir: Path | str, **kwargs: Any)
             )
         data = json.loads(result_file.read_text())
     if "error" in data:
+        if "verdicts" in data:
+            raise SanityError(data["error"], [Verdict(**v) for v in data["verdicts"]])
         raise TrainError(data["error"])
     return TrainResult(
         adapter_dir=Path(data["adapter_dir"]),
         metrics=data["metrics"],
         config=TrainConfig(**data["config"]),
+        verdicts=[Verdict(**v) for v in data["verdicts"]],
     )
 
 
@@ -413,7 +471,10 @@ def _train_child(kind: str, dataset_dir: str, kwargs: dict, result_file: str) ->
             "adapter_dir": str(res.adapter_dir),
             "metrics": res.metrics,
             "config": res.config.model_dump(mode="json"),
+            "verdicts": [v.model_dump() for v in res.verdicts],
         }
+    except SanityError as e:
+        out = {"error": str(e), "verdicts": [v.model_dump() for v in e.verdicts]}
     except TrainError as e:
         out = {"error": str(e)}
     Path(result_file).write_text(json.dumps(out, default=str))
@@ -484,6 +545,11 @@ def train(
     error if there is none); `resume="auto"` continues if there is one and starts fresh if not.
     `base_model` is the name written into adapter_config.json (default: the model's name).
     The folder appears complete or not at all (written beside it, then renamed).
+
+    Sanity verdicts (tuner/sanity.py): the data's are checked before training (a failed one
+    raises SanityError and nothing is trained); the loss's and the probe's (the adapter against
+    where it started) come back in `TrainResult.verdicts` for the caller to act on (`tune`
+    stops on a failed one).
     """
     from transformers import PrinterCallback
 
@@ -511,9 +577,17 @@ def train(
     if progress:
         trainer.add_callback(_progress_callback())
 
+    # where the adapter starts (its parent, or the base model under a fresh LoRA), for the probe;
+    # several processes would each need the sharded model, so the probe runs only in one
+    single = trainer.args.world_size == 1
+    before = probe_outputs(trainer.model, trainer.processing_class) if single else None
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=checkpoint)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    verdicts = [*trainer.verdicts, loss_verdict(losses, cfg.min_loss_drop)]
+    if before is not None:
+        after = probe_outputs(trainer.model, trainer.processing_class)
+        verdicts.append(probe_verdict(before, after, cfg.probe_min_change))
     metrics: dict[str, Any] = {
         "kind": kind,
         "global_step": output.global_step,
@@ -546,7 +620,7 @@ def train(
         (tmp / "train_config.json").write_text(cfg.model_dump_json(indent=2))
         os.replace(tmp, out)
         shutil.rmtree(work_dir, ignore_errors=True)
-    return TrainResult(adapter_dir=out, metrics=metrics, config=cfg)
+    return TrainResult(adapter_dir=out, metrics=metrics, config=cfg, verdicts=verdicts)
 
 
 def finish_adapter_config(folder: Path, base: Path | str) -> None:
@@ -585,7 +659,9 @@ def tune(
     adapter. The adapter is written to `out_dir` (default `<workspace>/jobs/tune-<kind>-<dataset>/
     adapter`), so `resume` finds a killed job's checkpoints beside it. `isolated` trains in a
     process of its own (for a caller that holds a model for inference). Returns the new
-    AdapterRecord (status `candidate`: the eval gate decides the rest).
+    AdapterRecord (status `candidate`: the eval gate decides the rest), its sanity verdicts in
+    `verdicts`. A failed verdict raises SanityError: before training nothing is registered;
+    after it the adapter is registered with its verdicts and rejected, so the record says why.
     """
     from agent.model.files import model_dir, resolve_model
     from tuner.registry import open_registry
@@ -619,7 +695,7 @@ def tune(
         base_model=base_name,
     )
     manifest = dataset_dir / "manifest.json"
-    return registry.register(
+    rec = registry.register(
         result.adapter_dir,
         base_model=base_name,
         parent=from_version,
@@ -627,7 +703,16 @@ def tune(
         train_config={"kind": kind, **config.model_dump()},
         metrics=result.metrics,
         notes=list(notes),
+        verdicts=result.verdicts,
     )
+    if failed(result.verdicts):
+        why = "; ".join(f"{v.name}: {v.message}" for v in failed(result.verdicts))
+        registry.reject(rec.version)
+        registry.add_note(rec.version, f"rejected by the sanity verdicts: {why}")
+        raise_if_failed(
+            result.verdicts, f"{rec.version} (registered as rejected) stopped before the gate"
+        )
+    return rec
 
 
 # -- command line (also what `accelerate launch -m tuner.train` runs) -------------------------
@@ -663,10 +748,13 @@ def main(argv: list[str] | None = None) -> int:
             resume=ns.resume,
             progress=not ns.no_progress,
         )
-    except (TrainError, ValueError) as e:
+    except (TrainError, SanityError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"adapter_dir": str(result.adapter_dir), **result.metrics}))
+    verdicts = [v.model_dump() for v in result.verdicts]
+    print(
+        json.dumps({"adapter_dir": str(result.adapter_dir), **result.metrics, "verdicts": verdicts})
+    )
     return 0
 
 
