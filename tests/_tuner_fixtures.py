@@ -8,6 +8,9 @@ import os
 import random
 from pathlib import Path
 
+import numpy as np
+import safetensors.numpy
+
 from tuner.registry import Registry
 
 CALCULATOR = {
@@ -114,7 +117,9 @@ def fake_adapter(folder: Path, r: int = 8) -> Path:
     folder.mkdir(parents=True)
     cfg = {"peft_type": "LORA", "r": r, "target_modules": ["q_proj"], "modules_to_save": None}
     (folder / "adapter_config.json").write_text(json.dumps(cfg))
-    (folder / "adapter_model.safetensors").write_bytes(os.urandom(64))
+    # a real (tiny, random) safetensors file: the registry checks it opens and records its hash
+    weights = {"lora_A": np.frombuffer(os.urandom(64), dtype=np.float32).copy()}
+    (folder / "adapter_model.safetensors").write_bytes(safetensors.numpy.save(weights))
     return folder
 
 

@@ -189,3 +189,102 @@ def test_adapters_cli_list_show_promote_rollback_diff(tmp_path, monkeypatch):
     assert "base model" in run(app, ["adapters", "rollback"], obj={}).output
     res = run(app, ["adapters", "show", "v7"], obj={})
     assert res.exit_code == 1 and "no adapter version v7" in res.output
+
+
+# -- checksums: a damaged weights file is refused at promote and at every load ---------------
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # inside the tensor data: the file still opens, only the hash tells
+    path.write_bytes(bytes(data))
+
+
+def test_register_records_the_files_checksums(tmp_path):
+    from agent.model.adapters import adapter_checksums
+
+    reg = make(tmp_path, 1)
+    rec = reg.get("v1")
+    assert set(rec.sha256) == {"adapter_config.json", "adapter_model.safetensors"}
+    assert rec.sha256 == adapter_checksums(Path(rec.path))
+    assert reg.verify("v1").version == "v1"
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip_a_byte])
+def test_promote_refuses_damaged_weights_even_forced(tmp_path, damage):
+    reg = make(tmp_path, 2)
+    reg.promote("v1", PASS)
+    weights = Path(reg.get("v2").path) / "adapter_model.safetensors"
+    damage(weights)
+    for kwargs in ({"gate_result": PASS}, {"force": True}):
+        with pytest.raises(
+            RegistryError, match="adapter v2: .*adapter_model.safetensors is damaged"
+        ):
+            reg.promote("v2", **kwargs)
+    assert reg.active().version == "v1"  # nothing moved
+    with pytest.raises(RegistryError, match="train the adapter again"):
+        reg.verify("v2")
+
+
+def test_a_record_without_checksums_is_checked_for_completeness_and_sealed_at_promote(tmp_path):
+    reg = make(tmp_path, 2)
+    for v in ("v1", "v2"):  # as registered before checksums existed
+        path = Path(reg.path(v)) / "record.json"
+        data = json.loads(path.read_text())
+        del data["sha256"]
+        path.write_text(json.dumps(data))
+    assert reg.get("v1").sha256 == {}
+    _truncate(Path(reg.path("v2")) / "adapter_model.safetensors")
+    with pytest.raises(RegistryError, match="not a complete safetensors file"):
+        reg.promote("v2", force=True)
+    rec = reg.promote("v1", force=True)
+    assert set(rec.sha256) == {"adapter_config.json", "adapter_model.safetensors"}
+    assert any("checksums recorded" in n for n in rec.notes)
+
+
+def test_loading_a_damaged_version_names_the_file(tmp_path, cfg):
+    from agent.model.adapters import registry_adapter, resolve_adapter
+
+    reg = Registry(cfg.workspace.adapters)
+    manifest = tmp_path / "m.json"
+    manifest.write_text("{}")
+    reg.register(fake_adapter(tmp_path / "a"), base_model="m", dataset_manifest=manifest)
+    reg.promote("v1", PASS)
+    assert registry_adapter(cfg, "active")[0] == "v1"
+    _flip_a_byte(Path(reg.path("v1")) / "adapter_model.safetensors")
+    for request in ("active", "v1", str(reg.path("v1"))):
+        with pytest.raises(
+            RegistryError, match=r"adapter v1: .*v1/adapter_model.safetensors is damaged"
+        ):
+            resolve_adapter(cfg, None, request)
+
+
+@pytest.mark.slow
+def test_eval_and_promote_cli_refuse_a_truncated_adapter(tmp_path, cfg):
+    """The issue's probe: `adapters promote --force` on a truncated weights file, and `eval`
+    on it, must end at once with the file named (they accepted it, then hung)."""
+    from _runtime_fixtures import make_random_adapter
+
+    reg = Registry(cfg.workspace.adapters)
+    manifest = tmp_path / "m.json"
+    manifest.write_text("{}")
+    reg.register(make_random_adapter(tmp_path / "a", r=4), base_model="smollm2-135m-instruct",
+                 dataset_manifest=manifest)  # fmt: skip
+    _truncate(Path(reg.path("v1")) / "adapter_model.safetensors")
+    env = {**os.environ, "SELFTUNE_HOME": str(cfg.workspace.root), "PYTHONPATH": str(ROOT)}
+    for args in (
+        ["adapters", "promote", "v1", "--force"],
+        ["eval", "calculator", "--limit", "1", "--adapter", "v1"],
+        ["chat", "hi", "--adapter", "v1"],
+    ):
+        r = subprocess.run([sys.executable, "-m", "agent.cli", *args], env=env,
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert r.returncode == 1, (args, r.stderr[-2000:])
+        assert "Traceback" not in r.stderr, r.stderr[-3000:]
+        assert "adapter_model.safetensors" in r.stderr and "v1" in r.stderr, r.stderr[-2000:]
+    assert Registry(cfg.workspace.adapters).active() is None

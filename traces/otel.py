@@ -52,7 +52,7 @@ from urllib.parse import unquote, urlparse
 
 from tools.errors import SelftuneError
 from traces.schemas import Grade, Span, Trace, TracesConfig
-from traces.scrub import scrub_span, scrub_trace, scrub_value
+from traces.scrub import scrub_grade, scrub_span, scrub_trace, scrub_value
 
 log = logging.getLogger("selftune.traces.otel")
 
@@ -573,16 +573,7 @@ def _root_otel_span(
 
 
 def _scrub_grades(grades: Sequence[Grade], patterns: Sequence[str]) -> list[Grade]:
-    return [
-        g.model_copy(
-            update={
-                "grader": scrub_value(g.grader, patterns),
-                "reason": scrub_value(g.reason, patterns),
-                "flags": scrub_value(list(g.flags), patterns),
-            }
-        )
-        for g in grades
-    ]
+    return [scrub_grade(g, patterns) for g in grades]
 
 
 def root_otel_span(

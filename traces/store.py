@@ -705,7 +705,7 @@ def export_jsonl(
 ) -> int:
     """Write matching traces, scrubbed, one JSON object per line: the trace with its spans and
     a `grades` list. Returns how many. Stored traces are not changed."""
-    from traces.scrub import scrub_trace
+    from traces.scrub import scrub_grade, scrub_trace
 
     q = (q or TraceQuery()).model_copy(update={"limit": q.limit if q else None})
     out = Path(path)
@@ -714,7 +714,9 @@ def export_jsonl(
     with out.open("w", encoding="utf-8") as f:
         for t in store.query(q, with_spans=True):
             row = scrub_trace(t, extra_patterns).model_dump(mode="json")
-            row["grades"] = [g.model_dump(mode="json") for g in store.grades(t.id)]
+            row["grades"] = [  # a grade's reason quotes the answer: it leaves scrubbed too
+                scrub_grade(g, extra_patterns).model_dump(mode="json") for g in store.grades(t.id)
+            ]
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             n += 1
     return n

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -30,10 +29,19 @@ from typing import Any
 from pydantic import ValidationError
 
 from agent.config import Config
-from agent.model.adapters import POINTER, RECORD, VERSION, RegistryError, read_pointer, versions
+from agent.model.adapters import (
+    ADAPTER_FILES,
+    POINTER,
+    RECORD,
+    VERSION,
+    RegistryError,
+    adapter_checksums,
+    file_sha256,
+    read_pointer,
+    verify_adapter,
+    versions,
+)
 from tuner.schemas import AdapterRecord, GateResult, Verdict
-
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -53,14 +61,6 @@ def write_atomic(path: Path, text: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_adapter_dir(path: Path) -> None:
@@ -176,6 +176,14 @@ class Registry:
     def path(self, version: str) -> Path:
         return self._dir(version)
 
+    def verify(self, version: str) -> AdapterRecord:
+        """The record of `version` after checking its files against the checksums recorded at
+        registration; RegistryError naming the damaged file otherwise. A record from before
+        checksums only has its weights checked to be a complete safetensors file."""
+        rec = self.get(version)
+        verify_adapter(self._dir(version), rec.sha256, f"adapter {version}")
+        return rec
+
     def resolve(self, name: str | None) -> AdapterRecord | None:
         """'active', 'base'/None, or a version -> its record (None for the base model)."""
         if name in (None, "base"):
@@ -205,6 +213,8 @@ class Registry:
         """
         src = Path(adapter_dir).expanduser().resolve()
         check_adapter_dir(src)
+        verify_adapter(src, None, f"adapter folder {src}")  # a complete safetensors file
+        sums = adapter_checksums(src)
         if parent is not None:
             self.get(parent)  # the parent must exist
         manifest_hash = None
@@ -223,6 +233,7 @@ class Registry:
                 parent=parent,
                 dataset_manifest=str(dataset_manifest) if dataset_manifest else None,
                 dataset_hash=manifest_hash,
+                sha256=sums,
                 train_config=train_config or {},
                 metrics=metrics or {},
                 notes=notes or [],
@@ -264,8 +275,11 @@ class Registry:
         `force` (a person's decision, noted in the record).
         """
         with self._lock():
-            rec = self.get(version)
             check_adapter_dir(self._dir(version))
+            rec = self.verify(version)  # a truncated or altered file is refused, --force or not
+            if not rec.sha256:  # registered before checksums: record them now they checked out
+                rec.sha256 = adapter_checksums(self._dir(version))
+                rec.notes.append(f"checksums recorded at promote, {time.ctime()}")
             if gate_result is not None and not gate_result.promote:
                 raise RegistryError(
                     f"the gate result for {version} says reject ({'; '.join(gate_result.reasons)})"

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from agent.config import Config
+from agent.model.adapters import verify_adapter
 from agent.serving.vllm import SERVED_NAME, VllmAdmin, VllmAdminError
 from tuner.schemas import AdapterRecord
 
@@ -41,6 +42,13 @@ T = TypeVar("T")
 
 class ReloadError(VllmAdminError):
     """The serving side refused or could not be reached; the message says how to fix it."""
+
+
+def _check(record: AdapterRecord) -> None:
+    """Refuse (RegistryError) a record whose files no longer match its checksums."""
+    if not record.path:
+        raise ReloadError(f"record {record.version} has no path: read it from the Registry")
+    verify_adapter(Path(record.path), record.sha256, f"adapter {record.version}")
 
 
 class Reloader(Protocol):
@@ -81,8 +89,7 @@ class LocalReloader:
     async def reload(self, record: AdapterRecord | None) -> None:
         if record is None:
             return  # the base model is always there
-        if not record.path:
-            raise ReloadError(f"record {record.version} has no path: read it from the Registry")
+        _check(record)
         if self.backend.adapters().get(record.version) != str(record.path):
             await self.load(record.version, record.path, inplace=True)
 
@@ -124,8 +131,7 @@ class VllmReloader:
         if record is None:
             await self.unload(self.served_name, missing_ok=True)
             return
-        if not record.path:
-            raise ReloadError(f"record {record.version} has no path: read it from the Registry")
+        _check(record)
         served = await self.served()
         replaced = served.get(self.served_name)
         if served.get(record.version) != str(record.path):

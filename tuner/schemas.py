@@ -88,6 +88,9 @@ class AdapterRecord(_Schema):
     parent: str | None = None
     dataset_manifest: str | None = None  # path of the dataset's manifest.json
     dataset_hash: str | None = None  # sha256 of that manifest
+    # sha256 of adapter_config.json and adapter_model.safetensors at registration; promote and
+    # every load verify them ({} in records from before checksums)
+    sha256: dict[str, str] = Field(default_factory=dict)
     train_config: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
     eval_results: list[dict[str, Any]] = Field(default_factory=list)

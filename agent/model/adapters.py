@@ -7,12 +7,22 @@ rollback) on the same layout, described here once:
     <workspace>/adapters/
         v1/ adapter_config.json adapter_model.safetensors record.json
         active      {"active": "v2", "history": ["v1"], "events": [...]}
+
+Each record carries the sha256 of the adapter's two files (`sha256` in record.json, written by
+`Registry.register`). Every load of a registry version (`registry_adapter`, hence
+`resolve_adapter`, eval, gate, chat, run, serve) and every promote verifies them, so a truncated
+or altered weights file is refused by name instead of loaded or served. A record from before
+checksums has none: its weights must still open as a complete safetensors file (a truncated
+one does not), a warning says so, and the next promote records its checksums.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +32,10 @@ from tools.errors import SelftuneError
 POINTER = "active"
 RECORD = "record.json"
 VERSION = re.compile(r"v(\d+)")
+WEIGHTS = "adapter_model.safetensors"
+ADAPTER_FILES = ("adapter_config.json", WEIGHTS)
+
+log = logging.getLogger(__name__)
 
 
 class RegistryError(SelftuneError, RuntimeError):
@@ -47,6 +61,85 @@ def read_pointer(root: Path) -> dict[str, Any]:
     return data
 
 
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def adapter_checksums(folder: Path) -> dict[str, str]:
+    """sha256 of each file of a PEFT adapter folder (what a record stores at registration)."""
+    return {name: file_sha256(folder / name) for name in ADAPTER_FILES}
+
+
+def recorded_checksums(folder: Path) -> dict[str, str]:
+    """The checksums in a version folder's record.json ({} for a record from before them)."""
+    try:
+        data = json.loads((folder / RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise RegistryError(
+            f"adapter record {folder / RECORD} is unreadable ({e}): restore it, or delete the "
+            f"folder {folder} to drop that version"
+        ) from None
+    sums = data.get("sha256") if isinstance(data, dict) else None
+    return dict(sums) if isinstance(sums, dict) else {}
+
+
+def _check_safetensors(path: Path, label: str) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt"):  # reads the header; a truncated file does not open
+            pass
+    except (SafetensorError, OSError, ValueError) as e:
+        raise RegistryError(
+            f"{label}: {path} is not a complete safetensors file ({e}): restore it from a "
+            "backup, or train the adapter again"
+        ) from None
+
+
+def verify_adapter(folder: Path, recorded: Mapping[str, str] | None, label: str) -> None:
+    """Raise RegistryError unless the adapter files in `folder` are present and match the
+    checksums `recorded` at registration. With none recorded (an adapter registered before
+    checksums, or a folder given by path), the weights must at least open as a complete
+    safetensors file. `label` names the adapter in the message ("adapter v3")."""
+    for name in ADAPTER_FILES:
+        if not (folder / name).is_file():
+            raise RegistryError(
+                f"{label}: {folder / name} is missing: restore it from a backup, or train the "
+                "adapter again (`selftune tune sft`)"
+            )
+    if not recorded:
+        _check_safetensors(folder / WEIGHTS, label)
+        return
+    for name, expected in recorded.items():
+        if name not in ADAPTER_FILES:
+            continue
+        actual = file_sha256(folder / name)
+        if actual != expected:
+            raise RegistryError(
+                f"{label}: {folder / name} is damaged (sha256 {actual[:12]}... is not the "
+                f"{expected[:12]}... recorded at registration: the file was truncated or "
+                "altered): restore it from a backup, or train the adapter again "
+                "(`selftune tune sft`); `selftune adapters rollback` returns to the previous one"
+            )
+
+
+def verify_version(folder: Path, version: str) -> None:
+    """`verify_adapter` for a registry version folder, against the checksums in its record."""
+    sums = recorded_checksums(folder)
+    if not sums:
+        log.warning(
+            "adapter %s was registered before checksums; its weights are only checked to be "
+            "complete (the next `selftune adapters promote %s` records them)",
+            version,
+            version,
+        )
+    verify_adapter(folder, sums, f"adapter {version}")
+
+
 def versions(root: Path) -> list[str]:
     """The registry's version folders, oldest first."""
     if not root.is_dir():
@@ -67,10 +160,15 @@ def version_dir(root: Path, version: str) -> Path:
 
 
 def registry_adapter(cfg: Config, request: str) -> tuple[str, Path] | None:
-    """ "active" or "vN" -> (version, folder) in the workspace's registry; None for the base."""
+    """ "active" or "vN" -> (version, folder) in the workspace's registry; None for the base.
+    The folder's files are verified against its record's checksums (RegistryError if not)."""
     root = cfg.workspace.adapters.expanduser().resolve()
     version = read_pointer(root)["active"] if request == "active" else request
-    return None if version is None else (version, version_dir(root, version))
+    if version is None:
+        return None
+    folder = version_dir(root, version)
+    verify_version(folder, version)
+    return version, folder
 
 
 def resolve_adapter(cfg: Config, engine: Any, request: str | None) -> str | None:
@@ -86,6 +184,10 @@ def resolve_adapter(cfg: Config, engine: Any, request: str | None) -> str | None
     candidate = Path(request).expanduser()
     if candidate.is_dir() and (candidate / "adapter_config.json").is_file():
         name, path = candidate.name, candidate.resolve()
+        if (path / RECORD).is_file():  # a registry version given by its folder
+            verify_version(path, name)
+        elif (path / WEIGHTS).is_file():  # a folder of another tool may hold .bin weights
+            _check_safetensors(path / WEIGHTS, f"adapter folder {path}")
     else:
         if request != "active" and not VERSION.fullmatch(request):
             # not a registry name: one the backend serves on its own (a GRPO policy, say)
