@@ -165,8 +165,8 @@ def test_a_user_retrieval_env_yields_grounded_traces_and_a_dataset_with_plain_pr
     from traces.datasets import DatasetFilters, build_dataset
     from tuner.improve import collect
 
-    root = _user_env(tmp_path / "towns", 12, 0)
-    settings = cfg.improve.updated(collect_limit=12, concurrency=12)
+    root = _user_env(tmp_path / "towns", 8, 0)
+    settings = cfg.improve.updated(collect_limit=8, concurrency=8)
 
     async def go():
         async with Agent(cfg, checkpoints=False) as agent:

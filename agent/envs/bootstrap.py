@@ -38,10 +38,13 @@ def answer_text(answer: Any) -> str:
 
 
 def answer_prompt(task: Task) -> str:
-    """The task's prompt with its reference answer shown (collection only, never eval)."""
+    """The task's prompt with its reference answer shown (collection only, never eval). The
+    answer comes last: the base model tends to echo the last sentence it was given, and an echo
+    of "The answer is X." is a clean answer, where "...then answer." trailed the instruction
+    into the training row (seen in 7 of 11 answer-shown episodes with the earlier wording)."""
     return (
-        f"{task.prompt}\n\nThe answer is {answer_text(task.answer)}. "
-        "Use the tools to find it and confirm, then answer."
+        f"{task.prompt}\n\nUse the tools to find and confirm it. "
+        f"The answer is {answer_text(task.answer)}."
     )
 
 
