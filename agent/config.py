@@ -267,6 +267,11 @@ class ImproveConfig(_Section):
     collect_temperature: float = Field(default=0.0, ge=0.0)
     few_shot: int = Field(default=2, ge=0)  # demonstrations while collecting, if weak
     hints: bool = True  # a wave with the tasks' hints for tasks failed without them
+    # bootstrapping from reference answers alone (agent/envs/bootstrap.py): a wave that shows
+    # failed tasks their answer and keeps what the tools reached (STaR's rationalisation), and
+    # demonstrations written by calling the real tools when the environment has none
+    rationalise: bool = True
+    self_demos: bool = True
     weak_below: float = Field(default=0.8, ge=0.0, le=1.0)  # zero-shot success under: weak
     eval_limit: int = Field(default=54, ge=1)  # held-out test tasks per environment
     concurrency: int = Field(default=16, ge=1)  # episodes at once (per model in the gate)

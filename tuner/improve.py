@@ -20,6 +20,7 @@ import json
 import os
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -116,48 +117,98 @@ async def collect(
     agent: Any,
     tags: list[str],
     console: Console,
+    solved_before: set[str] | frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
     """Play `env`'s train tasks with `adapter`; returns the counts per wave. While the model is
-    `weak`, in up to three waves:
-    1. with the environment's demonstrations (few-shot);
+    `weak`, in up to four waves:
+    1. with demonstrations (few-shot): the environment's own, or, when it has none and
+       `[improve] self_demos`, ones written by calling the real tools on its train tasks
+       (agent.envs.bootstrap.synthesise_demos); from wave 2 on, solved tasks' trajectories
+       take their place, most similar first;
     2. the failed tasks again with their hints, where tasks have them (STaR's
        rationalization; the dataset puts the plain prompt back);
-    3. the tasks still failed, with the most similar solved tasks as extra examples
+    3. the failed tasks without hints with their reference answer shown (`[improve]
+       rationalise`); a right answer counts only if it came through the tools, else its grade
+       is flagged `answer_not_from_tools` and the dataset drops it;
+    4. the tasks still failed, with the most similar solved tasks as extra examples
        (bootstrapped few-shot: a solved task of the same kind shows which numbers go where).
+    Expert iteration across cycles: tasks not solved in an earlier cycle (`solved_before`)
+    are played first, so each better model works on what the last one failed.
     Measured on calculator with the base SmolLM2: a demonstration's operator is copied
     (0 of 132 sampled tries at temperature 1 found "+", "-" or "/" when both showed "*"),
-    hints fix about half of those, and similar solved examples most of the rest."""
+    hints fix about half of those, and similar solved examples most of the rest.
+    `tasks_solved` counts tasks with a right, unflagged episode (what the dataset can use);
+    `unlearnable`, when set, says why no episode can be right (answers out of the tools' reach)."""
     from agent.envs import load_environment
-    from agent.envs.run import run_suite
+    from agent.envs.bootstrap import answers_in_corpus, synthesise_demos
+    from agent.envs.run import env_tools, run_suite
 
+    environment = load_environment(env, config=cfg.agent)
+    train = environment.split("train")
+    # expert iteration: what earlier cycles failed (or never tried) first, then the rest
+    train = sorted(train, key=lambda t: t.id in solved_before)[: settings.collect_limit]
+    stats: dict[str, Any] = {"n": 0, "successes": 0, "waves": [], "unlearnable": None}
+    if not train:
+        stats.update(tasks_solved=0, few_shot=0)
+        return stats
+    search_only = all(set(t.tools or environment.tool_names) <= {"search"} for t in train)
+    if search_only:
+        found, with_ref = answers_in_corpus(train, environment.corpus_dir)
+        stats["answers_in_corpus"] = [found, with_ref]
+        if with_ref and not found:
+            where = environment.corpus_dir or f"{environment.path} (it has no corpus/ folder)"
+            stats.update(tasks_solved=0, few_shot=0)
+            stats["unlearnable"] = (
+                f"the reference answer of none of {with_ref} train tasks appears in the corpus "
+                f"{where}, and `search` is their only tool: no episode can reach an answer "
+                "through the tools, so nothing was collected or trained. Add the documents "
+                "that hold the answers to corpus/, or check the tasks' answers"
+            )
+            return stats
     few = settings.few_shot if weak else 0
-    waves: list[tuple[int, str | None]] = [(few, None)]
-    if weak and settings.hints:
-        train = load_environment(env, config=cfg.agent).split("train")
-        if any(t.hint for t in train[: settings.collect_limit]):
-            waves.append((few, "hinted"))
+    own_demos = bool(environment.demos)
+    synthetic: list[dict[str, Any]] = []
+    if weak and few and not own_demos and settings.self_demos:
+        synthetic, counts = await synthesise_demos(train, env_tools(cfg, environment), few)
+        stats["self_demos"] = counts
+        console.print(
+            f"[bold]collect[/bold] {env}: no demos.jsonl; wrote {counts['kept']} demonstrations "
+            f"by calling the tools ({counts['tried']} tried)"
+        )
+    environment.demos = environment.demos or synthetic
+    waves: list[tuple[int, str]] = [(few, "demos")]
+    if weak and settings.hints and any(t.hint for t in train):
+        waves.append((few, "hinted"))
+    if weak and settings.rationalise and any(not t.hint and t.answer is not None for t in train):
+        waves.append((few, "answer"))
     if weak and few:
         waves.append((few + 2, "similar"))
-    solved: set[str] = set()
+    # a teacher wave (tuner/teacher.py, `teacher_wave(cfg, environment, task_ids, ...)`) goes
+    # here: after self-collection, on the tasks still failed (see `failed` below)
+    stats["few_shot"] = few
+    solved: set[str] = set()  # tasks with a right, unflagged episode
     attempted: set[str] = set()
-    stats: dict[str, Any] = {"n": 0, "successes": 0, "few_shot": few, "waves": []}
+    ids_all = {t.id for t in train}
     for wave, (k, which) in enumerate(waves):
-        ids = None
-        if which is not None:
-            ids = attempted - solved
-            if not ids or (which == "similar" and not solved):
-                break
+        ids = ids_all if which == "demos" else attempted - solved
+        if which == "hinted":
+            ids = {t.id for t in train if t.hint} & ids
+        elif which == "answer":
+            ids = {t.id for t in train if t.answer is not None and not t.hint} & ids
+        if not ids or (which == "similar" and not solved):
+            continue
+        if wave and not own_demos:
+            # solved tasks' own trajectories (from the store, most similar first) replace the
+            # synthetic demonstrations as they come
+            environment.demos = synthetic[: max(0, k - len(solved))]
         console.print(
-            f"[bold]collect[/bold] {env} wave {wave + 1}"
-            f"{' (' + which + ')' if which else ''}: "
-            f"{len(ids) if ids is not None else settings.collect_limit} train tasks, "
+            f"[bold]collect[/bold] {env} wave {wave + 1} ({which}): {len(ids)} train tasks, "
             f"few-shot {k}, adapter {adapter or 'base'}"
         )
         res = await run_suite(
             cfg,
-            env,
+            environment,
             split="train",
-            limit=settings.collect_limit,
             task_ids=ids,
             concurrency=settings.concurrency,
             adapter=adapter or "base",
@@ -167,18 +218,35 @@ async def collect(
             seed=seed + wave,
             max_tokens=settings.max_tokens,
             agent=agent,
-            tags=tags,
+            tags=[*tags, f"wave:{which}"],
             progress=True,
             hints=which == "hinted",
+            answer_shown=which == "answer",
         )
+        kept = {o.task_id for o in res.outcomes if o.success and not o.flags}
         attempted |= {o.task_id for o in res.outcomes}
-        solved |= {o.task_id for o in res.outcomes if o.success}
+        solved |= kept
         stats["n"] += res.n
         stats["successes"] += res.successes
         stats["waves"].append(
-            {"kind": which or "demos", "few_shot": k, "n": res.n, "successes": res.successes}
+            {
+                "kind": which,
+                "few_shot": k,
+                "n": res.n,
+                "successes": res.successes,
+                "kept": sum(o.success and not o.flags for o in res.outcomes),
+                "flags": dict(Counter(f for o in res.outcomes if o.success for f in o.flags)),
+            }
         )
     stats["tasks_solved"] = len(solved)
+    stats["solved_ids"] = sorted(solved)
+    stats["failed_ids"] = sorted(attempted - solved)
+    if not solved and search_only and any(w["successes"] for w in stats["waves"]):
+        flags = Counter(f for w in stats["waves"] for f, n in w["flags"].items() for _ in range(n))
+        stats["unlearnable"] = (
+            f"{sum(w['successes'] for w in stats['waves'])} episodes gave the right answer, but "
+            f"none through the tools ({dict(flags)}): nothing grounded to train on"
+        )
     return stats
 
 
@@ -302,6 +370,10 @@ class ImproveJob:
         active = self._active()
         for env in self.settings.envs:
             known = self._latest_eval(env, active)
+            # expert iteration: the tasks earlier cycles of this job solved go last
+            solved_before = {
+                t for c in self.state.cycles for t in c.collect.get(env, {}).get("solved_ids", [])
+            }
             cycle.collect[env] = await collect(
                 self.cfg,
                 env,
@@ -312,6 +384,12 @@ class ImproveJob:
                 agent=agent,
                 tags=[*self._tags(), f"cycle:{cycle.index}", "collect"],
                 console=self.console,
+                solved_before=solved_before,
+            )
+        reasons = {e: c["unlearnable"] for e, c in cycle.collect.items() if c.get("unlearnable")}
+        if reasons and not any(c.get("tasks_solved") for c in cycle.collect.values()):
+            cycle.skipped = "nothing learnable: " + "; ".join(
+                f"{e}: {r}" for e, r in reasons.items()
             )
 
     def _latest_eval(self, env: str, adapter: str | None) -> dict[str, Any] | None:

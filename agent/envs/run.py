@@ -8,6 +8,7 @@ back as a `SuiteResult`. All traces of a run carry the tag `run:<run_id>`.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import re
 import time
@@ -21,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from agent.agent import Agent, RunResult
 from agent.config import Config
 from agent.envs import Environment, load_environment
+from agent.envs.bootstrap import NOT_FROM_TOOLS, answer_prompt, through_tools
 from agent.envs.perturb import perturb as perturb_prompt
 from tools.base import Tool
 from traces.schemas import Grade, Task, Trace
@@ -186,7 +188,11 @@ def _best_past_traces(
         best.values(),
         key=lambda t: (-len(want & _words(t.metadata.get("task_prompt", ""))), -t.start),
     )
-    return [store.get(t.id) for t in ranked[:k]]
+    # never a flagged trace (an ungrounded answer, one not reached through the tools...)
+    clean = (
+        t for t in ranked if not any(g.flags for g in store.grades(t.id) if g.source != "human")
+    )
+    return [store.get(t.id) for t in itertools.islice(clean, k)]
 
 
 async def run_suite(
@@ -209,6 +215,7 @@ async def run_suite(
     strict: bool = False,
     task_ids: set[str] | None = None,
     hints: bool = False,
+    answer_shown: bool = False,
     perturb: str | None = None,
 ) -> SuiteResult:
     """Run `samples` episodes per task of `split` (first `limit` tasks), `concurrency` at once,
@@ -217,6 +224,10 @@ async def run_suite(
 
     `hints`: append each task's hint (if it has one) to its prompt; for collection only. The
     trace records `hinted`, and training rows get the task's own prompt back.
+    `answer_shown`: for tasks without a hint, show the reference answer and ask the model to
+    reach it with the tools (STaR's rationalisation, agent.envs.bootstrap); for collection
+    only. The trace records `hinted` and `conditioned: "answer"`; a right answer that did not
+    come through the tools gets the flag `answer_not_from_tools`, so datasets drop it.
     `perturb`: ask each task as that perturbation writes it (agent.envs.perturb: typos, case,
     spacing, verbose, terse), seeded by `seed` and the task id; graded against the same answer."""
     environment = (
@@ -250,9 +261,14 @@ async def run_suite(
                 environment, few_shot, store, exclude_task=task.id, prompt=task.prompt
             )
             hinted = bool(hints and task.hint)
+            shown = bool(answer_shown and not hinted and task.answer is not None)
             prompt = perturb_prompt(task.prompt, perturb, seed, task.id) if perturb else task.prompt
+            if hinted:
+                prompt = f"{prompt}\n\nHint: {task.hint}"
+            elif shown:
+                prompt = answer_prompt(task.model_copy(update={"prompt": prompt}))
             res: RunResult = await agent.run(
-                f"{prompt}\n\nHint: {task.hint}" if hinted else prompt,
+                prompt,
                 tools=task.tools if task.tools is not None else environment.tool_names,
                 extra_tools=extra,
                 subagents=environment.subagent_configs(),
@@ -267,7 +283,8 @@ async def run_suite(
                     "split": split,
                     "few_shot": few_shot,
                     "task_prompt": task.prompt,
-                    "hinted": hinted,
+                    "hinted": hinted or shown,  # the dataset puts task_prompt back
+                    "conditioned": "hint" if hinted else "answer" if shown else None,
                     "perturb": perturb,
                     "task_answer": task.answer,
                     "task_grader": task.grader or environment.grader,
@@ -280,6 +297,11 @@ async def run_suite(
         t_grade = time.perf_counter()
         grade: Grade = await environment.agrade(task, trace, judge_model=judge_model)
         grade_s = time.perf_counter() - t_grade
+        if shown and grade.value >= SUCCESS_THRESHOLD:
+            why = through_tools(task, trace, task.tools or environment.tool_names)
+            if why is not None:
+                grade.flags.append(NOT_FROM_TOOLS)
+                grade.metadata["not_from_tools"] = why
         store.add_grade(grade)
         tokens = sum(
             (s.llm.input_tokens or 0) + (s.llm.output_tokens or 0) for s in trace.spans if s.llm

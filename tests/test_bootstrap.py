@@ -1,0 +1,203 @@
+"""Bootstrapping from reference answers alone: a user's environment with nothing but tasks and
+a corpus (no demos, no hints, no environment.py) must yield grounded traces to train on, and
+one whose answers no tool can reach must say so."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from _traces_fixtures import make_trace, task
+from rich.console import Console
+
+from agent.envs import load_environment
+from agent.envs.bootstrap import (
+    NOT_FROM_TOOLS,
+    answer_prompt,
+    answers_in_corpus,
+    synthesise_demos,
+    through_tools,
+)
+from benchmarks.envs.user_retrieval import make as user_env
+from traces.read import training_conversation
+
+TOWN = "Dravik lies on the river Sorwela. It was founded in 1412 by Ilsa Mortvik."
+
+
+def _river_task(**kw):
+    return task("Which river flows through Dravik?", ["Sorwela"], tools=["search"], **kw)
+
+
+# --- the filter: a rationalised answer counts only if it came through the tools ------------------
+
+
+def test_a_rationalised_answer_the_search_returned_is_kept():
+    trace = make_trace("Sorwela.", [("search", {"query": "Dravik river"}, TOWN)])
+    assert through_tools(_river_task(), trace) is None
+
+
+def test_a_rationalised_answer_without_a_tool_call_is_rejected():
+    assert through_tools(_river_task(), make_trace("Sorwela.")) == (
+        "no successful call of the task's tools"
+    )
+    failed = make_trace("Sorwela.", [("search", {"query": "Dravik river"}, None)])
+    assert through_tools(_river_task(), failed) == "no successful call of the task's tools"
+
+
+def test_a_rationalised_answer_the_tools_never_returned_is_rejected():
+    miss = make_trace(
+        "Sorwela.", [("search", {"query": "Dravik"}, "Stewick lies on the Draminna.")]
+    )
+    assert through_tools(_river_task(), miss) == "the reference is in no tool result"
+
+
+def test_an_answer_copied_into_the_query_is_rejected():
+    # the shown answer typed into the search finds the passage, but the model did not find it
+    copied = make_trace("Sorwela.", [("search", {"query": "river Sorwela Dravik"}, TOWN)])
+    assert through_tools(_river_task(), copied) == (
+        "the reference was copied into a tool call's arguments"
+    )
+
+
+def test_other_tools_count_by_their_result():
+    calc = task(tools=["calculator"])  # 1234 * 5678 = 7006652
+    ok = make_trace("7,006,652", [("calculator", {"expression": "1234 * 5678"}, "7006652")])
+    assert through_tools(calc, ok) is None
+    copied = make_trace("7006652", [("calculator", {"expression": "7006652 + 0"}, "7006652")])
+    assert through_tools(calc, copied) is not None
+    other_tool = make_trace("7006652", [("python", {"code": "print(1234*5678)"}, "7006652")])
+    assert through_tools(calc, other_tool) == "no successful call of the task's tools"
+
+
+def test_the_plain_prompt_comes_back_in_the_training_row():
+    t = _river_task()
+    trace = make_trace(
+        "Sorwela.",
+        [("search", {"query": "Dravik river"}, TOWN)],
+        metadata={"hinted": True, "conditioned": "answer", "task_prompt": t.prompt},
+    )
+    llm = next(s for s in trace.spans if s.kind == "llm")
+    llm.llm.messages = [{"role": "user", "content": answer_prompt(t)}]
+    assert "The answer is Sorwela" in answer_prompt(t)
+    messages, _ = training_conversation(trace)
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    assert users == [t.prompt]
+
+
+def test_answers_in_corpus_counts_the_reachable_tasks(tmp_path):
+    (tmp_path / "towns.md").write_text(TOWN)
+    tasks = [_river_task(), task("Who founded Stewick?", ["Nila Osvik"], tools=["search"])]
+    assert answers_in_corpus(tasks, tmp_path) == (1, 2)
+    assert answers_in_corpus(tasks, None) == (0, 2)
+
+
+# --- real Chroma, real model ------------------------------------------------------------------
+
+
+def _user_env(root: Path, n_train: int, n_test: int, drop_sources: bool = False) -> Path:
+    """A small copy of benchmarks/envs/user_retrieval: tasks.jsonl and corpus/ only."""
+    user_env.write(root)
+    rows = [json.loads(line) for line in (root / "tasks.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"][:n_train]
+    test = [r for r in rows if r["split"] == "test"][:n_test]
+    (root / "tasks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train + test))
+    if drop_sources:  # the documents that hold the answers are missing
+        for f in (root / "corpus").glob("*.md"):
+            f.write_text("# Towns\n\nNothing is known about these towns yet.\n")
+    assert {p.name for p in root.iterdir()} == {"tasks.jsonl", "corpus"}
+    return root
+
+
+def test_self_written_demos_come_from_really_calling_search(cfg, tmp_path):
+    from agent.envs.run import env_tools
+
+    env = load_environment(_user_env(tmp_path / "towns", 6, 0), config=cfg.agent)
+    tools = env_tools(cfg, env)
+    demos, counts = asyncio.run(synthesise_demos(env.split("train"), tools, 2))
+    assert counts["kept"] == len(demos) == 2
+    for demo in demos:
+        call, result = demo["messages"][1], demo["messages"][2]
+        t = env.task(demo["task_id"])
+        assert call["tool_calls"][0]["function"]["arguments"]["query"] in t.prompt
+        # the tool turn is what the real search returned for that query, and holds the answer
+        real = asyncio.run(
+            next(x for x in tools if x.name == "search").ainvoke(
+                {"query": call["tool_calls"][0]["function"]["arguments"]["query"]}
+            )
+        )
+        assert result["content"] == real and t.answer[0] in real
+
+
+def test_answers_no_tool_can_reach_stop_the_cycle_with_the_reason(cfg, tmp_path):
+    from tuner.improve import CycleState, ImproveJob
+
+    root = _user_env(tmp_path / "lost", 6, 2, drop_sources=True)
+    job = ImproveJob(cfg, cfg.improve.updated(envs=[str(root)]), Console(stderr=True))
+    job.open(resume=False)
+    cycle = CycleState(index=1)
+    job.state.cycles.append(cycle)
+
+    async def go():
+        try:
+            await job._collect(cycle)
+        finally:
+            if job._agent is not None:
+                await job._agent.aclose()
+
+    asyncio.run(go())
+    stats = cycle.collect[str(root)]
+    assert stats["n"] == 0 and stats["tasks_solved"] == 0  # nothing was played
+    assert cycle.skipped.startswith("nothing learnable")
+    assert "appears in the corpus" in cycle.skipped and "Add the documents" in cycle.skipped
+    assert "collect more tasks" not in cycle.skipped
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_user_retrieval_env_yields_grounded_traces_and_a_dataset_with_plain_prompts(
+    cfg, tmp_path
+):
+    from agent.agent import Agent
+    from agent.envs import environment_tasks
+    from agent.workspace import open_store
+    from traces.datasets import DatasetFilters, build_dataset
+    from tuner.improve import collect
+
+    root = _user_env(tmp_path / "towns", 8, 0)
+    settings = cfg.improve.updated(collect_limit=8, concurrency=8)
+
+    async def go():
+        async with Agent(cfg, checkpoints=False) as agent:
+            return await collect(
+                cfg, str(root), settings, adapter=None, weak=True, seed=0, agent=agent,
+                tags=["test"], console=Console(stderr=True),
+            )  # fmt: skip
+
+    stats = asyncio.run(go())
+    kinds = [w["kind"] for w in stats["waves"]]
+    assert kinds[0] == "demos" and "answer" in kinds  # no hints: rationalisation instead
+    assert stats["self_demos"]["kept"] == settings.few_shot  # written by calling search
+    assert stats["tasks_solved"] >= 1, stats
+
+    store = open_store(cfg)
+    out = tmp_path / "ds"
+    res = build_dataset(
+        store, "sft", out, DatasetFilters(min_score=1.0, best_of_n=True, exclude_flagged=True),
+        tasks=environment_tasks(str(root), cfg)[1],
+    )  # fmt: skip
+    assert res.rows >= 1
+    env = load_environment(root)
+    for line in (out / "train.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        user = next(m for m in row["messages"] if m["role"] == "user")["content"]
+        assert "The answer is" not in user and user in {t.prompt for t in env.tasks}
+        # grounded: the answer is in what search returned in that very conversation
+        results = " ".join(m["content"] for m in row["messages"] if m["role"] == "tool")
+        t = next(t for t in env.tasks if t.prompt == user)
+        assert t.answer[0].lower() in results.lower()
+    # every kept rationalised trace reached its answer through the tools
+    for trace_id in res.manifest["trace_ids"]:
+        flags = [f for g in store.grades(trace_id) for f in g.flags]
+        assert NOT_FROM_TOOLS not in flags and "ungrounded" not in flags
