@@ -178,6 +178,15 @@ async def collect(
         stats["waves"].append(
             {"kind": which or "demos", "few_shot": k, "n": res.n, "successes": res.successes}
         )
+    if cfg.teacher.configured and attempted - solved:  # [teacher] plays what is still failed
+        from tuner.teacher import teacher_wave
+
+        wave = await teacher_wave(cfg, env, attempted - solved, seed=seed + len(waves), tags=tags,
+                                  console=console)  # fmt: skip
+        solved |= set(wave.pop("solved"))
+        stats["n"] += wave["n"]
+        stats["successes"] += wave["successes"]
+        stats["waves"].append(wave)
     stats["tasks_solved"] = len(solved)
     return stats
 
