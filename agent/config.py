@@ -13,11 +13,19 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from retrieval.schemas import RetrievalConfig
 from tools.errors import SelftuneError
@@ -189,6 +197,19 @@ class GrpoConfig(_Section):
     max_skipped_share: float = Field(default=0.9, ge=0.0, le=1.0)
     max_kl: float = Field(default=1.0, gt=0.0)
     probe_min_change: float = Field(default=1e-3, ge=0.0)
+    # which train tasks a step plays: "uniform" at random, or "solve-rate": those whose group
+    # is most likely to disagree, by a Beta posterior of each task's solve rate from the run's
+    # rollouts (its kind's rate as the prior), drawn Thompson-style so unseen tasks get tried
+    task_picker: Literal["uniform", "solve-rate"] = "solve-rate"
+    # DAPO's dynamic sampling: groups whose rewards are all equal carry no signal; roll out
+    # more tasks (oversample per missing group) until tasks_per_step groups carry signal or
+    # max_rounds rollouts were made in the step
+    dynamic_sampling: bool = True
+    max_rounds: int = Field(default=3, ge=1)
+    oversample: float = Field(default=1.5, ge=1.0)
+    # turn-level credit: in an episode with a positive advantage, a model turn whose tool calls
+    # failed or whose results no later turn used gets this share of it (1.0: every turn alike)
+    turn_credit: float = Field(default=0.5, ge=0.0, le=1.0)
 
 
 class GateConfig(_Section):
@@ -283,6 +304,51 @@ class ImproveConfig(_Section):
     max_tokens: int = Field(default=64, ge=1)
 
 
+class TeacherConfig(_Section):
+    """`[teacher]`: a stronger model that plays the train tasks the student failed, so the
+    student is trained on its trajectories (distillation). Give one of:
+    - `base_url` (any OpenAI-compatible server: vLLM, `selftune serve`, a hosted API) and the
+      `model` name it serves (default: the first it lists);
+    - `model` alone: a local model folder or Hugging Face id, run in this process;
+    - `adapter` alone: a registry version ("v3") or adapter folder on the student's base model.
+    Unset (the default): no teacher."""
+
+    base_url: str | None = None
+    model: str | None = None
+    adapter: str | None = None
+    # the NAME of the environment variable holding the key, never the key: config files, job
+    # states and traces are shared, keys are not
+    api_key_env: str = "OPENAI_API_KEY"
+    few_shot: int = Field(default=0, ge=0)  # demonstrations the teacher sees (0: zero-shot)
+    temperature: float = Field(default=0.0, ge=0.0, le=5.0)
+    max_tokens: int | None = Field(default=None, ge=1)  # None: [improve] max_tokens
+    concurrency: int = Field(default=8, ge=1)
+    timeout_s: float = Field(default=10.0, gt=0)  # for the check that base_url answers
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.base_url or self.model or self.adapter)
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _a_name_not_a_key(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):  # `_explain` does not echo it
+            raise ValueError(
+                "api_key_env must be the name of an environment variable (e.g. TEACHER_API_KEY), "
+                "not the key itself: export the key in that variable and name it here"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _one_kind_of_teacher(self) -> TeacherConfig:
+        if self.base_url and self.adapter:
+            raise ValueError(
+                "with base_url, name the served adapter in [teacher] model, not adapter "
+                "(adapter is for a registry version run on the student's base model)"
+            )
+        return self
+
+
 class Config(_Section):
     home: Path = Path(".selftune")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -292,6 +358,7 @@ class Config(_Section):
     traces: TracesConfig = Field(default_factory=TracesConfig)
     tuner: TunerConfig = Field(default_factory=TunerConfig)
     improve: ImproveConfig = Field(default_factory=ImproveConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     # where the config came from, for `selftune doctor`; not a user key
     source: str | None = Field(default=None, exclude=True)
 
@@ -440,8 +507,9 @@ def _explain(err: ValidationError, origin: str) -> str:
                 else ""
             )
             lines.append(f"  - unknown key '{key}'.{hint} Allowed keys here: {', '.join(allowed)}")
-        else:
-            lines.append(f"  - {key} = {e.get('input')!r}: {e['msg']}")
+        else:  # a key typed where its variable's name belongs must not reach a log
+            shown = "(hidden)" if str(loc[-1]).endswith("api_key_env") else repr(e.get("input"))
+            lines.append(f"  - {key} = {shown}: {e['msg']}")
     return "\n".join(lines)
 
 

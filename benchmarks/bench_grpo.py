@@ -14,6 +14,17 @@ every group carries signal and every step trains. The same run is done with roll
 
 "sync" is the time to get the step's policy to the engine. Prints a table and writes
 benchmarks/results/bench_grpo.json.
+
+    .venv/bin/python -m benchmarks.bench_grpo --sampling [--env calculator --from ADAPTER]
+
+Dynamic sampling: the same GRPO run twice on the local backend, "before" (tasks at random,
+one rollout per step, every turn the episode's advantage) and "after" (`[tuner.grpo]`'s
+defaults: the solve-rate picker, dynamic sampling, turn-level credit). For each: the share of
+rolled-out groups whose rewards were all equal (with its 95 % Wilson interval), the share of
+the update's groups without signal, rollouts per trained group, and seconds per step. The
+default environment (made here, binary rewards, tasks of kinds the base model always, never or
+sometimes gets right) shows the mechanism on the base model; `--env` and `--from` measure a
+real environment from a trained adapter. Writes benchmarks/results/bench_grpo_sampling.json.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -58,6 +70,107 @@ def _env(root: Path, n: int) -> Path:
     rows = [{"id": f"d{i}", "prompt": p, "split": "train"} for i, p in enumerate(PROMPTS[:n])]
     (env / "tasks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return env
+
+
+# binary rewards ("contains"), kinds of tasks the base model gets right always, sometimes, never
+MIXED = {
+    "capital": [("What is the capital of France? One word.", "Paris"),
+                ("What is the capital of Italy? One word.", "Rome"),
+                ("What is the capital of Japan? One word.", "Tokyo"),
+                ("What is the capital of Spain? One word.", "Madrid"),
+                ("What is the capital of Germany? One word.", "Berlin"),
+                ("What is the capital of England? One word.", "London")],
+    "colour": [("What colour is a clear sky? One word.", "blue"),
+               ("What colour is grass? One word.", "green"),
+               ("What colour is snow? One word.", "white"),
+               ("What colour is a ripe banana? One word.", "yellow"),
+               ("What colour is coal? One word.", "black"),
+               ("What colour is a ripe tomato? One word.", "red")],
+    "add": [(f"What is {a} + {b}? Give the number.", str(a + b))
+            for a, b in ((17, 26), (38, 45), (29, 54), (46, 37), (58, 25), (67, 16))],
+    "multiply": [(f"What is {a} * {b}? Give the number.", str(a * b))
+                 for a, b in ((347, 29), (518, 73), (264, 87), (739, 46), (185, 94), (623, 58))],
+}  # fmt: skip
+MIXED_PY = """
+NAME = "mixed"
+SYSTEM_PROMPT = "Answer briefly."
+TOOL_NAMES = []
+GRADER = "contains"
+"""
+
+
+def _mixed_env(root: Path) -> Path:
+    env = root / "mixed"
+    env.mkdir()
+    (env / "environment.py").write_text(MIXED_PY)
+    rows = [
+        {
+            "id": f"{kind}-{i}",
+            "prompt": q,
+            "answer": a,
+            "split": "train",
+            "metadata": {"kind": kind},
+        }
+        for kind, items in MIXED.items()
+        for i, (q, a) in enumerate(items)
+    ]
+    (env / "tasks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return env
+
+
+def measure_sampling(env: str, steps: int, group: int, tasks: int, start: str | None) -> dict:
+    """The same run "before" (uniform tasks, one rollout, no turn credit) and "after"
+    ([tuner.grpo] defaults); the figures of each."""
+    from agent.config import load_config
+    from agent.envs.run import wilson_interval
+    from tuner.grpo import GrpoRun
+    from tuner.schemas import GrpoConfig
+
+    if env == "mixed":
+        env = str(_mixed_env(Path(tempfile.mkdtemp(prefix="bench-grpo-env-"))))
+    base = GrpoConfig(steps=steps, group_size=group, tasks_per_step=tasks, max_tokens=32)
+    modes = {
+        "before": base.model_copy(
+            update={"task_picker": "uniform", "dynamic_sampling": False, "turn_credit": 1.0}
+        ),
+        "after": base,
+    }
+    out: dict = {"env": Path(env).name, "steps": steps, "group_size": group,
+                 "tasks_per_step": tasks, "from": start}  # fmt: skip
+    for name, gc in modes.items():
+        home = _home(None)
+        if start:  # the adapter folder the run starts from, registered in the fresh registry
+            from tuner.registry import Registry
+
+            copy = home / "start-adapter"  # register() moves the folder it is given
+            shutil.copytree(start, copy)
+            Registry(home / "adapters").register(copy, base_model=MODEL.name)
+        cfg = load_config(environ={"SELFTUNE_HOME": str(home)})
+        run = GrpoRun(cfg, env, gc, start_from="v1" if start else None,
+                      console=Console(stderr=True, quiet=True))  # fmt: skip
+        asyncio.run(run.run())
+        log = run.state.log
+        groups = sum(r["groups"] for r in log)
+        skipped = sum(r["skipped_groups"] for r in log)
+        trained = sum(r["trained_groups"] for r in log)
+        batch = steps * tasks  # groups an update asks for
+        step_s = [r["sync_s"] + r["rollout_s"] + r["grade_s"] + r["update_s"] for r in log]
+        out[name] = {
+            "groups": groups,
+            "skipped": skipped,
+            "skipped_share": skipped / groups,
+            "skipped_ci95": wilson_interval(skipped, groups),
+            "trained_groups": trained,
+            "batch_without_signal": max(batch - trained, 0) / batch,
+            "batch_ci95": wilson_interval(max(batch - trained, 0), batch),
+            "rollouts_per_trained_group": groups / max(trained, 1),
+            "success_rate": statistics.fmean(r["success_rate"] for r in log),
+            "step_s": statistics.fmean(step_s),
+            "wall_s": sum(step_s),
+            "rounds": [r["rounds"] for r in log],
+        }
+    out["device"] = _device()
+    return out
 
 
 def _home(venv_root: Path | None) -> Path:
@@ -141,7 +254,13 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=4)
     p.add_argument("--tasks", type=int, default=8)
     p.add_argument("--engines", default=",".join(ENGINES), help="of " + ", ".join(ENGINES))
+    p.add_argument("--sampling", action="store_true", help="before/after dynamic sampling")
+    p.add_argument("--env", default="mixed", help="--sampling: an environment (default: made here)")
+    p.add_argument("--from", dest="start", help="--sampling: an adapter folder to start from")
     a = p.parse_args()
+    if a.sampling:
+        _report_sampling(measure_sampling(a.env, a.steps, a.group_size, a.tasks, a.start))
+        return
     engines = tuple(a.engines.split(","))
     if not set(engines) <= set(ENGINES):
         p.error(f"--engines takes {', '.join(ENGINES)}")
@@ -163,6 +282,29 @@ def main() -> None:
             ratio = res[f"rollout_ratio_{name}_over_local"]
             console.print(f"rollout time on {name} / local: {ratio:.2f} (goal ≤ 0.5)")
     path = ROOT / "benchmarks" / "results" / "bench_grpo.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=2))
+    console.print(f"wrote {path.relative_to(ROOT)}")
+
+
+def _report_sampling(res: dict) -> None:
+    console = Console(width=max(Console().width, 130))
+    t = Table("run", "groups rolled out", "all-equal (skipped)", "95 % CI",
+              "update groups without signal", "95 % CI", "rollouts / trained group",
+              "success", "step s", "wall s",
+              title=f"GRPO groups on {res['env']}, G={res['group_size']} x {res['tasks_per_step']} "
+                    f"tasks, {res['steps']} steps, from {res['from'] or 'the base model'}, "
+                    f"{res['device']}")  # fmt: skip
+    for name in ("before", "after"):
+        r = res[name]
+        lo, hi = r["skipped_ci95"]
+        blo, bhi = r["batch_ci95"]
+        t.add_row(name, str(r["groups"]), f"{r['skipped']} ({r['skipped_share']:.0%})",
+                  f"{lo:.0%}-{hi:.0%}", f"{r['batch_without_signal']:.0%}", f"{blo:.0%}-{bhi:.0%}",
+                  f"{r['rollouts_per_trained_group']:.2f}", f"{r['success_rate']:.0%}",
+                  f"{r['step_s']:.0f}", f"{r['wall_s']:.0f}")  # fmt: skip
+    console.print(t)
+    path = ROOT / "benchmarks" / "results" / "bench_grpo_sampling.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=2))
     console.print(f"wrote {path.relative_to(ROOT)}")

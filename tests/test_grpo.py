@@ -238,3 +238,165 @@ def test_tune_grpo_options_default_to_the_config_and_override_it(monkeypatch, tm
     assert config.steps == 2 and config.learning_rate == 1e-3  # given
     assert config.tasks_per_step == 4 and config.judge is False  # the defaults
     assert "Next: `selftune gate v1`" in res.output
+
+
+# -- dynamic sampling: the solve-rate picker, the group filter, turn-level credit -------------
+
+
+def _env_of(tasks):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(name="t", split=lambda split: tasks)
+
+
+def _task(i: int, kind: str = "a"):
+    from traces.schemas import Task
+
+    return Task(id=f"t{i}", prompt=f"q{i}", answer="1", split="train", metadata={"kind": kind})
+
+
+def test_solve_rates_pick_tasks_whose_groups_disagree():
+    from tuner.grpo import SolveRates, pick_tasks, split_chance
+
+    assert split_chance(0.5, 4) == pytest.approx(0.875)
+    assert split_chance(1.0, 4) == 0.0 and split_chance(0.0, 4) == 0.0
+    tasks = [_task(i, "easy" if i < 6 else "mid") for i in range(10)]
+    rates = SolveRates({t.id: t.metadata["kind"] for t in tasks})
+    for i in range(3):  # three tasks of the easy kind were always solved, one mid task half
+        rates.observe(f"t{i}", [1.0] * 4)
+    rates.observe("t6", [1.0, 0.0, 1.0, 0.0])
+    assert rates.mean("t0") > 0.85 and rates.mean("t6") == pytest.approx(0.5)
+    # never seen, but its kind is: it borrows the kind's rate
+    assert rates.mean("t5") > 0.75 and rates.mean("t9") == pytest.approx(0.5)
+    config = GrpoConfig(tasks_per_step=4, group_size=4, task_picker="solve-rate")
+    picked = [t.id for s in range(20) for t in pick_tasks(_env_of(tasks), config, s, rates)]
+    easy = sum(int(t[1:]) < 6 for t in picked)
+    assert easy < len(picked) * 0.35  # uniform picking would give 60 %
+    # the same seed, step and estimates give the same tasks; `exclude` and `n` are honoured
+    again = pick_tasks(_env_of(tasks), config, 3, rates, n=3, exclude={"t6", "t7"})
+    assert again == pick_tasks(_env_of(tasks), config, 3, rates, n=3, exclude={"t6", "t7"})
+    assert len(again) == 3 and not {"t6", "t7"} & {t.id for t in again}
+    # uniform ignores the estimates; fading keeps the rate and weakens the evidence
+    uniform = config.model_copy(update={"task_picker": "uniform"})
+    assert len(pick_tasks(_env_of(tasks), uniform, 1, rates)) == 4
+    before = rates.mean("t0")
+    rates.fade(0.5)
+    assert rates.counts["t0"] == [2.0, 0.0] and rates.mean("t0") < before
+
+
+def _fake_outcome(task_id, score, i):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        task_id=task_id, score=score, success=score >= 0.5, flags=[], grade_error=None,
+        grade_s=0.0, trace_id=f"{task_id}-{i}",
+    )  # fmt: skip
+
+
+class _Run:
+    """The parts of GrpoRun that `step` reads: the real method on a policy-less stand-in."""
+
+    def __init__(self, tasks, config):
+        from tuner.grpo import RunState, SolveRates
+
+        self.config, self.cfg = config, None
+        self.rates = SolveRates({t.id: "a" for t in tasks})
+        self.state = RunState("r", "t", None, {})
+        self.policy = None
+
+
+async def test_dynamic_sampling_replaces_all_equal_groups_until_the_batch_is_full(monkeypatch):
+    import tuner.grpo as grpo
+    from tuner.grpo import GrpoRun
+
+    tasks = [_task(i) for i in range(12)]
+    solvable = {"t1", "t4", "t7", "t10"}  # only these groups disagree
+    rolled: list[list[str]] = []
+
+    async def rollout(batch, policy, step):
+        from types import SimpleNamespace
+
+        rolled.append([t.id for t in batch])
+        outs = [
+            _fake_outcome(t.id, float(t.id in solvable and i % 2 == 0), i)
+            for t in batch
+            for i in range(4)
+        ]
+        return SimpleNamespace(outcomes=outs)
+
+    monkeypatch.setattr(grpo, "update", lambda policy, samples, config: (0.0, 0.0, 0))
+    monkeypatch.setattr(grpo, "turn_samples", lambda trace, adv, credit: [])
+    store = type("S", (), {"get": lambda self, i: None})()
+    config = GrpoConfig(tasks_per_step=2, group_size=4, max_rounds=10, oversample=2.0,
+                        task_picker="uniform")  # fmt: skip
+    log = await GrpoRun.step(_Run(tasks, config), rollout, store, _env_of(tasks), 1, "p")
+    assert log.trained_groups >= 2 and log.rounds == len(rolled) > 1
+    assert log.groups == sum(map(len, rolled))
+    assert log.skipped_groups == log.groups - log.trained_groups
+    assert len({t for r in rolled for t in r}) == sum(map(len, rolled))  # no task twice a step
+    assert all("rewards equal" in why for why in log.skipped)
+    # off: one round of tasks_per_step tasks, as before
+    off = config.model_copy(update={"dynamic_sampling": False})
+    rolled.clear()
+    log = await GrpoRun.step(_Run(tasks, off), rollout, store, _env_of(tasks), 1, "p")
+    assert log.rounds == 1 and len(rolled) == 1 and len(rolled[0]) == 2
+    # the cap: no task ever disagrees, so it stops after max_rounds
+    solvable.clear()
+    rolled.clear()
+    capped = config.model_copy(update={"max_rounds": 3})
+    log = await GrpoRun.step(_Run(tasks, capped), rollout, store, _env_of(tasks), 1, "p")
+    assert log.rounds == 3 and log.trained_groups == 0 and log.skipped_groups == log.groups
+
+
+def _span(kind, start, parent="root", **kw):
+    from traces.schemas import Span
+
+    return Span(trace_id="tr", kind=kind, name=kind, start=start, end=start + 0.5,
+                status=kw.pop("status", "ok"), parent_id=parent, **kw)  # fmt: skip
+
+
+def _llm(start, completion, calls=(), messages=None, parent="root"):
+    from traces.schemas import LlmData, ToolCall
+
+    llm = LlmData(
+        messages=messages or [{"role": "user", "content": "What is 48 * 97?"}],
+        completion=completion,
+        tool_calls=[ToolCall(id=f"c{i}", name="calculator") for i in range(len(calls))],
+        prompt_token_ids=[1, 2],
+        completion_token_ids=[3],
+    )
+    return _span("llm", start, parent, llm=llm)
+
+
+def _tool(start, result, status="ok", parent="root"):
+    from traces.schemas import ToolData
+
+    return _span("tool", start, parent, tool=ToolData(name="calculator", result=result),
+                 status=status)  # fmt: skip
+
+
+def test_turn_credit_lowers_failed_and_unused_tool_turns_of_winning_episodes():
+    from traces.schemas import Trace
+    from tuner.grpo import wasted_turns
+
+    failed = _llm(1, "<tool_call>...", calls=[1])
+    good = _llm(3, "<tool_call>...", calls=[1])
+    unused = _llm(5, "<tool_call>...", calls=[1])
+    answer = _llm(7, "The answer is 4656.")
+    spans = [
+        failed, _tool(2, None, status="error"),
+        good, _tool(4, "4656.0"),  # reused below as 4656
+        unused, _tool(6, "1234"),  # nothing after it mentions 1234
+        answer,
+    ]  # fmt: skip
+    trace = Trace(id="tr", spans=spans)
+    assert wasted_turns(trace) == {failed.id, unused.id}
+    samples = turn_samples(trace, 2.0, credit=0.25)
+    assert [s.advantage for s in samples] == [0.5, 2.0, 0.5, 2.0]
+    # a losing episode: every turn shares the blame; credit 1.0 turns it off
+    assert [s.advantage for s in turn_samples(trace, -1.0, credit=0.25)] == [-1.0] * 4
+    assert [s.advantage for s in turn_samples(trace, 2.0, credit=1.0)] == [2.0] * 4
+    # a result that only repeats what the turn already saw is not "used"
+    echo = _llm(1, "<tool_call>", calls=[1])
+    trace = Trace(id="tr", spans=[echo, _tool(2, "48 * 97"), _llm(3, "48 * 97 is big")])
+    assert wasted_turns(trace) == {echo.id}

@@ -242,10 +242,19 @@ def _best_per_task(
 # --- the builders ----------------------------------------------------------------------------
 
 
+def row_source(trace: Trace) -> str:
+    """Who produced a trace: its `source:<name>` tag ("teacher" for a teacher's episodes), else
+    "self" (the model being trained)."""
+    return next((t.split(":", 1)[1] for t in trace.tags if t.startswith("source:")), "self")
+
+
 def _finish(kind: str, sel: _Selection, entries: list[tuple[tuple, dict, dict]]) -> Built:
     entries.sort(key=lambda e: e[0])
     rows = [e[1] for e in entries]
     info = [e[2] for e in entries]
+    sources = {t.id: row_source(t) for t, _ in sel.kept}
+    for i in info:  # a row's source is its first (for DPO: its chosen) trace's
+        i["source"] = sources.get(i["trace_ids"][0], "self")
     trace_ids = sorted({tid for i in info for tid in i["trace_ids"]})
     grade_ids = sorted({gid for i in info for gid in i.pop("grade_ids", ())})
     return Built(kind, rows, info, trace_ids, grade_ids, dict(sorted(sel.excluded.items())))
@@ -608,6 +617,9 @@ def _counts(built: Built) -> dict[str, Any]:
         if augmented:
             counts["augmented"] = dict(sorted(augmented.items()))
     counts["tasks"] = len({(i["env"], i["task_id"]) for i in built.row_info})
+    counts["by_source"] = dict(
+        sorted(Counter(i.get("source", "self") for i in built.row_info).items())
+    )
     return counts
 
 
@@ -630,6 +642,7 @@ def manifest_for(
         "grade_ids": built.grade_ids,
         "files": {name: _sha256(data) for name, data in sorted(files.items())},
         "content_hash": digest.hexdigest(),
+        "teacher_rows": sum(i.get("source") == "teacher" for i in built.row_info),
         # each row's task, so that a trainer can see a dataset dominated by one (tuner/sanity.py)
         "row_sources": [
             {
@@ -639,6 +652,7 @@ def manifest_for(
                 "env": i["env"],
                 "task_id": i["task_id"],
                 **({"augment": i["augment"]} if i.get("augment") else {}),
+                "source": i.get("source", "self"),
             }
             for i in built.row_info
         ],

@@ -15,7 +15,12 @@ advantage and the loss, which are a few lines here.
   (system, tools, earlier turns, tool results) masked and its completion trained.
 - Token ids come from the rollout's trace (`prompt_token_ids`, `completion_token_ids`), never
   from re-tokenising text.
-- Groups whose rewards are all equal carry no signal; they are logged as skipped.
+- Groups whose rewards are all equal carry no signal; they are logged as skipped. To waste
+  fewer of them, tasks are picked by a running estimate of their solve rate (near 50 % is
+  where a group disagrees), and with dynamic sampling (DAPO) more tasks are rolled out
+  until the step has `tasks_per_step` groups that carry signal (or `max_rounds` is hit).
+- Turn-level credit: in a winning episode, a model turn whose tool calls failed or whose
+  results no later turn used gets `turn_credit` of the advantage; the answer turn gets all.
 - A flagged trace (reward hacking) gets no positive advantage.
 - `beta` > 0 adds a KL penalty (k3) to the adapter the run started from.
 - Every rollout is a trace tagged `grpo:<run>` and `grpo-step:<n>`.
@@ -26,7 +31,9 @@ advantage and the loss, which are a few lines here.
 from __future__ import annotations
 
 import json
+import math
 import random
+import re
 import shutil
 import statistics
 import time
@@ -95,6 +102,8 @@ class StepLog:
     update_s: float
     skipped: list[str] = field(default_factory=list)
     sync_s: float = 0.0  # getting this step's policy to the rollout engine, before its rollouts
+    rounds: int = 1  # rollouts made in the step (dynamic sampling adds rounds)
+    trained_groups: int = 0  # groups that carried signal and went into the update
 
 
 @dataclass
@@ -108,6 +117,7 @@ class RunState:
     log: list[dict[str, Any]] = field(default_factory=list)
     finished: bool = False
     candidate: str | None = None
+    solve_rates: dict[str, list[float]] = field(default_factory=dict)  # SolveRates.counts
 
 
 # -- advantages -------------------------------------------------------------------------------
@@ -128,8 +138,44 @@ def group_advantages(
     return [min(a, 0.0) if f else a for a, f in zip(adv, flagged, strict=True)], None
 
 
-def turn_samples(trace, advantage: float) -> list[TurnSample]:
-    """The model turns of `trace` (subagents' too) as (prompt ids, completion ids) pairs."""
+_TOKENS = re.compile(r"\d+(?:\.\d+)?|[a-z]{5,}")
+
+
+def _facts(text: str) -> set[str]:
+    """Numbers (2602.40 and 2602.4 alike) and words of 5+ letters: what a later turn can reuse."""
+    return {repr(float(t)) if t[0].isdigit() else t for t in _TOKENS.findall(text.lower())}
+
+
+def wasted_turns(trace) -> set[str]:
+    """Ids of the model turns (llm spans) that called tools to no use: every call failed (or
+    could not be parsed), or no later turn of the same agent reused anything new from the
+    results (a number or a word the turn had not seen before). Answer turns never count."""
+    spans = sorted(trace.spans, key=lambda s: s.start)
+    llms = [s for s in spans if s.kind == "llm" and s.llm is not None]
+    out = set()
+    for i, s in enumerate(llms):
+        if not s.llm.tool_calls:
+            continue
+        later = [x for x in llms[i + 1 :] if x.parent_id == s.parent_id]
+        until = later[0].start if later else math.inf
+        results = [  # this turn's tool spans: the same agent's, before its next model turn
+            t.tool.result or ""
+            for t in spans
+            if t.tool is not None and t.parent_id == s.parent_id and s.start <= t.start < until
+            and t.status == "ok"
+        ]  # fmt: skip
+        seen = _facts(json.dumps(s.llm.messages))
+        reused = _facts(" ".join(x.llm.completion for x in later))
+        if not any((_facts(r) - seen) & reused for r in results):
+            out.add(s.id)
+    return out
+
+
+def turn_samples(trace, advantage: float, credit: float = 1.0) -> list[TurnSample]:
+    """The model turns of `trace` (subagents' too) as (prompt ids, completion ids) pairs, each
+    with the episode's advantage; with `credit` < 1 a wasted turn (`wasted_turns`) of a
+    winning episode gets that share of it. A losing episode's turns share its blame alike."""
+    wasted = wasted_turns(trace) if advantage > 0 and credit < 1.0 else set()
     out = []
     for s in sorted(trace.spans, key=lambda s: s.start):
         if s.kind != "llm" or s.llm is None or s.status != "ok":
@@ -140,9 +186,10 @@ def turn_samples(trace, advantage: float) -> list[TurnSample]:
                 "the rollout produced (the local backend records them; with vLLM they come from "
                 "return_token_ids)"
             )
+        adv = advantage * credit if s.id in wasted else advantage
         out.append(
             TurnSample(
-                list(s.llm.prompt_token_ids), list(s.llm.completion_token_ids), advantage, trace.id
+                list(s.llm.prompt_token_ids), list(s.llm.completion_token_ids), adv, trace.id
             )
         )
     return out
@@ -408,13 +455,80 @@ async def rollouts(
         await agent.aclose()
 
 
-def pick_tasks(environment: Environment, config: GrpoConfig, step: int) -> list[Task]:
-    """The step's train tasks: `tasks_per_step` of them, the same for the same seed and step."""
+def split_chance(p: float, g: int) -> float:
+    """The chance that a group of `g` episodes with solve rate `p` does not all agree."""
+    return 1.0 - p**g - (1.0 - p) ** g
+
+
+# The policy moves every step, so older rollouts say less about it: counts fade by this much
+# per step (about the last five steps matter).
+SOLVE_RATE_DECAY = 0.8
+
+
+@dataclass
+class SolveRates:
+    """A running estimate of each task's solve rate under the current policy, from the run's
+    rollouts: a Beta posterior with the task's own [wins, losses] (rewards in [0, 1] count
+    fractionally) on top of a Beta(2 m, 2 (1 - m)) prior, m being the task's kind's rate (so
+    a task never seen borrows from its kind, one of a kind never seen starts at 1/2)."""
+
+    kinds: dict[str, str]  # task id -> kind
+    counts: dict[str, list[float]] = field(default_factory=dict)  # task id -> [wins, losses]
+
+    def observe(self, task_id: str, rewards: Sequence[float]) -> None:
+        c = self.counts.setdefault(task_id, [0.0, 0.0])
+        for r in rewards:
+            r = min(max(float(r), 0.0), 1.0)
+            c[0] += r
+            c[1] += 1.0 - r
+
+    def fade(self, factor: float = SOLVE_RATE_DECAY) -> None:
+        for c in self.counts.values():
+            c[0] *= factor
+            c[1] *= factor
+
+    def _kind_rate(self, task_id: str) -> float:
+        kind = self.kinds.get(task_id, "-")
+        same = [c for t, c in self.counts.items() if self.kinds.get(t, "-") == kind]
+        wins, n = sum(c[0] for c in same), sum(c[0] + c[1] for c in same)
+        return (1.0 + wins) / (2.0 + n)
+
+    def posterior(self, task_id: str) -> tuple[float, float]:
+        m = self._kind_rate(task_id)
+        wins, losses = self.counts.get(task_id, (0.0, 0.0))
+        return 2.0 * m + wins, 2.0 * (1.0 - m) + losses
+
+    def mean(self, task_id: str) -> float:
+        a, b = self.posterior(task_id)
+        return a / (a + b)
+
+
+def pick_tasks(
+    environment: Environment,
+    config: GrpoConfig,
+    step: int,
+    rates: SolveRates | None = None,
+    *,
+    n: int | None = None,
+    exclude: set[str] = frozenset(),
+    round_: int = 0,
+) -> list[Task]:
+    """`n` (default `tasks_per_step`) train tasks not in `exclude`, the same for the same seed,
+    step, round and estimates. "uniform": at random. "solve-rate" (with `rates`): the tasks
+    with the highest chance that their group disagrees, each task's solve rate drawn from its
+    posterior (Thompson sampling: what is uncertain gets tried)."""
     tasks = environment.split("train")
     if not tasks:
         raise GrpoError(f"environment {environment.name!r} has no train tasks")
-    rng = random.Random(config.seed * 100_003 + step)
-    return rng.sample(tasks, min(config.tasks_per_step, len(tasks)))
+    tasks = [t for t in tasks if t.id not in exclude]
+    n = min(config.tasks_per_step if n is None else n, len(tasks))
+    rng = random.Random(config.seed * 100_003 + step + 7_919 * round_)
+    if config.task_picker == "uniform" or rates is None:
+        return rng.sample(tasks, n)
+    scored = [(split_chance(rng.betavariate(*rates.posterior(t.id)), config.group_size), t)
+              for t in tasks]  # fmt: skip
+    scored.sort(key=lambda x: -x[0])
+    return [t for _, t in scored[:n]]
 
 
 async def judge_groups(
@@ -471,6 +585,7 @@ def report(console: Console, log: StepLog) -> None:
         "reward mean ± sd": f"{log.reward_mean:.3f} ± {log.reward_std:.3f}",
         "success": f"{log.success_rate:.0%}",
         "skipped groups": f"{log.skipped_groups}/{log.groups}",
+        "rounds": str(log.rounds),
         "flagged": str(log.flagged),
         "sequences": str(log.sequences),
         "loss": f"{log.loss:+.4f}",
@@ -536,6 +651,7 @@ class GrpoRun:
         self.rollout_cfg = cfg  # the config the rollouts run with
         self.policy: Policy | None = None
         self._served: str | None = None  # the policy's name on the rollout engine
+        self.rates = SolveRates({})  # the tasks' solve rates, loaded with the environment
 
     def _open(self, runs: Path, start_from: str | None, resume: bool) -> tuple[Path, RunState]:
         if resume:
@@ -593,24 +709,54 @@ class GrpoRun:
     async def step(
         self, rollout: Rollout, store, environment: Environment, step: int, policy: str
     ) -> StepLog:
-        """Roll out the step's tasks with `policy`, grade, form groups, update the policy."""
-        tasks = pick_tasks(environment, self.config, step)
-        t0 = time.perf_counter()
-        res = await rollout(tasks, policy, step)
-        rollout_s = time.perf_counter() - t0
-        grade_s = sum(o.grade_s for o in res.outcomes)
-        by_task: dict[str, list] = {}
-        for o in res.outcomes:
-            by_task.setdefault(o.task_id, []).append(o)
-        judged: dict[str, float] = {}
-        if self.config.judge:
-            t1 = time.perf_counter()
-            judged = await judge_groups(self.cfg, {t.id: t for t in tasks}, by_task, store)
-            grade_s += time.perf_counter() - t1
-        groups, kept = groups_of(by_task, judged)
-        samples = [s for o, a in kept for s in turn_samples(store.get(o.trace_id), a)]
+        """Roll out the step's tasks with `policy`, grade, form groups, update the policy.
+        With dynamic sampling, tasks whose groups all agreed are replaced by more rollouts
+        (up to `max_rounds`), so the update gets `tasks_per_step` groups with signal."""
+        c = self.config
+        rates = self.rates
+        rates.fade()
+        groups: list[GroupStats] = []
+        kept: list = []
+        outcomes: list = []
+        used: set[str] = set()
+        rollout_s = grade_s = 0.0
+        rounds = 0
+        while rounds < c.max_rounds:
+            missing = c.tasks_per_step - sum(g.skipped is None for g in groups)
+            if missing <= 0:
+                break
+            n = missing if rounds == 0 else math.ceil(missing * c.oversample)
+            tasks = pick_tasks(environment, c, step, rates, n=n, exclude=used, round_=rounds)
+            if not tasks:
+                break  # every train task was rolled out this step
+            used |= {t.id for t in tasks}
+            rounds += 1
+            t0 = time.perf_counter()
+            res = await rollout(tasks, policy, step)
+            rollout_s += time.perf_counter() - t0
+            grade_s += sum(o.grade_s for o in res.outcomes)
+            outcomes += res.outcomes
+            by_task: dict[str, list] = {}
+            for o in res.outcomes:
+                by_task.setdefault(o.task_id, []).append(o)
+            judged: dict[str, float] = {}
+            if c.judge:
+                t1 = time.perf_counter()
+                judged = await judge_groups(self.cfg, {t.id: t for t in tasks}, by_task, store)
+                grade_s += time.perf_counter() - t1
+            new_groups, new_kept = groups_of(by_task, judged)
+            for g in new_groups:
+                rates.observe(g.task_id, g.rewards)
+            groups += new_groups
+            kept += new_kept
+            if not c.dynamic_sampling:
+                break
+        self.state.solve_rates = rates.counts
+        samples = [
+            s for o, a in kept for s in turn_samples(store.get(o.trace_id), a, c.turn_credit)
+        ]
         t2 = time.perf_counter()
-        loss, kl, tokens = update(self.policy, samples, self.config)
+        loss, kl, tokens = update(self.policy, samples, c)
         update_s = time.perf_counter() - t2
         rewards = [r for g in groups for r in g.rewards]
         skipped = [f"{g.task_id}: {g.skipped}" for g in groups if g.skipped]
@@ -618,7 +764,7 @@ class GrpoRun:
             step=step,
             reward_mean=statistics.fmean(rewards) if rewards else 0.0,
             reward_std=statistics.pstdev(rewards) if len(rewards) > 1 else 0.0,
-            success_rate=res.success_rate,
+            success_rate=sum(o.success for o in outcomes) / max(len(outcomes), 1),
             groups=len(groups),
             skipped_groups=len(skipped),
             flagged=sum(g.flagged for g in groups),
@@ -631,6 +777,8 @@ class GrpoRun:
             grade_s=grade_s,
             update_s=update_s,
             skipped=skipped,
+            rounds=rounds,
+            trained_groups=len(groups) - len(skipped),
         )
 
     async def run(self) -> AdapterRecord:
@@ -639,6 +787,7 @@ class GrpoRun:
         Rollouts go to the configured backend, or with rollout_engine = "vllm" to a vLLM
         server the run starts for itself."""
         from agent.envs import load_environment
+        from agent.envs.run import task_kind
         from agent.workspace import open_store
         from tuner.registry import open_registry
 
@@ -654,6 +803,8 @@ class GrpoRun:
                 "the base model: drop --judge, or use --rollout-engine agent"
             )
         environment = load_environment(self.env_name, config=self.cfg.agent)
+        kinds = {t.id: task_kind(t) for t in environment.split("train")}
+        self.rates = SolveRates(kinds, self.state.solve_rates)  # a resumed run keeps its own
         registry = open_registry(self.cfg)
         start = registry.path(self.state.start_from) if self.state.start_from else None
         checkpoint = Path(self.state.checkpoint) if self.state.checkpoint else None

@@ -238,6 +238,15 @@ async def collect(
                 "flags": dict(Counter(f for o in res.outcomes if o.success for f in o.flags)),
             }
         )
+    if cfg.teacher.configured and attempted - solved:  # [teacher] plays what is still failed
+        from tuner.teacher import teacher_wave
+
+        wave = await teacher_wave(cfg, env, attempted - solved, seed=seed + len(waves), tags=tags,
+                                  console=console)  # fmt: skip
+        solved |= set(wave.pop("solved"))
+        stats["n"] += wave["n"]
+        stats["successes"] += wave["successes"]
+        stats["waves"].append(wave)
     stats["tasks_solved"] = len(solved)
     stats["solved_ids"] = sorted(solved)
     stats["failed_ids"] = sorted(attempted - solved)
