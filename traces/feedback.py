@@ -9,6 +9,7 @@ from __future__ import annotations
 import getpass
 from typing import Any
 
+from tools.errors import SelftuneError
 from traces.schemas import Grade, TraceQuery
 from traces.store import TraceStore
 
@@ -20,20 +21,50 @@ def _who(who: str | None) -> str:
         return "anonymous"
 
 
-def record_feedback(
-    store: TraceStore, trace_id: str, up: bool, *, note: str | None = None, who: str | None = None
-) -> Grade:
-    """Store a human grade (1.0 up, 0.0 down) on the trace with this id or unique prefix.
+class FeedbackError(SelftuneError, ValueError):
+    """Feedback that says nothing usable (no thumb, score or correction; a score outside [0, 1])."""
 
-    One per person and trace: giving feedback again replaces the earlier one.
+
+def record_feedback(
+    store: TraceStore,
+    trace_id: str,
+    up: bool | None,
+    *,
+    note: str | None = None,
+    who: str | None = None,
+    score: float | None = None,
+    correction: str | None = None,
+    via: str = "cli",
+) -> Grade:
+    """Store a human grade on the trace with this id or unique prefix.
+
+    Its value is 1.0 for up and 0.0 for down; with no thumb, `score` (in [0, 1]); with neither,
+    a `correction` alone counts as down (the answer needed correcting). A correction is the
+    answer the person wanted; it is kept in the grade's metadata with the score and `via` (where
+    the feedback came from: cli, http). One per person and trace: giving feedback again replaces
+    the earlier one. Raises TraceNotFoundError for an unknown id.
     """
+    if score is not None and not 0.0 <= float(score) <= 1.0:  # NaN fails this too
+        raise FeedbackError(f"score {score!r} is outside [0, 1]: give a number from 0 to 1")
+    if up is None and score is None and correction is None:
+        raise FeedbackError("feedback needs a thumb (up/down), a score or a correction")
     full_id = store.resolve_id(trace_id)
+    value = (1.0 if up else 0.0) if up is not None else float(score) if score is not None else 0.0
+    thumb = None if up is None else ("up" if up else "down")
+    metadata: dict[str, Any] = {"via": via}
+    if thumb is not None:
+        metadata["thumb"] = thumb
+    if score is not None:
+        metadata["score"] = float(score)
+    if correction is not None:
+        metadata["correction"] = correction
     grade = Grade(
         trace_id=full_id,
-        value=1.0 if up else 0.0,
+        value=value,
         source="human",
         grader=f"human:{_who(who)}",
-        reason=note or ("thumbs up" if up else "thumbs down"),
+        reason=note or (f"thumbs {thumb}" if thumb else "corrected" if correction else "scored"),
+        metadata=metadata,
     )
     return store.add_grade(grade)
 
