@@ -43,6 +43,7 @@ from agent.serving.agent_service import AGENT_MODEL, AgentService, agent_turn, f
 from agent.serving.recording import (
     CONVERSATION_HEADER,
     TRACE_HEADER,
+    LenientTracer,
     conversation_id,
     fill_span,
     recorded_call,
@@ -665,7 +666,10 @@ def run_server(
             f"--host {host} is reachable from other machines: give --api-key "
             "(or SELFTUNE_API_KEY) so that only clients with the key are answered"
         )
-    tracer = open_tracer(cfg) if record else Tracer.disabled()
+    tracer: Tracer = Tracer.disabled()
+    if record:  # the workspace's store and OTLP export, as `open_tracer` sets them up
+        configured = open_tracer(cfg)
+        tracer = LenientTracer(configured.store, configured.sinks)
     eng = None
     remote = None
     if upstream:

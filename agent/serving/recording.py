@@ -146,6 +146,23 @@ def fill_span(span: Span, response: Mapping[str, Any]) -> str:
     return content
 
 
+class LenientTracer(Tracer):
+    """A Tracer for a server: a write that fails (full disk, locked store) is a logged warning
+    when its trace ends, never an exception in the request that is being answered."""
+
+    def _wait_written(self) -> TraceStoreError | None:
+        err = super()._wait_written()
+        if err is not None:
+            log.warning("a trace was not recorded: %s", err)
+        return None
+
+    async def _await_written(self) -> TraceStoreError | None:
+        err = await super()._await_written()
+        if err is not None:
+            log.warning("a trace was not recorded: %s", err)
+        return None
+
+
 @asynccontextmanager
 async def recorded_call(
     tracer: Tracer,
