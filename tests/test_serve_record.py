@@ -72,13 +72,38 @@ def test_an_openai_client_call_becomes_a_trace_with_token_ids(served):
     assert trace.answer == completion.choices[0].message.content
 
 
-def test_a_session_header_groups_calls(served):
+def test_a_session_header_groups_calls_and_a_repeated_question_is_a_weak_label(served):
     url, store, _ = served
     ids = [
         _answer(url, q, extra_headers={"X-Selftune-Session": "s-42"}).headers["x-selftune-trace-id"]
-        for q in ("Hi.", "Bye.")
+        for q in ("Hi there.", "hi  THERE.")
     ]
-    assert [store.get(i).metadata["session_id"] for i in ids] == ["s-42", "s-42"]
+    first, second = (store.get(i) for i in ids)
+    assert [first.metadata["session_id"], second.metadata["session_id"]] == ["s-42", "s-42"]
+    assert "weak_labels" not in first.metadata
+    assert second.metadata["weak_labels"] == [
+        {"signal": "repeated_question", "source": "implicit", "about": ids[0]}
+    ]
+
+
+def test_a_failed_tool_result_in_the_request_is_a_weak_label(served):
+    url, store, _ = served
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    raw = _client(url).chat.completions.with_raw_response.create(
+        model=MODEL,
+        messages=[
+            {"role": "user", "content": "Use f."},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "c1", "content": "Error: f is down"},
+        ],
+        max_tokens=8,
+    )
+    trace = store.get(raw.headers["x-selftune-trace-id"])
+    assert trace.metadata["weak_labels"] == [
+        {"signal": "tool_error", "source": "implicit", "tool_call_id": "c1"}
+    ]
+    # arguments are stored as dicts, as dataset rows need them
+    assert trace.spans[0].llm.messages[1]["tool_calls"][0]["function"]["arguments"] == {}
 
 
 @pytest.mark.slow
@@ -279,7 +304,7 @@ def test_feedback_on_traffic_becomes_sft_dpo_and_kto_rows_with_provenance(served
         )
         assert done.returncode == 0, done.stderr
         rows = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
-        prov = [json.loads(x) for x in (out / "provenance.jsonl").read_text().splitlines()]
+        prov = json.loads((out / "provenance.json").read_text())
         return rows, prov, json.loads((out / "manifest.json").read_text())
 
     sft, prov, manifest = build("sft")

@@ -147,7 +147,8 @@ def review_loop(
 # --- datasets from feedback ------------------------------------------------------------------
 
 FEEDBACK_KINDS: tuple[str, ...] = ("sft", "dpo", "kto")
-PROVENANCE_FILE = "provenance.jsonl"
+# JSON, not JSONL: trainers read every *.jsonl of a dataset folder as rows
+PROVENANCE_FILE = "provenance.json"
 
 
 def _private(trace: Trace) -> bool:
@@ -278,7 +279,7 @@ def build_feedback_dataset(
 ) -> DatasetResult:
     """Build a `kind` dataset from the traces with people's feedback (by default those the
     server recorded, tag `traffic`) and write it to `out` like every dataset (scrubbed, with a
-    manifest), plus `provenance.jsonl`: for each row of train.jsonl, in order, the trace, the
+    manifest), plus `provenance.json`: for each row of train.jsonl, in order, the trace, the
     feedback, who gave it and when. Raises DatasetError when no row qualifies."""
     filters = DatasetFilters(since=since)  # checks --since
     q = TraceQuery(tag=tag, since=None if since is None else parse_time(since), limit=None)
@@ -293,6 +294,7 @@ def build_feedback_dataset(
             + (" (dpo needs corrections)" if kind == "dpo" else "")
         )
     result = write_dataset(built, out, filters, scrub_patterns=scrub_patterns)
-    lines = "".join(json.dumps(i["feedback"], ensure_ascii=False) + "\n" for i in built.row_info)
-    (result.path / PROVENANCE_FILE).write_text(lines, encoding="utf-8")
+    rows = [i["feedback"] for i in built.row_info]
+    text = json.dumps(rows, indent=1, ensure_ascii=False) + "\n"
+    (result.path / PROVENANCE_FILE).write_text(text, encoding="utf-8")
     return result

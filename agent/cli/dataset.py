@@ -90,7 +90,7 @@ def traffic(
     ] = None,
 ) -> None:
     """Rows from people's feedback on served traffic: thumbs and corrections (SFT), corrections
-    as DPO pairs, thumbs as KTO labels; provenance.jsonl says which feedback made each row."""
+    as DPO pairs, thumbs as KTO labels; provenance.json says which feedback made each row."""
     from agent.workspace import open_store
     from traces.feedback import FEEDBACK_KINDS, build_feedback_dataset
 

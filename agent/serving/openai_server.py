@@ -44,6 +44,7 @@ from agent.serving.recording import (
     CONVERSATION_HEADER,
     TRACE_HEADER,
     LenientTracer,
+    SessionMemory,
     conversation_id,
     fill_span,
     recorded_call,
@@ -188,13 +189,22 @@ def _validate(body: dict[str, Any]) -> None:
         raise ValueError("'n': only n=1 is supported")
 
 
+def _info(request: Request, body: dict[str, Any], trace_id: str) -> dict[str, Any]:
+    """The trace's metadata: the session, and the weak labels this request shows."""
+    info = session_info(request.headers, body)
+    labels = request.app.state.sessions.weak_labels(info.get("session_id"), body, trace_id)
+    if labels:
+        info["weak_labels"] = labels
+    return info
+
+
 async def _answer_local(request: Request, body: dict[str, Any], trace_id: str) -> dict[str, Any]:
     state = request.app.state
     engine: LocalEngine = state.engine
     adapter = adapter_for(engine, body.get("model"))
     sampling = _sampling(body, state.max_new_tokens)
     model = body.get("model") or engine.name
-    info = session_info(request.headers, body)
+    info = _info(request, body, trace_id)
     out: dict[str, Any] = {}
     async with recorded_call(
         state.tracer, trace_id, body, model=model, adapter=adapter, info=info,
@@ -212,7 +222,7 @@ async def _answer_upstream(request: Request, body: dict[str, Any], trace_id: str
     state = request.app.state
     upstream: Upstream = state.upstream
     _sampling(body, state.max_new_tokens)  # the same bounds as for the local model
-    info = session_info(request.headers, body)
+    info = _info(request, body, trace_id)
     info["upstream"] = upstream.base_url
     model = body.get("model") or "upstream"
     out: dict[str, Any] = {}
@@ -360,8 +370,8 @@ async def _agent_chat(request: Request, body: dict[str, Any]) -> Response:
     conversation = conversation_id(request.headers, body)
     turn = agent_turn(body, conversation)
     sampling = _agent_sampling(body, state.max_new_tokens)
-    info = session_info(request.headers, body)
     trace_id = new_id()
+    info = _info(request, body, trace_id)
     headers = {TRACE_HEADER: trace_id}
     if conversation:
         headers[CONVERSATION_HEADER] = conversation
@@ -627,6 +637,7 @@ def build_app(
     app.state.upstream = upstream
     app.state.tracer = tracer or Tracer.disabled()
     app.state.store = store
+    app.state.sessions = SessionMemory()
     app.state.max_body_bytes = max_body_bytes
     app.state.max_new_tokens = max_new_tokens
     return app

@@ -6,6 +6,9 @@ has them, the token ids. The trace id is the response's id without its `chatcmpl
 the id a client got back is all that feedback needs. Traces group into sessions by the
 `X-Selftune-Session` header, else `metadata.session_id`, the conversation id or `user`.
 
+Implicit signals (a question asked again in the same session, a tool result that is an error)
+go into the trace's `metadata.weak_labels`, each with its source `implicit`.
+
 Recording never blocks answering: a store that cannot be written (full disk, locked file)
 becomes a logged warning and the answer still goes out.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -73,6 +77,48 @@ def session_info(headers: Mapping[str, str], body: Mapping[str, Any]) -> dict[st
     if meta:
         info["request_metadata"] = {str(k): v for k, v in meta.items()}
     return info
+
+
+def _last_user_text(messages: list[Any]) -> str | None:
+    for m in reversed(messages):
+        if isinstance(m, dict) and m.get("role") == "user":
+            content = m.get("content")
+            text = content if isinstance(content, str) else json.dumps(content, sort_keys=True)
+            return " ".join(text.lower().split())
+    return None
+
+
+class SessionMemory:
+    """Implicit signals the protocol shows, kept as weak labels with their source: the user
+    asked the same thing again (about the session's previous answer) and a tool result in the
+    request is an error (about the call the model made). Remembers each session's last question,
+    for the most recent `max_sessions` sessions."""
+
+    def __init__(self, max_sessions: int = 10_000) -> None:
+        self.max_sessions = max_sessions
+        self._last: OrderedDict[str, tuple[str, str]] = OrderedDict()
+
+    def weak_labels(self, session: str | None, body: Mapping[str, Any], trace_id: str) -> list:
+        messages = list(body.get("messages") or [])
+        labels: list[dict[str, Any]] = [
+            {"signal": "tool_error", "source": "implicit", "tool_call_id": m.get("tool_call_id")}
+            for m in messages
+            if isinstance(m, dict)
+            and m.get("role") == "tool"
+            and str(m.get("content") or "").lstrip().lower().startswith("error")
+        ]
+        question = _last_user_text(messages)
+        if session and question:
+            before = self._last.get(session)
+            if before is not None and before[0] == question:
+                labels.append(
+                    {"signal": "repeated_question", "source": "implicit", "about": before[1]}
+                )
+            self._last[session] = (question, trace_id)
+            self._last.move_to_end(session)
+            while len(self._last) > self.max_sessions:
+                self._last.popitem(last=False)
+        return labels
 
 
 def _arguments(raw: Any) -> dict[str, Any]:
