@@ -275,7 +275,7 @@ def test_feedback_on_traffic_becomes_sft_dpo_and_kto_rows_with_provenance(served
     verdicts = [
         {"id": ids["up"], "thumb": "up"},
         {"id": ids["down"], "thumb": "down", "note": "rude"},
-        {"id": ids["fix"], "correction": "2 + 3 = 5"},
+        {"id": ids["fix"], "correction": "The sum of 2 and 3 is 5."},
         {"id": private, "thumb": "up"},
     ]
     for body in verdicts:
@@ -310,21 +310,23 @@ def test_feedback_on_traffic_becomes_sft_dpo_and_kto_rows_with_provenance(served
     sft, prov, manifest = build("sft")
     assert manifest["excluded"] == {"private": 1, "thumbs_down": 1}
     finals = sorted(r["messages"][-1]["content"] for r in sft)
-    assert finals == sorted([answers["up"], "2 + 3 = 5"])
+    assert finals == sorted([answers["up"], "The sum of 2 and 3 is 5."])
     assert {p["signal"] for p in prov} == {"thumb_up", "correction"}
     assert all(p["who"] == "gina" and p["via"] == "http" and p["when"] >= since for p in prov)
 
     (dpo,), (p,), _ = build("dpo")
     assert dpo["prompt"][-1] == {"role": "user", "content": "What is 2 + 3?"}
-    assert dpo["chosen"] == [{"role": "assistant", "content": "2 + 3 = 5"}]
+    assert dpo["chosen"] == [{"role": "assistant", "content": "The sum of 2 and 3 is 5."}]
     assert dpo["rejected"][0]["content"] == answers["fix"]
     assert p["trace_id"] == ids["fix"].removeprefix("chatcmpl-")
 
     kto, prov, _ = build("kto")
     labels = sorted((p["signal"], r["label"]) for r, p in zip(kto, prov, strict=True))
-    assert labels == [
-        ("correction", True),
-        ("corrected_original", False),
-        ("thumb_down", False),
-        ("thumb_up", True),
-    ]
+    assert labels == sorted(
+        [
+            ("correction", True),
+            ("corrected_original", False),
+            ("thumb_down", False),
+            ("thumb_up", True),
+        ]
+    )
