@@ -262,6 +262,7 @@ def test_an_address_other_machines_reach_needs_an_api_key(tmp_path, model_path, 
         assert ok.status_code == 200 and httpx.get(f"{url}/health").status_code == 200
 
 
+@pytest.mark.slow
 def test_feedback_on_traffic_becomes_sft_dpo_and_kto_rows_with_provenance(served, tmp_path):
     import json
     import time
@@ -330,3 +331,44 @@ def test_feedback_on_traffic_becomes_sft_dpo_and_kto_rows_with_provenance(served
             ("thumb_up", True),
         ]
     )
+
+
+def test_a_tool_call_answer_streams_as_valid_openai_chunks():
+    """Unit: the chunks of an answer with a tool call parse as the openai package's own chunk
+    type, and the upstream-shaped answer fills a span with the call written as our template
+    writes it."""
+    from openai.types.chat import ChatCompletionChunk
+
+    from agent.serving.openai_server import completion_chunks
+    from agent.serving.recording import fill_span
+    from traces.schemas import LlmData, Span
+
+    call = {"id": "c9", "type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}}
+    out = {
+        "id": "chatcmpl-t1",
+        "model": "teacher",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Adding.", "tool_calls": [call]},
+                "finish_reason": "tool_calls",
+            }
+        ],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
+    }
+    chunks = [ChatCompletionChunk.model_validate(c) for c in completion_chunks(out, True)]
+    (delta,) = [
+        c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls
+    ]
+    assert (delta[0].index, delta[0].id, delta[0].function.name) == (0, "c9", "add")
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    assert chunks[-1].usage.total_tokens == 8
+
+    span = Span(trace_id="t1", kind="llm", name="chat", llm=LlmData(messages=[]))
+    assert fill_span(span, out) == "Adding."
+    assert (
+        span.llm.completion
+        == 'Adding.\n<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>'
+    )
+    assert span.llm.tool_calls[0].arguments == {"a": 1}
+    assert (span.llm.input_tokens, span.llm.finish_reason) == (5, "tool_calls")
