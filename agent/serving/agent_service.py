@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.agent import Agent, RunResult
+from tools.errors import SelftuneError
 from traces.schemas import new_id
 
 AGENT_MODEL = "selftune-agent"
 
 
-class AgentRequestError(ValueError):
+class AgentRequestError(SelftuneError, ValueError):
     """A request the agent cannot take; the message names the field and the fix."""
 
 
