@@ -230,6 +230,14 @@ def test_proxy_mode_records_what_a_second_real_server_answers(tmp_path, model_pa
         raw = _answer(proxy, "Name a fruit.", user="erin", extra_body={"return_token_ids": True})
         completion = raw.parse()
         models = [m.id for m in _client(proxy).models.list()]
+        streamed = list(
+            _client(proxy).chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": "Name a city."}],
+                max_tokens=8,
+                stream=True,
+            )
+        )
     assert models == [MODEL]  # the upstream's list, passed on
     trace_id = raw.headers["x-selftune-trace-id"]
     assert completion.id == f"chatcmpl-{trace_id}"
@@ -244,6 +252,14 @@ def test_proxy_mode_records_what_a_second_real_server_answers(tmp_path, model_pa
     # the upstream, a selftune server too, recorded the same answer under its own id
     upstream_id = trace.metadata["upstream_id"].removeprefix("chatcmpl-")
     assert TraceStore(upstream_home / "traces.db").get(upstream_id).answer == trace.answer
+    # a stream passes through as it comes and is recorded when it ends
+    (stream_id,) = {c.id for c in streamed}
+    streamed_trace = proxy_store.get(stream_id.removeprefix("chatcmpl-"))
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert text and streamed_trace.answer == text and streamed_trace.metadata["streamed"]
+    # usage is asked of the upstream for the record even though this client did not ask
+    assert 0 < streamed_trace.spans[0].llm.output_tokens <= 8
+    assert streamed_trace.spans[0].llm.finish_reason in ("stop", "length")
 
 
 def test_an_address_other_machines_reach_needs_an_api_key(tmp_path, model_path, engine):

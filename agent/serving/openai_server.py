@@ -52,7 +52,7 @@ from agent.serving.recording import (
     session_info,
     trace_id_of,
 )
-from agent.serving.upstream import Upstream, UpstreamError
+from agent.serving.upstream import StreamAccumulator, Upstream, UpstreamError
 from traces.feedback import FeedbackError, record_feedback
 from traces.schemas import new_id
 from traces.store import TraceNotFoundError, TraceStore, TraceStoreError
@@ -234,6 +234,61 @@ async def _answer_upstream(request: Request, body: dict[str, Any], trace_id: str
         out["id"] = response_id(trace_id)
         trace.finish("ok", answer=fill_span(span, out))
     return out
+
+
+async def _stream_upstream(request: Request, body: dict[str, Any], trace_id: str) -> Response:
+    """Pass the upstream's stream on as it comes (ids rewritten to this trace's) and record
+    the answer it amounted to once it ends. A stream the client abandons is not recorded."""
+    state = request.app.state
+    upstream: Upstream = state.upstream
+    _sampling(body, state.max_new_tokens)
+    info = _info(request, body, trace_id)
+    info["upstream"] = upstream.base_url
+    started = time.time()
+    response = await upstream.open_stream(body)  # an error status raises before streaming
+    wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    acc = StreamAccumulator()
+
+    async def chunks() -> AsyncIterator[dict[str, Any]]:
+        try:
+            async for line in response.aiter_lines():
+                data = line.removeprefix("data:").strip() if line.startswith("data:") else ""
+                if not data or data == "[DONE]":
+                    continue
+                try:
+                    chunk = json.loads(data)
+                except json.JSONDecodeError:
+                    continue
+                acc.add(chunk)
+                chunk["id"] = response_id(trace_id)
+                if "trace_id" in chunk:  # an upstream selftune's own trace id
+                    chunk["trace_id"] = trace_id
+                if chunk.get("choices") or wants_usage:
+                    yield chunk
+        finally:
+            await response.aclose()
+        await _record_streamed(request, body, trace_id, info, acc, started)
+
+    return _stream(chunks(), {TRACE_HEADER: trace_id})
+
+
+async def _record_streamed(
+    request: Request,
+    body: dict[str, Any],
+    trace_id: str,
+    info: dict[str, Any],
+    acc: StreamAccumulator,
+    started: float,
+) -> None:
+    out = acc.completion()
+    model = body.get("model") or out.get("model") or "upstream"
+    async with recorded_call(
+        request.app.state.tracer, trace_id, body, model=model, adapter=None, info=info
+    ) as (trace, span):
+        trace.start = span.start = started
+        trace.metadata["upstream_id"] = out.get("id")
+        trace.metadata["streamed"] = True
+        trace.finish("ok", answer=fill_span(span, out))
 
 
 def _agent_sampling(body: dict[str, Any], cap: int) -> dict[str, Any]:
@@ -418,6 +473,8 @@ async def chat(request: Request) -> Response:
         if state.agent is not None and body.get("model") == AGENT_MODEL:
             return await _agent_chat(request, body)
         trace_id = new_id()
+        if state.upstream is not None and body.get("stream"):
+            return await _stream_upstream(request, body, trace_id)
         if state.upstream is not None:
             out = await _answer_upstream(request, body, trace_id)
         else:
