@@ -506,7 +506,9 @@ class Agent:
         subagents: Sequence[SubagentConfig] | None = None,
         system_prompt: str | None = None,
         demos: Sequence[dict] = (),
+        history: Sequence[dict] = (),
         thread_id: str | None = None,
+        trace_id: str | None = None,
         env: str | None = None,
         task_id: str | None = None,
         tags: Sequence[str] = (),
@@ -518,7 +520,11 @@ class Agent:
     ) -> RunResult:
         """Run one episode and return its answer, status and trace id. Never raises for what
         happens inside the episode (tool errors, timeouts, step limits, backend failures): those
-        end up in `status`/`error` and in the trace."""
+        end up in `status`/`error` and in the trace.
+
+        `history` is earlier turns of the conversation (OpenAI-style dicts) that go before
+        `task` in the episode (they are part of the conversation, unlike demos); `trace_id`
+        names the trace up front (a server returns it before the episode ends)."""
         await self.start()
         started = time.perf_counter()
         adapter_name = (
@@ -543,6 +549,7 @@ class Agent:
             adapter=adapter_name,
             tags=list(tags),
             metadata=meta,
+            trace_id=trace_id,
         ) as trace:
             result = RunResult(
                 answer=None,
@@ -566,7 +573,11 @@ class Agent:
                         sampling=sampling,
                     )
                     messages, answer, status, steps = await asyncio.wait_for(
-                        self._run_graph(scope, [HumanMessage(task)], thread_id),
+                        self._run_graph(
+                            scope,
+                            [*from_message_dicts(list(history)), HumanMessage(task)],
+                            thread_id,
+                        ),
                         timeout_s or self.cfg.agent.episode_timeout_s,
                     )
                     result.answer, result.status, result.steps = answer, status, steps

@@ -72,3 +72,44 @@ def build(
         fail(str(e))
     m = result.manifest
     typer.echo(f"{m['rows']} {kind} rows from {len(m['trace_ids'])} traces -> {result.path}")
+
+
+@dataset_app.command("traffic")
+def traffic(
+    ctx: typer.Context,
+    kind: Annotated[str, typer.Argument(help="sft | dpo | kto")],
+    since: Annotated[
+        str | None, typer.Option(help="only traces started since: 7d, 12h, 2026-05-01, epoch")
+    ] = None,
+    all_traces: Annotated[
+        bool,
+        typer.Option("--all-traces", help="every trace with feedback, not only served traffic"),
+    ] = False,
+    out: Annotated[
+        Path | None, typer.Option(help="output folder (default <workspace>/datasets/traffic-KIND)")
+    ] = None,
+) -> None:
+    """Rows from people's feedback on served traffic: thumbs and corrections (SFT), corrections
+    as DPO pairs, thumbs as KTO labels; provenance.json says which feedback made each row."""
+    from agent.workspace import open_store
+    from traces.feedback import FEEDBACK_KINDS, build_feedback_dataset
+
+    if kind not in FEEDBACK_KINDS:
+        fail(f"unknown kind {kind!r}: choose one of {', '.join(FEEDBACK_KINDS)}", 2)
+    cfg = get_config(ctx)
+    store = open_store(cfg)
+    try:
+        result = build_feedback_dataset(
+            store,
+            kind,
+            out or cfg.workspace.datasets / f"traffic-{kind}",
+            since=since,
+            tag=None if all_traces else "traffic",
+            scrub_patterns=cfg.traces.scrub_patterns,
+        )
+    except DatasetError as e:
+        fail(str(e))
+    finally:
+        store.close()
+    m = result.manifest
+    typer.echo(f"{m['rows']} {kind} rows from {len(m['trace_ids'])} traces -> {result.path}")

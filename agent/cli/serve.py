@@ -24,6 +24,27 @@ def serve(
     adapter: list[str] = typer.Option(
         [], help="NAME=FOLDER of a LoRA adapter to load at start (repeatable; local engine)"
     ),
+    record: bool = typer.Option(
+        True,
+        "--record/--no-record",
+        help="record every chat completion as a trace in the workspace's store (default: on)",
+    ),
+    agent: bool = typer.Option(
+        True, "--agent/--no-agent", help="also serve the agent as the model 'selftune-agent'"
+    ),
+    upstream: str | None = typer.Option(
+        None,
+        help="proxy mode: forward completions to this OpenAI-compatible base URL "
+        "(e.g. http://host:8000/v1) and record what it answers",
+    ),
+    upstream_key: str | None = typer.Option(
+        None, envvar="SELFTUNE_UPSTREAM_KEY", help="API key for --upstream"
+    ),
+    api_key: str | None = typer.Option(
+        None,
+        envvar="SELFTUNE_API_KEY",
+        help="require 'Authorization: Bearer KEY' (required when --host is not loopback)",
+    ),
     print_command: bool = typer.Option(
         False,
         "--print-command",
@@ -33,7 +54,8 @@ def serve(
         None, "--config", help="selftune.toml to use (default: the root --config)"
     ),
 ) -> None:
-    """Serve /v1/chat/completions, /v1/models and vLLM's LoRA routes on HOST:PORT."""
+    """Serve /v1/chat/completions (the model, its adapters and the agent as 'selftune-agent'),
+    /v1/models, /v1/feedback and vLLM's LoRA routes on HOST:PORT, recording every answer."""
     if engine not in ("local", "vllm"):
         fail(f"--engine must be local or vllm, not {engine!r}", 2)
     cfg = get_config(ctx, config)
@@ -43,7 +65,17 @@ def serve(
             return
         from agent.serving.openai_server import run_server
 
-        run_server(cfg, host=host, port=port, adapters=adapter)
+        run_server(
+            cfg,
+            host=host,
+            port=port,
+            adapters=adapter,
+            record=record,
+            serve_agent=agent,
+            upstream=upstream,
+            upstream_key=upstream_key,
+            api_key=api_key,
+        )
     except (ValueError, RuntimeError) as e:  # ModelError, VllmError, a bad --adapter: say why
         fail(str(e), 2)
 
