@@ -105,7 +105,7 @@ def test_tune_cpt_learns_the_documents(tmp_path, cfg, cli_env, model_path):
     }
     p = subprocess.run(
         [sys.executable, "-m", "agent.cli", "tune", "cpt", str(corpus), "--max-steps", "12"],
-        env=env, capture_output=True, text=True, timeout=600, cwd=os.getcwd(),
+        env=env, capture_output=True, text=True, timeout=900, cwd=os.getcwd(),
     )  # fmt: skip
     assert p.returncode == 0, p.stderr[-2000:]
     assert "registered v1" in p.stdout
