@@ -122,7 +122,7 @@ def test_tune_cpt_learns_the_documents(tmp_path, cfg, cli_env, model_path):
     (tmp_path / "empty").mkdir()
     bad = subprocess.run(
         [sys.executable, "-m", "agent.cli", "tune", "cpt", str(tmp_path / "empty")],
-        env=env, capture_output=True, text=True, timeout=120,
+        env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert bad.returncode == 1 and "no documents to train on" in bad.stderr
     assert "Traceback" not in bad.stderr
