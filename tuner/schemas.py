@@ -22,7 +22,7 @@ from agent.config import (  # noqa: F401 - re-exported: the settings live in the
     TrainConfig,
 )
 
-TrainKind = Literal["sft", "dpo", "kto"]
+TrainKind = Literal["sft", "dpo", "kto", "cpt"]
 AdapterStatus = Literal["candidate", "active", "rejected", "retired"]
 
 

@@ -59,6 +59,7 @@ REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     "sft": ("messages",),
     "dpo": ("prompt", "chosen", "rejected"),
     "kto": ("prompt", "completion", "label"),
+    "cpt": ("text",),  # continued pre-training on documents (tuner/cpt.py)
 }
 _MODEL_MARKER = "selftune-model.json"
 BIG_MODEL_PARAMS = 1_000_000_000
@@ -97,7 +98,9 @@ def load_rows(kind: TrainKind, dataset_dir: Path) -> list[dict[str, Any]]:
     tool's `query: null`, so the model would train on text it never sees live.
     """
     if kind not in REQUIRED_COLUMNS:
-        raise TrainError(f"unknown training kind {kind!r}: use one of sft, dpo, kto")
+        raise TrainError(
+            f"unknown training kind {kind!r}: use one of {', '.join(REQUIRED_COLUMNS)}"
+        )
     if not dataset_dir.is_dir():
         raise TrainError(
             f"dataset folder {dataset_dir} does not exist: build it with `selftune data`"
@@ -171,6 +174,23 @@ def sft_dataset(
     # TRL 1.16 takes a dataset with `input_ids` as already tokenized and folds `assistant_masks`
     # into the labels (-100 elsewhere) whatever `assistant_only_loss` says
     return datasets.Dataset.from_dict({"input_ids": ids, "assistant_masks": masks}), report
+
+
+def cpt_dataset(rows: list[dict[str, Any]], tokenizer: Any, block: int):
+    """CPT rows (`{"text"}`) as packed blocks of `block` tokens, every token trained: the same
+    `input_ids` + `assistant_masks` columns SFT hands TRL, with the mask all ones."""
+    import datasets
+
+    from tuner.cpt import CorpusError, pack_blocks
+
+    try:
+        blocks, report = pack_blocks(rows, tokenizer, block)
+    except CorpusError as e:
+        raise TrainError(str(e)) from None
+    if not blocks:
+        raise TrainError("the CPT rows hold no tokens: check the corpus the dataset was built from")
+    masks = [[1] * len(b) for b in blocks]
+    return datasets.Dataset.from_dict({"input_ids": blocks, "assistant_masks": masks}), report
 
 
 def load_tokenizer(base_model_dir: Path):
@@ -254,7 +274,7 @@ def trainer_args(
         disable_tqdm=True,  # our rich bar shows progress and the loss
         dataloader_num_workers=0,
     )
-    if kind == "sft":
+    if kind in ("sft", "cpt"):  # CPT rows are token blocks with every token trained
         return SFTConfig(
             **common,
             # Rows arrive tokenized, cut to max_length and with their assistant mask (sft_dataset);
@@ -356,6 +376,8 @@ def build_trainer(
     if kind == "sft":
         trained: list[int] = []
         train_rows, report = sft_dataset(rows, tok, cfg.max_length, trained)
+    elif kind == "cpt":
+        train_rows, report = cpt_dataset(rows, tok, cfg.cpt_block)
     else:
         # Limitation: DPO/KTO rows still go through Arrow and TRL renders them itself (with the
         # same template, but without normalize_messages: string arguments stay verbatim).
@@ -373,7 +395,8 @@ def build_trainer(
         rows,
         Path(dataset_dir),
         max_duplicate_share=cfg.max_duplicate_share,
-        max_task_share=cfg.max_task_share,
+        # a corpus's rows are chunks of documents, not tasks: one long document may hold most
+        max_task_share=1.0 if kind == "cpt" else cfg.max_task_share,
     )
     if kind == "sft":  # DPO and KTO rows are masked by TRL, from prompt and completion
         verdicts.insert(0, mask_verdict(trained, cfg.max_empty_mask_share))
@@ -408,7 +431,8 @@ def build_trainer(
     world = int(os.environ.get("WORLD_SIZE", "1"))
     steps = total_steps(cfg, len(train_rows), world)
     args = trainer_args(kind, cfg, Path(work_dir), device=device, big=big, steps=steps)
-    trainer_cls = {"sft": _sft_trainer_class(), "dpo": DPOTrainer, "kto": KTOTrainer}[kind]
+    sft = _sft_trainer_class()
+    trainer_cls = {"sft": sft, "cpt": sft, "dpo": DPOTrainer, "kto": KTOTrainer}[kind]
     trainer = trainer_cls(model=model, args=args, train_dataset=train_rows, processing_class=tok)
     trainer.row_report = report
     trainer.verdicts = verdicts

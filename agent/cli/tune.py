@@ -96,6 +96,38 @@ for _kind in _TUNE_KINDS:  # `selftune tune sft|dpo|kto DATASET`: one command, t
     tune_app.command(_kind)(_tune_command(_kind))
 
 
+@tune_app.command("cpt")
+def tune_cpt(
+    ctx: typer.Context,
+    corpus_dir: Annotated[
+        Path, typer.Argument(help="folder of documents (.md, .txt, .html), or a CPT dataset")
+    ],
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", help="where the dataset goes (default: datasets/cpt-<folder name>)"),
+    ] = None,
+    from_version: FromOpt = None,
+    config: ConfigOpt = None,
+    resume: ResumeOpt = False,
+    max_steps: StepsOpt = None,
+) -> None:
+    """Continued pre-training: a causal LM loss on a corpus's text, chunked, packed, scrubbed."""
+    from tuner.cpt import CorpusError, build_corpus_dataset
+
+    cfg = get_config(ctx, config)
+    dataset = corpus_dir
+    if not (corpus_dir / "manifest.json").is_file():  # documents: build the dataset first
+        dataset = out_dir or cfg.workspace.datasets / f"cpt-{corpus_dir.resolve().name}"
+        try:
+            res = build_corpus_dataset(
+                corpus_dir, dataset, scrub_patterns=cfg.traces.scrub_patterns
+            )
+        except CorpusError as e:
+            fail(str(e))
+        out.print(f"CPT dataset: {res.rows} chunks of {corpus_dir} in {res.path}")
+    _run_tune(ctx, "cpt", dataset, from_version, config, resume, max_steps)
+
+
 @tune_app.command("grpo")
 def tune_grpo(
     ctx: typer.Context,
