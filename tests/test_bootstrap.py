@@ -202,3 +202,20 @@ def test_a_user_retrieval_env_yields_grounded_traces_and_a_dataset_with_plain_pr
     for trace_id in res.manifest["trace_ids"]:
         flags = [f for g in store.grades(trace_id) for f in g.flags]
         assert NOT_FROM_TOOLS not in flags and "ungrounded" not in flags
+
+
+def test_a_flagged_solved_trace_is_never_shown_as_a_demonstration(tmp_path):
+    from agent.envs.run import _best_past_traces
+    from traces.schemas import Grade
+    from traces.store import TraceStore
+
+    store = TraceStore(tmp_path / "traces.db")
+    found = make_trace("Sorwela.", env="towns", task_id="a", metadata={"task_prompt": "river?"})
+    copied = make_trace("Morsala.", env="towns", task_id="b", metadata={"task_prompt": "river?"})
+    for t, flags in ((found, []), (copied, [NOT_FROM_TOOLS])):
+        store.save(t)
+        store.add_grade(
+            Grade(trace_id=t.id, value=1.0, source="verifier", grader="contains", flags=flags)
+        )
+    shown = _best_past_traces(store, "towns", 2, exclude_task=None, prompt="river?")
+    assert [t.task_id for t in shown] == ["a"]
