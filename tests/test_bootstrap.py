@@ -155,7 +155,7 @@ def test_answers_no_tool_can_reach_stop_the_cycle_with_the_reason(cfg, tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)
 def test_a_user_retrieval_env_yields_grounded_traces_and_a_dataset_with_plain_prompts(
     cfg, tmp_path
 ):
@@ -165,8 +165,9 @@ def test_a_user_retrieval_env_yields_grounded_traces_and_a_dataset_with_plain_pr
     from traces.datasets import DatasetFilters, build_dataset
     from tuner.improve import collect
 
-    root = _user_env(tmp_path / "towns", 8, 0)
-    settings = cfg.improve.updated(collect_limit=8, concurrency=8)
+    root = _user_env(tmp_path / "towns", 6, 0)
+    # small: one demonstration, short turns (a tool call is ~30 tokens, an answer ~10)
+    settings = cfg.improve.updated(collect_limit=6, concurrency=6, few_shot=1, max_tokens=48)
 
     async def go():
         async with Agent(cfg, checkpoints=False) as agent:
@@ -201,3 +202,20 @@ def test_a_user_retrieval_env_yields_grounded_traces_and_a_dataset_with_plain_pr
     for trace_id in res.manifest["trace_ids"]:
         flags = [f for g in store.grades(trace_id) for f in g.flags]
         assert NOT_FROM_TOOLS not in flags and "ungrounded" not in flags
+
+
+def test_a_flagged_solved_trace_is_never_shown_as_a_demonstration(tmp_path):
+    from agent.envs.run import _best_past_traces
+    from traces.schemas import Grade
+    from traces.store import TraceStore
+
+    store = TraceStore(tmp_path / "traces.db")
+    found = make_trace("Sorwela.", env="towns", task_id="a", metadata={"task_prompt": "river?"})
+    copied = make_trace("Morsala.", env="towns", task_id="b", metadata={"task_prompt": "river?"})
+    for t, flags in ((found, []), (copied, [NOT_FROM_TOOLS])):
+        store.save(t)
+        store.add_grade(
+            Grade(trace_id=t.id, value=1.0, source="verifier", grader="contains", flags=flags)
+        )
+    shown = _best_past_traces(store, "towns", 2, exclude_task=None, prompt="river?")
+    assert [t.task_id for t in shown] == ["a"]
