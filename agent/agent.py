@@ -591,6 +591,7 @@ class Agent:
                     root.status, root.error = "error", result.error
             trace.finish(status=result.status, answer=result.answer, error=result.error)
         if down is not None:
+            down.trace_id = trace.id  # type: ignore[attr-defined] - where the failure is kept
             raise down
         result.latency_s = time.perf_counter() - started
         return result
