@@ -223,3 +223,35 @@ def test_a_full_disk_is_said_to_be_full_never_to_move_the_store(env, cfg, full_d
         run, _ = selftune(["traces", "export", str(out), "--format", fmt], env)
         assert_one_line_error(run, str(out))
         assert not out.exists()
+
+
+@pytest.mark.slow
+def test_serve_starts_answers_health_and_stops_on_sigterm(env):
+    """`serve` is the one command meant to keep running: it must come up, and a SIGTERM must
+    end it promptly (exit code from the interrupt, no traceback)."""
+    import signal
+
+    import httpx
+
+    port = closed_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "serve", "--port", str(port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0 or "Traceback" not in err
+    assert "Traceback" not in err, err[-3000:]
