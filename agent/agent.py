@@ -520,7 +520,9 @@ class Agent:
     ) -> RunResult:
         """Run one episode and return its answer, status and trace id. Never raises for what
         happens inside the episode (tool errors, timeouts, step limits, backend failures): those
-        end up in `status`/`error` and in the trace.
+        end up in `status`/`error` and in the trace. The one exception: a model server that
+        cannot be reached (`ModelServerDown`) is recorded, then raised, because every episode
+        after it would fail the same way and an eval would score the outage as the model's.
 
         `history` is earlier turns of the conversation (OpenAI-style dicts) that go before
         `task` in the episode (they are part of the conversation, unlike demos); `trace_id`
@@ -542,6 +544,7 @@ class Agent:
                 "thread_id": thread_id,
             }
         )
+        down: Exception | None = None
         async with self.tracer.trace(
             env=env,
             task_id=task_id,
@@ -586,12 +589,21 @@ class Agent:
                     result.status = "timeout"
                     result.error = f"episode timed out after {timeout_s or self.cfg.agent.episode_timeout_s:g} s"
                 except Exception as e:  # noqa: BLE001 - the episode fails, the caller does not
-                    log.exception("episode failed")
+                    from agent.model.openai import ModelServerDown
+
+                    if isinstance(e, ModelServerDown):
+                        down = e  # recorded below, then it stops the command: no model to run
+                        log.error("episode failed: %s", e)
+                    else:
+                        log.exception("episode failed")
                     result.status, result.error = "error", f"{type(e).__name__}: {e}"
                 root.attributes["status"] = result.status
                 if result.error:
                     root.status, root.error = "error", result.error
             trace.finish(status=result.status, answer=result.answer, error=result.error)
+        if down is not None:
+            down.trace_id = trace.id  # type: ignore[attr-defined] - where the failure is kept
+            raise down
         result.latency_s = time.perf_counter() - started
         return result
 

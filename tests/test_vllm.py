@@ -24,7 +24,7 @@ from langchain_core.messages import HumanMessage
 from agent.agent import Agent
 from agent.config import DEFAULT_MODEL, load_config
 from agent.model import LocalEngine, make_chat_model
-from agent.model.openai import forget_served
+from agent.model.openai import ModelServerDown, forget_served
 from agent.serving.vllm import SERVED_NAME, VllmEnv, VllmUnavailable, free_port, prepare
 from tuner.reload import VllmReloader
 from tuner.schemas import GateResult
@@ -218,13 +218,14 @@ async def test_killed_server_fails_the_episode_clearly_and_serve_starts_again(se
         )
         await _until_generating(server.url, task)
         os.killpg(server.proc.pid, signal.SIGKILL)
-        res = await asyncio.wait_for(task, timeout=120)
-        trace = agent.tracer.store.get(res.trace_id)
-    assert res.status == "error"
+        # an unreachable server stops the command (every later episode would fail the same way)
+        with pytest.raises(ModelServerDown) as info:
+            await asyncio.wait_for(task, timeout=120)
+        trace = agent.tracer.store.get(info.value.trace_id)
     # the error names the server and the way back
-    assert "ModelServerError" in res.error and server.url in res.error, res.error
-    assert "selftune serve --engine vllm" in res.error
+    assert server.url in str(info.value) and "selftune serve --engine vllm" in str(info.value)
     assert trace is not None and trace.status == "error"  # the trace is kept
+    assert "ModelServerDown" in trace.error, trace.error
     server.proc.wait(30)
 
     port = server.url.rsplit(":", 1)[1].removesuffix("/v1")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import socket
 import sqlite3
 import threading
@@ -37,6 +38,8 @@ _SPAN_COLUMNS = ("id", "trace_id", "parent_id", "kind", "name", "start", "end", 
 _SPAN_PAYLOAD = {"attributes", "llm", "tool", "retrieval"}
 _BUSY_DEADLINE_S = 120.0  # total time a write keeps retrying on a locked database
 _SQLITE_FULL = 13
+_SQLITE_IOERR = 10  # primary code; extended I/O codes keep it in their low byte
+_LOW_SPACE = 1 << 20  # bytes: below this a write error is a full disk, not a damaged file
 
 
 class TraceStoreError(SelftuneError, RuntimeError):
@@ -336,6 +339,24 @@ class TraceStore:
             )
         if "malformed" in msg or "corrupt" in msg:
             return self._damaged(msg)
+        code = getattr(e, "sqlite_errorcode", None)
+        if (code is not None and code & 0xFF == _SQLITE_IOERR) or "disk I/O error" in msg:
+            # a full disk often shows as an I/O error (the -wal/-shm files cannot be made)
+            try:
+                free = shutil.disk_usage(self.path.parent).free
+            except OSError:
+                free = None
+            if free is not None and free < _LOW_SPACE:
+                return TraceStoreFullError(
+                    f"the disk holding {self.path} is full ({free} bytes free; {msg}): free "
+                    "space, then run again; the store itself is not damaged, so do not move "
+                    "or delete it"
+                )
+            return TraceStoreError(
+                f"cannot read or write the trace store {self.path} ({msg}): check the disk "
+                "(free space, permissions, `dmesg`); the file may well be intact, so do not "
+                "move or delete it"
+            )
         return self._foreign(msg)
 
     def _damaged(self, why: str) -> TraceStoreError:

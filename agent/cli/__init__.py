@@ -8,11 +8,16 @@ them, so `selftune --help` and `selftune doctor` answer at once.
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from agent.cli import dataset, run, serve, tools, traces, tune
 from agent.cli.common import command_group, console
@@ -69,12 +74,47 @@ app.add_typer(
 )
 
 
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+_NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def _os_error(e: OSError) -> str | None:
+    """A disk or permission error as one line with its fix; None for any other OSError."""
+    if e.errno in _DISK_FULL:
+        where = f" holding {e.filename}" if e.filename else ""
+        return f"no space left on the disk{where}: free space, then run again"
+    if e.errno in _NOT_WRITABLE:
+        where = f" {e.filename}" if e.filename else ""
+        return f"cannot write{where} ({e.strerror}): choose a folder you may write to"
+    return None
+
+
+def _exit(code: int) -> None:
+    """Exit with `code`, even when a worker thread would block the interpreter's exit (an
+    error must end the command, never leave it hanging)."""
+    deadline = time.monotonic() + 5.0
+    for t in threading.enumerate():
+        if t is not threading.main_thread() and not t.daemon:
+            t.join(max(0.0, deadline - time.monotonic()))
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate()[1:]):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def main() -> None:
     try:
         app()
     except SelftuneError as e:  # its message says what to do: one line, no traceback
-        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        sys.exit(1)
+        console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
+        _exit(1)
+    except OSError as e:
+        message = _os_error(e)
+        if message is None:
+            raise
+        console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+        _exit(1)
     except KeyboardInterrupt:
         console.print("interrupted")
-        sys.exit(130)
+        _exit(130)

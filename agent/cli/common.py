@@ -9,6 +9,7 @@ from typing import Annotated, Any, NoReturn
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from agent.config import Config, ConfigError, load_config
 
@@ -55,7 +56,8 @@ def get_config(
 
 def fail(message: str, code: int = 1) -> NoReturn:
     """End the command with one readable line on stderr and a non-zero exit code."""
-    console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    # escaped: "[traces] db" in a message is a config section, not rich markup
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

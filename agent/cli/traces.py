@@ -156,6 +156,10 @@ def export_cmd(
                 console.print(f"wrote {n} OTel spans to {out}")
     except TraceStoreError as e:
         fail(str(e))
+    except OSError as e:  # a full disk or a folder not ours: no half-written export left
+        if out.is_file():
+            out.unlink()
+        fail(f"cannot write {out} ({e.strerror or e}): free space or choose another path")
 
 
 @traces_app.command("push")

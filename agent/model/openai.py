@@ -32,6 +32,11 @@ class ModelServerError(SelftuneError, RuntimeError):
     """The OpenAI-compatible server failed a request; the message names the URL and the fix."""
 
 
+class ModelServerDown(ModelServerError):
+    """The server could not be reached at all: every later request would fail the same way, so
+    the agent stops the command instead of recording each episode as the model's failure."""
+
+
 class ChatOpenAICompatible(ChatOpenAI):
     """ChatOpenAI that records token ids, the adapter and the raw completion like ChatLocal."""
 
@@ -56,7 +61,7 @@ class ChatOpenAICompatible(ChatOpenAI):
         """The openai client's error, said with the server's URL and what to do."""
         url = self.openai_api_base
         if isinstance(e, openai.APIConnectionError):  # refused, reset mid-answer, timed out
-            return ModelServerError(
+            return ModelServerDown(
                 f"the model server at {url} stopped answering ({type(e).__name__}: {e}). Is it "
                 "running? Start it again with `selftune serve --engine vllm`, or set "
                 '[model] backend = "local"'
