@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.agent import Agent, RunResult
+from agent.model.openai import ModelServerDown
 from tools.errors import SelftuneError
 from traces.schemas import new_id
 
@@ -90,16 +91,22 @@ class AgentService:
         system = cfg.agent.system_prompt
         if turn.system_extra:
             system = f"{system}\n\n{turn.system_extra}"
-        return await self.agent.run(
-            turn.task,
-            history=turn.history,
-            thread_id=turn.conversation,
-            trace_id=trace_id or new_id(),
-            system_prompt=system,
-            tags=["traffic"],
-            metadata=metadata,
-            **(sampling or {}),
-        )
+        trace_id = trace_id or new_id()
+        try:
+            return await self.agent.run(
+                turn.task,
+                history=turn.history,
+                thread_id=turn.conversation,
+                trace_id=trace_id,
+                system_prompt=system,
+                tags=["traffic"],
+                metadata=metadata,
+                **(sampling or {}),
+            )
+        except ModelServerDown as e:
+            # Agent.run raises this one so that an eval stops; a server answers the request
+            # with the error (the trace already records it) and stays up for the next one
+            return RunResult(answer=None, status="error", trace_id=trace_id, error=str(e))
 
     async def aclose(self) -> None:
         await self.agent.aclose()
