@@ -806,7 +806,9 @@ class GrpoRun:
         kinds = {t.id: task_kind(t) for t in environment.split("train")}
         self.rates = SolveRates(kinds, self.state.solve_rates)  # a resumed run keeps its own
         registry = open_registry(self.cfg)
-        start = registry.path(self.state.start_from) if self.state.start_from else None
+        start = None
+        if self.state.start_from:  # a damaged start adapter is refused by name, not trained on
+            start = registry.path(registry.verify(self.state.start_from).version)
         checkpoint = Path(self.state.checkpoint) if self.state.checkpoint else None
         self.policy = load_policy(self.cfg, self.config, start=start, checkpoint=checkpoint)
         self._served = None

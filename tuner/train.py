@@ -693,7 +693,8 @@ def tune(
     dataset_dir = Path(dataset_dir).resolve()
     config = config or cfg.tuner.train
     registry = open_registry(cfg)
-    parent = registry.get(from_version) if from_version else None
+    # a damaged parent (truncated or altered weights) is refused by name, not trained on
+    parent = registry.verify(from_version) if from_version else None
     base_name = resolve_model(cfg).name
     if parent is not None and parent.base_model != base_name:
         raise TrainError(
