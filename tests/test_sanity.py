@@ -25,7 +25,7 @@ from tuner.sanity import (
     mask_verdict,
     task_share_verdict,
 )
-from tuner.train import train
+from tuner.train import build_trainer, train
 
 SMALL = dict(batch_size=2, max_steps=1, max_length=256, learning_rate=1e-3)
 
@@ -132,12 +132,13 @@ def test_a_dataset_dominated_by_one_task_stops_before_training(tmp_path, model_p
             out_dir=tmp_path / "a",
             config=TrainConfig(**SMALL),
         )
-    # the same rows pass when the user says the environment has few tasks
+    # the same rows pass when the user says the environment has few tasks (checked as the
+    # trainer is built, before any step)
     cfg = TrainConfig(**SMALL, max_task_share=0.9)
-    res = train(
-        "sft", ds, base_model_dir=model_path, out_dir=tmp_path / "b", config=cfg, progress=False
+    trainer = build_trainer(
+        "sft", ds, base_model_dir=model_path, work_dir=tmp_path / "w", config=cfg
     )
-    share = next(v for v in res.verdicts if v.name == "task_share")
+    share = next(v for v in trainer.verdicts if v.name == "task_share")
     assert share.ok and share.value == 0.8
 
 

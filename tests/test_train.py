@@ -257,7 +257,8 @@ def test_checkpoints_scale_with_the_run():
     steps = total_steps(cfg, rows=89)
     assert steps == 24 and save_every(cfg, steps) == 12
     assert save_every(cfg, total_steps(cfg, rows=1000)) == 25  # long runs: every save_steps
-    assert save_every(cfg, 1) == 1 and save_every(cfg, 3) == 1
+    assert save_every(cfg, 3) == 1 and save_every(cfg, 2) == 1
+    assert save_every(cfg, 1) == 25  # nothing to resume into: no checkpoint before the end
     assert total_steps(cfg.updated(max_steps=7), rows=89) == 7
     assert total_steps(cfg.updated(grad_accum=2), rows=89) == 12  # 12 batches -> 6 per epoch
     assert total_steps(cfg, rows=89, world_size=2) == 12

@@ -235,8 +235,9 @@ def total_steps(cfg: TrainConfig, rows: int, world_size: int = 1) -> int:
 
 def save_every(cfg: TrainConfig, steps: int) -> int:
     """Steps between checkpoints: every `save_steps`, and at least twice per run, so that a
-    job killed in the default improve cycle (24 steps, save_steps 25) resumes halfway."""
-    return max(1, min(cfg.save_steps, steps // 2))
+    job killed in the default improve cycle (24 steps, save_steps 25) resumes halfway. A
+    one-step run has nothing to resume into: `save_steps` as given."""
+    return max(1, min(cfg.save_steps, steps // 2)) if steps >= 2 else cfg.save_steps
 
 
 def trainer_args(
