@@ -512,7 +512,8 @@ def _explain(err: ValidationError, origin: str) -> str:
             )
             lines.append(f"  - unknown key '{key}'.{hint} Allowed keys here: {', '.join(allowed)}")
         else:  # a key typed where its variable's name belongs must not reach a log
-            shown = "(hidden)" if str(loc[-1]).endswith("api_key_env") else repr(e.get("input"))
+            secret = bool(loc) and str(loc[-1]).endswith("api_key_env")
+            shown = "(hidden)" if secret else repr(e.get("input"))
             lines.append(f"  - {key} = {shown}: {e['msg']}")
     return "\n".join(lines)
 

@@ -400,3 +400,17 @@ def test_turn_credit_lowers_failed_and_unused_tool_turns_of_winning_episodes():
     echo = _llm(1, "<tool_call>", calls=[1])
     trace = Trace(id="tr", spans=[echo, _tool(2, "48 * 97"), _llm(3, "48 * 97 is big")])
     assert wasted_turns(trace) == {echo.id}
+
+
+@pytest.mark.slow
+async def test_a_real_step_rolls_out_again_until_a_group_carries_signal(cfg, tmp_path):
+    env = toy_env(tmp_path, ["flat", "words"])  # "flat" always scores 0.5: no signal
+    config = GrpoConfig(steps=1, group_size=4, tasks_per_step=1, max_tokens=12,
+                        task_picker="uniform", seed=1)  # fmt: skip
+    run = GrpoRun(cfg, str(env), config)
+    await run.run()
+    log = run.state.log[0]
+    assert log["trained_groups"] == 1 and log["sequences"] > 0
+    assert log["rounds"] == log["groups"] and log["skipped_groups"] == log["groups"] - 1
+    assert all(why.startswith("flat:") for why in log["skipped"])
+    assert set(run.state.solve_rates) == {s.split(":")[0] for s in log["skipped"]} | {"words"}

@@ -183,8 +183,6 @@ async def collect(
         waves.append((few, "answer"))
     if weak and few:
         waves.append((few + 2, "similar"))
-    # a teacher wave (tuner/teacher.py, `teacher_wave(cfg, environment, task_ids, ...)`) goes
-    # here: after self-collection, on the tasks still failed (see `failed` below)
     stats["few_shot"] = few
     solved: set[str] = set()  # tasks with a right, unflagged episode
     attempted: set[str] = set()
@@ -251,7 +249,7 @@ async def collect(
     stats["solved_ids"] = sorted(solved)
     stats["failed_ids"] = sorted(attempted - solved)
     if not solved and search_only and any(w["successes"] for w in stats["waves"]):
-        flags = Counter(f for w in stats["waves"] for f, n in w["flags"].items() for _ in range(n))
+        flags = Counter(f for w in stats["waves"] for f, n in w.get("flags", {}).items() for _ in range(n))
         stats["unlearnable"] = (
             f"{sum(w['successes'] for w in stats['waves'])} episodes gave the right answer, but "
             f"none through the tools ({dict(flags)}): nothing grounded to train on"
