@@ -249,7 +249,9 @@ async def collect(
     stats["solved_ids"] = sorted(solved)
     stats["failed_ids"] = sorted(attempted - solved)
     if not solved and search_only and any(w["successes"] for w in stats["waves"]):
-        flags = Counter(f for w in stats["waves"] for f, n in w.get("flags", {}).items() for _ in range(n))
+        flags = Counter(
+            f for w in stats["waves"] for f, n in w.get("flags", {}).items() for _ in range(n)
+        )
         stats["unlearnable"] = (
             f"{sum(w['successes'] for w in stats['waves'])} episodes gave the right answer, but "
             f"none through the tools ({dict(flags)}): nothing grounded to train on"

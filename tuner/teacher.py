@@ -164,7 +164,8 @@ async def teacher_wave(
     stats.update(
         n=res.n,
         successes=res.successes,
-        solved=sorted({o.task_id for o in res.outcomes if o.success}),
+        # as for the student: only right, unflagged episodes reach the dataset
+        solved=sorted({o.task_id for o in res.outcomes if o.success and not o.flags}),
     )
     console.print(
         f"teacher solved {len(stats['solved'])} of {len(set(task_ids))} tasks "
