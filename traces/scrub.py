@@ -40,9 +40,13 @@ _PATTERNS: list[tuple[str, str]] = [
         r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----[\s\S]*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----",
     ),
     ("anthropic_key", r"\bsk-ant-[A-Za-z0-9_\-]{20,}"),
-    # short keys too (the probe leaked `sk-` keys under 20 characters); a digit is
-    # required so words such as "sk-learn-style" stay
-    ("openai_key", r"\bsk-(?:proj-|svcacct-|admin-)?(?=[A-Za-z_\-]*\d)[A-Za-z0-9_\-]{10,}"),
+    # short keys too (the probe leaked `sk-` keys under 20 characters): a short one
+    # needs a digit, so words such as "sk-learn-style" stay; 20 characters or more always match
+    (
+        "openai_key",
+        r"\bsk-(?:proj-|svcacct-|admin-)?"
+        r"(?:[A-Za-z0-9_\-]{20,}|(?=[A-Za-z_\-]*\d)[A-Za-z0-9_\-]{10,})",
+    ),
     ("github_token", r"\b(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,})"),
     ("aws_access_key", r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),
     (
