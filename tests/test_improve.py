@@ -53,7 +53,14 @@ def _state(home: Path) -> JobState | None:
 @pytest.mark.timeout(2400)
 def test_improve_cycle_killed_after_training_resumes_and_finishes(cfg, cli_env, tmp_path):
     home = cfg.workspace.root
-    env = dict(cli_env, SELFTUNE_IMPROVE__MIN_NEW_TRACES="1")
+    # the guards beyond the job's own environment have tests of their own (test_gate_guards):
+    # here they would only double the gate's episodes
+    env = dict(
+        cli_env,
+        SELFTUNE_IMPROVE__MIN_NEW_TRACES="1",
+        SELFTUNE_TUNER__GATE__PROBE="",
+        SELFTUNE_TUNER__GATE__ROBUSTNESS="[]",
+    )
     first = subprocess.Popen(
         [*SELFTUNE, *ARGS],
         env=env,
