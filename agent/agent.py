@@ -100,8 +100,12 @@ class Agent:
         tools: Sequence[Tool] = (),
         adapter: str | None = None,
         checkpoints: bool = True,
+        chat_model: Any = None,
     ):
+        """`chat_model`: a LangChain chat model that answers in place of `[model]` (the
+        reference policy of agent.envs.bootstrap does); traced like any model."""
         self.cfg = cfg
+        self._chat_model = chat_model
         self._engine = engine
         self._tracer = tracer
         self._extra_tools = {t.name: t for t in tools}
@@ -422,7 +426,9 @@ class Agent:
         from agent.model import make_chat_model
 
         tools = self._resolve_tools(tool_names, subagents, depth, extra_tools)
-        model = make_chat_model(self.cfg, engine=self._engine, adapter=adapter, **sampling)
+        model = self._chat_model or make_chat_model(
+            self.cfg, engine=self._engine, adapter=adapter, **sampling
+        )
         if tools:
             model = model.bind_tools([t.schema() for t in tools.values()])
         return _Scope(

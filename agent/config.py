@@ -297,6 +297,10 @@ class ImproveConfig(_Section):
     # demonstrations written by calling the real tools when the environment has none
     rationalise: bool = True
     self_demos: bool = True
+    # the train tasks still failed after the student's waves are played by the reference
+    # policy (agent.envs.bootstrap.ReferencePolicy): it searches with the task's question and
+    # answers the reference only when a returned passage holds it; tagged source:reference
+    reference_wave: bool = True
     weak_below: float = Field(default=0.8, ge=0.0, le=1.0)  # zero-shot success under: weak
     eval_limit: int = Field(default=54, ge=1)  # held-out test tasks per environment
     concurrency: int = Field(default=16, ge=1)  # episodes at once (per model in the gate)

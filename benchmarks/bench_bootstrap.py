@@ -9,7 +9,8 @@ Each (environment, variant) runs `python -m agent.cli improve ENV --cycles N --f
 workspace of its own (the converted model linked in), so every figure starts from scratch.
 Variants switch the `[improve]` keys: `no-rationalise` (rationalise = false: no answer-shown
 wave), `no-self-demos` (self_demos = false: no demonstrations written by calling the tools),
-`no-bootstrap` (both off: the loop as it was). Success rates are zero-shot on the held-out test
+`no-reference` (reference_wave = false: no episodes played by the reference policy),
+`no-bootstrap` (all three off: the loop as it was). Success rates are zero-shot on the held-out test
 split with the 95 % Wilson interval; a cycle's figure is its candidate's (promoted or not).
 From the job's state it also reports each collection wave's kept episodes (right and unflagged:
 what the dataset can use), which is each mechanism's share of the training data in one run.
@@ -35,9 +36,11 @@ VARIANTS = {
     "full": {},
     "no-rationalise": {"SELFTUNE_IMPROVE__RATIONALISE": "false"},
     "no-self-demos": {"SELFTUNE_IMPROVE__SELF_DEMOS": "false"},
+    "no-reference": {"SELFTUNE_IMPROVE__REFERENCE_WAVE": "false"},
     "no-bootstrap": {
         "SELFTUNE_IMPROVE__RATIONALISE": "false",
         "SELFTUNE_IMPROVE__SELF_DEMOS": "false",
+        "SELFTUNE_IMPROVE__REFERENCE_WAVE": "false",
     },
 }
 

@@ -22,6 +22,7 @@ from agent.envs.bootstrap import (
 )
 from benchmarks.envs.user_retrieval import make as user_env
 from traces.read import training_conversation
+from traces.schemas import TraceQuery
 
 TOWN = "Dravik lies on the river Sorwela. It was founded in 1412 by Ilsa Mortvik."
 
@@ -167,7 +168,10 @@ def test_a_user_retrieval_env_yields_grounded_traces_and_a_dataset_with_plain_pr
 
     root = _user_env(tmp_path / "towns", 6, 0)
     # small: one demonstration, short turns (a tool call is ~30 tokens, an answer ~10)
-    settings = cfg.improve.updated(collect_limit=6, concurrency=6, few_shot=1, max_tokens=48)
+    # the reference wave is off: this tests what the model's own waves reach
+    settings = cfg.improve.updated(
+        collect_limit=6, concurrency=6, few_shot=1, max_tokens=48, reference_wave=False
+    )
 
     async def go():
         async with Agent(cfg, checkpoints=False) as agent:
@@ -219,3 +223,58 @@ def test_a_flagged_solved_trace_is_never_shown_as_a_demonstration(tmp_path):
         )
     shown = _best_past_traces(store, "towns", 2, exclude_task=None, prompt="river?")
     assert [t.task_id for t in shown] == ["a"]
+
+
+def test_the_reference_policy_plays_failed_tasks_through_the_real_search(cfg, tmp_path):
+    """The reference wave: real traces through the real search and grader; a task whose passage
+    the search does not return is answered "not found" and fails, so it never reaches training."""
+    from agent.envs import environment_tasks
+    from agent.envs.bootstrap import NOT_FOUND, REFERENCE_POLICY
+    from agent.workspace import open_store
+    from traces.datasets import DatasetFilters, build_dataset
+    from tuner.improve import _reference_wave
+
+    root = _user_env(tmp_path / "towns", 6, 0)
+    env = load_environment(root, config=cfg.agent)
+    train = env.split("train")
+    # one task whose answer the corpus no longer holds: the policy must not answer it
+    lost = train[0]
+    for f in (root / "corpus").glob("*.md"):
+        f.write_text(f.read_text().replace(lost.answer[0], "(unknown)"))
+    env = load_environment(root, config=cfg.agent)
+    wave = asyncio.run(
+        _reference_wave(
+            cfg,
+            env,
+            {t.id for t in train},
+            cfg.improve,
+            seed=0,
+            tags=["test"],
+            console=Console(stderr=True),
+        )  # fmt: skip
+    )
+    assert wave["kind"] == "reference" and wave["n"] == 6
+    assert lost.id not in wave["solved"] and len(wave["solved"]) == 5, wave
+
+    store = open_store(cfg)
+    traces = store.query(TraceQuery(tag=f"source:{REFERENCE_POLICY}", limit=None), with_spans=True)
+    assert len(traces) == 6
+    by_task = {t.task_id: t for t in traces}
+    assert by_task[lost.id].answer == NOT_FOUND
+    for trace in traces:  # the model's spans say who answered
+        assert {s.llm.model for s in trace.spans if s.kind == "llm"} == {REFERENCE_POLICY}
+
+    out = tmp_path / "ds"
+    res = build_dataset(
+        store, "sft", out, DatasetFilters(min_score=1.0, best_of_n=True, exclude_flagged=True),
+        tasks=environment_tasks(str(root), cfg)[1],
+    )  # fmt: skip
+    assert res.rows == 5
+    for line in (out / "train.jsonl").read_text().splitlines():
+        msgs = [m for m in json.loads(line)["messages"] if m["role"] != "system"]
+        assert [m["role"] for m in msgs] == ["user", "assistant", "tool", "assistant"]
+        t = next(t for t in train if t.prompt == msgs[0]["content"])
+        query = msgs[1]["tool_calls"][0]["function"]["arguments"]
+        query = json.loads(query) if isinstance(query, str) else query
+        assert query["query"] in t.prompt  # the question, never the answer, is searched
+        assert t.answer[0] in msgs[2]["content"] and t.answer[0] in msgs[3]["content"]

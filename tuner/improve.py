@@ -140,7 +140,7 @@ async def collect(
     `tasks_solved` counts tasks with a right, unflagged episode (what the dataset can use);
     `unlearnable`, when set, says why no episode can be right (answers out of the tools' reach)."""
     from agent.envs import load_environment
-    from agent.envs.bootstrap import answers_in_corpus, synthesise_demos
+    from agent.envs.bootstrap import answers_in_corpus, reference_playable, synthesise_demos
     from agent.envs.run import env_tools, run_suite
 
     environment = load_environment(env, config=cfg.agent)
@@ -245,6 +245,16 @@ async def collect(
         stats["n"] += wave["n"]
         stats["successes"] += wave["successes"]
         stats["waves"].append(wave)
+    playable = {t.id for t in train if reference_playable(t, environment.tool_names)}
+    if weak and settings.reference_wave and (attempted - solved) & playable:
+        wave = await _reference_wave(
+            cfg, environment, (attempted - solved) & playable, settings,
+            seed=seed + len(waves) + 1, tags=tags, console=console,
+        )  # fmt: skip
+        solved |= set(wave.pop("solved"))
+        stats["n"] += wave["n"]
+        stats["successes"] += wave["successes"]
+        stats["waves"].append(wave)
     stats["tasks_solved"] = len(solved)
     stats["solved_ids"] = sorted(solved)
     stats["failed_ids"] = sorted(attempted - solved)
@@ -257,6 +267,52 @@ async def collect(
             f"none through the tools ({dict(flags)}): nothing grounded to train on"
         )
     return stats
+
+
+async def _reference_wave(
+    cfg: Config,
+    environment: Any,
+    ids: set[str],
+    settings: ImproveConfig,
+    *,
+    seed: int,
+    tags: list[str],
+    console: Console,
+) -> dict[str, Any]:
+    """Play `ids` (train tasks the student failed, with a reference and `search`) with the
+    reference policy (agent.envs.bootstrap.ReferencePolicy) as the agent's model. Its episodes
+    are real traces through the real tools and grader, tagged `source:reference`; only right,
+    unflagged ones count as solved. Returns the wave's counts, with "solved" (task ids)."""
+    from agent.agent import Agent
+    from agent.envs.bootstrap import REFERENCE_POLICY, reference_policy
+    from agent.envs.run import run_suite
+
+    tasks = [t for t in environment.split("train") if t.id in ids]
+    console.print(
+        f"[bold]collect[/bold] {environment.name} reference wave: {len(tasks)} train tasks the "
+        "student failed, played by the reference policy (search with the question; answer only "
+        "what a returned passage holds)"
+    )
+    agent = Agent(cfg, checkpoints=False, chat_model=reference_policy(tasks))
+    try:
+        res = await run_suite(
+            cfg, environment, split="train", task_ids=ids, concurrency=settings.concurrency,
+            adapter="base", few_shot=0, seed=seed, agent=agent,
+            tags=[*tags, "wave:reference", f"source:{REFERENCE_POLICY}"], progress=True,
+        )  # fmt: skip
+    finally:
+        await agent.aclose()
+    kept = sorted({o.task_id for o in res.outcomes if o.success and not o.flags})
+    console.print(f"reference policy solved {len(kept)} of {len(tasks)} tasks")
+    return {
+        "kind": "reference",
+        "few_shot": 0,
+        "n": res.n,
+        "successes": res.successes,
+        "kept": len(kept),
+        "flags": dict(Counter(f for o in res.outcomes if o.success for f in o.flags)),
+        "solved": kept,
+    }
 
 
 def perturbed_copies(names: list[str], seed: int):

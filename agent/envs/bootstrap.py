@@ -146,3 +146,67 @@ def answers_in_corpus(tasks: Sequence[Task], corpus_dir: Path | None) -> tuple[i
             docs.append(p.read_text(encoding="utf-8", errors="replace"))
     found = sum(reference_in(t.answer, docs) for t in with_ref)
     return found, len(with_ref)
+
+
+REFERENCE_POLICY = "reference-policy"  # the model name its spans record
+NOT_FOUND = "I could not find the answer in the documents."
+
+
+def _reference_policy_class():
+    """ReferencePolicy, built on first use (langchain_core is imported only then)."""
+    from langchain_core.language_models.chat_models import BaseChatModel
+    from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+    from langchain_core.outputs import ChatGeneration, ChatResult
+
+    class ReferencePolicy(BaseChatModel):
+        """A scripted policy for tasks with a reference answer and a `search` tool: it calls
+        the real `search` with the task's question as the query and, once the result is back,
+        answers the reference if a returned passage holds it, else says it found nothing. The
+        agent runs it like any model (same tools, tracer and grader), so its right episodes are
+        ordinary grounded traces: every fact in them came from the tool.
+
+        The task is known from the conversation's first user message (`tasks`: prompt -> Task);
+        a conversation whose prompt is unknown gets NOT_FOUND."""
+
+        tasks: dict[str, Any]
+
+        @property
+        def _llm_type(self) -> str:
+            return REFERENCE_POLICY
+
+        def bind_tools(self, tools: Any, **kwargs: Any) -> ReferencePolicy:
+            return self  # it only ever calls `search`, which the agent resolves by name
+
+        def _reply(self, messages: list[Any]) -> AIMessage:
+            meta = {"model_name": REFERENCE_POLICY, "adapter": "reference"}
+            users = [m for m in messages if isinstance(m, HumanMessage)]
+            task = self.tasks.get(str(users[-1].content)) if users else None
+            results = [str(m.content) for m in messages if isinstance(m, ToolMessage)]
+            if task is None or task.answer is None:
+                return AIMessage(NOT_FOUND, response_metadata=meta)
+            if not results:
+                call = {
+                    "id": "call_1",
+                    "name": "search",
+                    "args": {"query": _search_query(task.prompt)},
+                }
+                return AIMessage("", tool_calls=[call], response_metadata=meta)
+            if reference_in(task.answer, results):
+                return AIMessage(f"{answer_text(task.answer)}.", response_metadata=meta)
+            return AIMessage(NOT_FOUND, response_metadata=meta)
+
+        def _generate(self, messages: list[Any], stop: Any = None, run_manager: Any = None,
+                      **kwargs: Any) -> ChatResult:  # fmt: skip
+            return ChatResult(generations=[ChatGeneration(message=self._reply(messages))])
+
+    return ReferencePolicy
+
+
+def reference_policy(tasks: Sequence[Task]) -> Any:
+    """The reference policy (a LangChain chat model) for `tasks`."""
+    return _reference_policy_class()(tasks={t.prompt: t for t in tasks})
+
+
+def reference_playable(task: Task, tool_names: Sequence[str]) -> bool:
+    """Whether the reference policy can play `task`: it has a reference and `search`."""
+    return task.answer is not None and "search" in (task.tools or tool_names)
