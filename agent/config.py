@@ -297,7 +297,7 @@ class ImproveConfig(_Section):
     # demonstrations written by calling the real tools when the environment has none
     rationalise: bool = True
     self_demos: bool = True
-    # the train tasks still failed after the student's waves are played by the reference
+    # while the model is weak, train tasks with `search` are first played by the reference
     # policy (agent.envs.bootstrap.ReferencePolicy): it searches with the task's question and
     # answers the reference only when a returned passage holds it; tagged source:reference
     reference_wave: bool = True

@@ -120,7 +120,9 @@ async def collect(
     solved_before: set[str] | frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
     """Play `env`'s train tasks with `adapter`; returns the counts per wave. While the model is
-    `weak`, in up to four waves:
+    `weak`, first the reference wave (`[improve] reference_wave`: tasks with a reference and
+    `search` are played by agent.envs.bootstrap.ReferencePolicy), then in up to four waves on
+    the tasks it did not solve:
     1. with demonstrations (few-shot): the environment's own, or, when it has none and
        `[improve] self_demos`, ones written by calling the real tools on its train tasks
        (agent.envs.bootstrap.synthesise_demos); from wave 2 on, solved tasks' trajectories
@@ -187,8 +189,20 @@ async def collect(
     solved: set[str] = set()  # tasks with a right, unflagged episode
     attempted: set[str] = set()
     ids_all = {t.id for t in train}
+    playable = {t.id for t in train if reference_playable(t, environment.tool_names)}
+    if weak and settings.reference_wave and playable:
+        # first: a weak model solves few of these (8 % on user_retrieval in three waves), so
+        # its own waves then play only what the reference policy could not
+        wave = await _reference_wave(
+            cfg, environment, playable, settings, seed=seed, tags=tags, console=console
+        )
+        solved |= set(wave.pop("solved"))
+        attempted |= playable
+        stats["n"] += wave["n"]
+        stats["successes"] += wave["successes"]
+        stats["waves"].append(wave)
     for wave, (k, which) in enumerate(waves):
-        ids = ids_all if which == "demos" else attempted - solved
+        ids = ids_all - solved if which == "demos" else attempted - solved
         if which == "hinted":
             ids = {t.id for t in train if t.hint} & ids
         elif which == "answer":
@@ -241,16 +255,6 @@ async def collect(
 
         wave = await teacher_wave(cfg, env, attempted - solved, seed=seed + len(waves), tags=tags,
                                   console=console)  # fmt: skip
-        solved |= set(wave.pop("solved"))
-        stats["n"] += wave["n"]
-        stats["successes"] += wave["successes"]
-        stats["waves"].append(wave)
-    playable = {t.id for t in train if reference_playable(t, environment.tool_names)}
-    if weak and settings.reference_wave and (attempted - solved) & playable:
-        wave = await _reference_wave(
-            cfg, environment, (attempted - solved) & playable, settings,
-            seed=seed + len(waves) + 1, tags=tags, console=console,
-        )  # fmt: skip
         solved |= set(wave.pop("solved"))
         stats["n"] += wave["n"]
         stats["successes"] += wave["successes"]
