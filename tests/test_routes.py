@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _tuner_fixtures import make
+from _tuner_fixtures import fake_adapter, make
 
 from agent.model.adapters import route_versions
 from tuner.registry import Registry, RegistryError
@@ -144,3 +144,126 @@ def test_adapters_cli_promotes_rolls_back_and_lists_routes(tmp_path, monkeypatch
     assert res.exit_code == 0 and "global active answers" in res.output
     res = run(app, ["adapters", "rollback", "--route", "nope"], obj={})
     assert res.exit_code == 1 and "no route 'nope'" in res.output
+
+
+# -- the router: which route a request takes ------------------------------------------------
+
+
+class _Guess:
+    """A classifier that always guesses `label` with `confidence` (a unit test of `choose`;
+    the real MiniLM classifier is tested below on real traces)."""
+
+    def __init__(self, label: str, confidence: float):
+        self.label, self.confidence = label, confidence
+
+    def predict(self, texts):
+        return [(self.label, self.confidence) for _ in texts]
+
+
+def test_routing_precedence_explicit_then_env_then_classifier_then_global(tmp_path, cfg):
+    from agent.model.router import choose
+
+    reg = Registry(cfg.workspace.adapters)
+    for i in range(3):
+        reg.register(fake_adapter(tmp_path / f"a{i}"), base_model="m")
+    reg.promote("v1", PASS, route="calculator")
+    reg.promote("v2", PASS, route="docs-qa")
+    reg.promote("v3", PASS, route="researcher")
+    sure, unsure = _Guess("docs-qa", 0.9), _Guess("docs-qa", 0.4)
+
+    def pick(**kw):
+        d = choose(cfg, **kw)
+        return d.route, d.adapter, d.by
+
+    # an explicit route beats the environment, which beats the classifier
+    assert pick(route="docs-qa", env="calculator", text="x", classifier=sure) == (
+        "docs-qa",
+        "v2",
+        "route",
+    )
+    assert pick(env="calculator", text="x", classifier=sure) == ("calculator", "v1", "env")
+    assert pick(role="researcher") == ("researcher", "v3", "role")
+    assert pick(text="x", classifier=sure) == ("docs-qa", "v2", "classifier")
+    # a labelled request whose label has no adapter goes to the global, not to a guess
+    assert pick(env="word-problems", text="x", classifier=sure) == (None, "active", "fallback")
+    # unsure, no classifier, or a guess whose route has no adapter: the global active
+    low = choose(cfg, text="x", classifier=unsure)
+    assert (low.route, low.adapter, low.by) == (None, "active", "fallback")
+    assert (low.predicted, low.confidence) == ("docs-qa", 0.4)  # recorded all the same
+    assert pick(text="x") == (None, "active", "fallback")
+    assert pick(text="x", classifier=_Guess("delegate", 0.99)) == (None, "active", "fallback")
+    # the threshold is [model] router_threshold
+    strict = cfg.model_copy(
+        update={"model": cfg.model.model_copy(update={"router_threshold": 0.95})}
+    )
+    assert choose(strict, text="x", classifier=sure).by == "fallback"
+    # a route rolled back to nothing falls back too
+    reg.rollback(route="calculator")
+    assert pick(env="calculator") == (None, "active", "fallback")
+
+
+def test_routed_outside_an_episode_means_the_global_active(tmp_path, cfg):
+    from agent.model.adapters import resolve_adapter
+
+    reg = Registry(cfg.workspace.adapters)
+    assert resolve_adapter(cfg, None, "routed") is None  # nothing promoted: the base
+    reg.register(fake_adapter(tmp_path / "a"), base_model="m")
+    reg.promote("v1", PASS)
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"backend": "openai"})})
+    assert resolve_adapter(cfg, None, "routed") == "v1"
+
+
+def test_a_corrupt_router_file_names_the_fix(cfg):
+    from agent.model.router import RouterError, load
+
+    assert load(cfg.workspace.router) is None
+    cfg.workspace.router.parent.mkdir(parents=True, exist_ok=True)
+    cfg.workspace.router.write_text('{"labels": ["a"]}')
+    with pytest.raises(RouterError, match="router.json is corrupt.*selftune router fit"):
+        load(cfg.workspace.router)
+
+
+def test_router_fitted_on_real_traces_routes_held_out_prompts_of_three_envs(cfg, monkeypatch):
+    from _route_fixtures import ROUTE_ENVS, env_prompts, record_env_traces
+
+    from agent.model.router import fit_router, load
+
+    assert record_env_traces(cfg, per_env=40) == 120
+    clf = fit_router(cfg, heldout_share=0.25)
+    h = clf.heldout
+    print(f"held-out accuracy {h['accuracy']:.3f} ci95 {h['ci95']} n={h['n']} {h['per_route']}")
+    assert sorted(clf.labels) == sorted(ROUTE_ENVS)
+    assert sum(clf.counts.values()) == 120 and h["n"] >= 15
+    assert h["accuracy"] >= 0.75 and h["ci95"][0] > h["chance"]  # chance is 1/3
+    # the environments' test splits were never traced: routed by the saved classifier
+    saved = load(cfg.workspace.router)
+    right = n = 0
+    for env in ROUTE_ENVS:
+        got = saved.predict(env_prompts(env, "test", 15))
+        right += sum(label == env for label, _ in got)
+        n += len(got)
+    print(f"test-split accuracy {right / n:.3f} (n={n}, chance 0.333)")
+    assert right / n >= 0.75
+
+
+def test_router_fit_cli_prints_accuracy_and_refuses_one_route(cfg, monkeypatch):
+    from _route_fixtures import record_env_traces
+    from typer.testing import CliRunner
+
+    from agent.cli import app
+
+    monkeypatch.setenv("SELFTUNE_HOME", str(cfg.workspace.root))
+    monkeypatch.chdir(cfg.workspace.root)
+    record_env_traces(cfg, per_env=12, envs=("calculator", "docs-qa"))
+    run = CliRunner().invoke
+    res = run(app, ["router", "fit", "--routes", "calculator"])
+    assert res.exit_code == 1 and "at least two routes" in res.output
+    res = run(app, ["router", "fit", "--heldout", "0.3"])
+    assert res.exit_code == 0, res.output
+    assert "held-out accuracy" in res.output and "calculator" in res.output
+    assert json.loads(cfg.workspace.router.read_text())["counts"] == {
+        "calculator": 12,
+        "docs-qa": 12,
+    }
+    res = run(app, ["router", "which", "What is 12 * 7?", "--env", "docs-qa"])
+    assert res.exit_code == 0 and '"route_by": "fallback"' in res.output  # no adapter on it

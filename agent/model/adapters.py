@@ -200,12 +200,15 @@ def resolve_adapter(cfg: Config, engine: Any, request: str | None) -> str | None
     """Turn an adapter request into the name the backend serves it under.
 
     None/"base" -> None (the base model). "active" -> the registry's active version, or None.
+    "routed" -> the same as "active" (the Agent routes each episode itself: agent/model/router.py).
     "vN" -> that version. A folder path -> loaded under its folder name. With the local
     backend the adapter is loaded into the engine on first use (without reloading the base);
     with the openai backend (vLLM) it is loaded into the server on first use, under that name.
     """
     if request in (None, "", "base"):
         return None
+    if request == "routed":  # outside an episode (chat, an eval's label): the fallback
+        request = "active"
     candidate = Path(request).expanduser()
     if candidate.is_dir() and (candidate / "adapter_config.json").is_file():
         name, path = candidate.name, candidate.resolve()
