@@ -267,3 +267,55 @@ def test_router_fit_cli_prints_accuracy_and_refuses_one_route(cfg, monkeypatch):
     }
     res = run(app, ["router", "which", "What is 12 * 7?", "--env", "docs-qa"])
     assert res.exit_code == 0 and '"route_by": "fallback"' in res.output  # no adapter on it
+
+
+async def test_a_routed_episode_and_its_subagent_role_each_get_their_routes_adapter(
+    tmp_path, cfg, scripted
+):
+    """The real orchestrator and tracer with a scripted model (the adapters are fake files:
+    the openai backend serves them by name, so nothing loads them here)."""
+    from _agent_fixtures import call
+    from langchain_core.messages import AIMessage
+
+    from agent.agent import Agent
+    from agent.config import SubagentConfig
+
+    reg = Registry(cfg.workspace.adapters)
+    for i in range(3):
+        reg.register(fake_adapter(tmp_path / f"a{i}"), base_model="m")
+    reg.promote("v1", PASS, route="delegate")
+    reg.promote("v2", PASS, route="researcher")
+    reg.promote("v3", PASS)  # the global fallback
+    cfg = cfg.model_copy(
+        update={"model": cfg.model.model_copy(update={"backend": "openai", "adapter": "routed"})}
+    )
+    researcher = SubagentConfig(name="researcher", description="Looks up.", tools=[])
+    helper = SubagentConfig(name="helper", description="Helps.", tools=[])
+    scripted(
+        call("researcher", task="find the office size"),
+        AIMessage("26"),  # the researcher answers
+        call("helper", task="check it"),
+        AIMessage("ok"),  # the helper (no route of its own) answers
+        AIMessage("26 spaces."),
+    )
+    async with Agent(cfg) as agent:
+        res = await agent.run(
+            "How many spaces?",
+            env="delegate",
+            tools=["researcher", "helper"],
+            subagents=[researcher, helper],
+        )
+        trace = agent.tracer.store.get(res.trace_id)
+    assert res.status == "ok" and res.adapter == "v1" and res.route == "delegate"
+    assert trace.adapter == "v1" and trace.metadata["route_by"] == "env"
+    subs = {s.attributes["subagent"]: s for s in trace.spans if s.attributes.get("subagent")}
+    assert subs["researcher"].attributes["adapter"] == "v2"
+    assert subs["researcher"].attributes["route_by"] == "role"
+    assert subs["helper"].attributes["adapter"] == "v3"  # no route: the global active
+    assert subs["helper"].attributes["route_by"] == "fallback"
+    by_agent = {}
+    for s in trace.spans:
+        if s.kind == "llm":
+            parent = s.parent_id
+            by_agent.setdefault(parent, set()).add(s.llm.adapter)
+    assert by_agent[subs["researcher"].id] == {"v2"} and by_agent[subs["helper"].id] == {"v3"}
