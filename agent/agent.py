@@ -37,6 +37,7 @@ from langgraph.graph.message import add_messages
 
 from agent.config import Config, SubagentConfig, load_config
 from agent.messages import from_message_dicts, to_message_dicts
+from agent.model.router import ROUTED, Decision
 from tools.base import Tool, ToolError
 from traces.schemas import LlmData, RetrievalData, ToolCall, ToolData
 from traces.tracer import Tracer
@@ -55,6 +56,7 @@ class RunResult:
     steps: int = 0
     error: str | None = None
     adapter: str | None = None
+    route: str | None = None  # with `[model] adapter = "routed"`: the route that answered
     messages: list[dict[str, Any]] = field(default_factory=list)
     latency_s: float = 0.0
 
@@ -119,6 +121,7 @@ class Agent:
         self._graph_threads = None
         self._started = False
         self._start_lock = asyncio.Lock()
+        self._route_classifier: Any = False  # loaded on the first routed episode
 
     # -- construction -------------------------------------------------------------------------
 
@@ -472,7 +475,14 @@ class Agent:
         depth: int,
         extra: Sequence[Tool],
     ) -> str:
-        adapter = self.resolve_adapter(sub.adapter) if sub.adapter else self.current_adapter()
+        request = sub.adapter or self._adapter_request
+        decision = None
+        if request == ROUTED:  # a role with a route of its own gets that route's adapter
+            from agent.model.router import choose
+
+            decision = choose(self.cfg, role=sub.name)
+            request = decision.adapter
+        adapter = self.resolve_adapter(request)
         scope = self._make_scope(
             tool_names=sub.tools,
             subagents=subagents,
@@ -487,6 +497,8 @@ class Agent:
         # Nested under the orchestrator's subagent span; a separate graph run, no checkpoint thread.
         with self.tracer.span("agent", sub.name) as span:
             span.attributes.update({"subagent": sub.name, "depth": depth, "task": task})
+            if decision is not None:
+                span.attributes.update({"adapter": adapter, **decision.as_metadata()})
             _, answer, status, steps = await self._run_graph(scope, [HumanMessage(task)], None)
             span.attributes.update({"status": status, "steps": steps})
         if status != "ok":
@@ -502,6 +514,33 @@ class Agent:
 
     def current_adapter(self) -> str | None:
         return self.resolve_adapter(self._adapter_request)
+
+    async def choose_adapter(
+        self,
+        request: str | None,
+        *,
+        route: str | None = None,
+        env: str | None = None,
+        task: str | None = None,
+    ) -> tuple[str | None, Decision | None]:
+        """The adapter name one episode runs with, and the routing decision behind it when
+        the request (default: the agent's `adapter`) is "routed" (agent/model/router.py)."""
+        request = request if request is not None else self._adapter_request
+        if request != ROUTED:
+            return self.resolve_adapter(request), None
+        from agent.model.router import choose, load
+
+        if self._route_classifier is False:
+            self._route_classifier = load(self.cfg.workspace.router)
+        decision = await asyncio.to_thread(  # the classifier embeds: off the event loop
+            choose,
+            self.cfg,
+            route=route,
+            env=env,
+            text=task,
+            classifier=self._route_classifier,
+        )
+        return self.resolve_adapter(decision.adapter), decision
 
     async def run(
         self,
@@ -520,6 +559,7 @@ class Agent:
         tags: Sequence[str] = (),
         metadata: dict[str, Any] | None = None,
         adapter: str | None = None,
+        route: str | None = None,
         max_steps: int | None = None,
         timeout_s: float | None = None,
         **sampling: Any,
@@ -532,11 +572,18 @@ class Agent:
 
         `history` is earlier turns of the conversation (OpenAI-style dicts) that go before
         `task` in the episode (they are part of the conversation, unlike demos); `trace_id`
-        names the trace up front (a server returns it before the episode ends)."""
+        names the trace up front (a server returns it before the episode ends).
+
+        With the adapter "routed" (the argument, or `[model] adapter`), the episode's adapter is
+        its route's: `route` (or `metadata["route"]`), else `env`, else the route classifier on
+        `task`, else the global active; the trace's metadata records the decision."""
         await self.start()
         started = time.perf_counter()
-        adapter_name = (
-            self.resolve_adapter(adapter) if adapter is not None else self.current_adapter()
+        adapter_name, decision = await self.choose_adapter(
+            adapter,
+            route=route or (metadata or {}).get("route"),
+            env=env,
+            task=task,
         )
         subs = list(self.cfg.agent.subagents if subagents is None else subagents)
         names = list(self.cfg.agent.tools if tools is None else tools)
@@ -550,6 +597,8 @@ class Agent:
                 "thread_id": thread_id,
             }
         )
+        if decision is not None:
+            meta.update(decision.as_metadata())
         down: Exception | None = None
         async with self.tracer.trace(
             env=env,
@@ -566,6 +615,7 @@ class Agent:
                 trace_id=trace.id,
                 thread_id=thread_id,
                 adapter=adapter_name,
+                route=decision.route if decision is not None else None,
             )
             with self.tracer.span("agent", "orchestrator") as root:
                 root.attributes.update({"task": task, "tools": names})

@@ -78,8 +78,12 @@ class ModelConfig(_Section):
     prefix_cache_entries: int = Field(default=8, ge=0, le=1024)
     prefix_cache_min_tokens: int = Field(default=32, ge=1)
     # "active": whatever the registry's gate promoted last (the base model if none); or a
-    # version ("v3"), "base", or an adapter folder
+    # version ("v3"), "base", or an adapter folder; or "routed": each request gets the active
+    # adapter of its route (agent/model/router.py), the global active as the fallback
     adapter: str = "active"
+    # "routed": the route classifier's confidence below which a request without a route
+    # goes to the global active adapter
+    router_threshold: float = Field(default=0.6, ge=0.0, le=1.0)
 
 
 class SubagentConfig(_Section):
@@ -421,6 +425,10 @@ class Workspace:
     @property
     def adapters(self) -> Path:
         return self.root / "adapters"
+
+    @property
+    def router(self) -> Path:
+        return self.root / "router.json"
 
     @property
     def jobs(self) -> Path:

@@ -4,11 +4,14 @@ Layout under `root` (normally `<workspace>/adapters`):
 
     v1/ adapter_config.json adapter_model.safetensors record.json
     v2/ ...
-    active        {"active": "v2", "history": ["v1"], "events": [...]}
+    active        {"active": "v2", "history": ["v1"], "events": [...],
+                   "routes": {"docs-qa": {"active": "v3", "history": [null]}}}
     .lock         fcntl lock that serializes writers across processes
 
 The `active` file is the single source of truth for which adapter is live (none = the base
-model). It and every record are written to a temporary file, fsynced, `os.replace`d and the
+model), globally and per route. A route (an environment, a subagent role, any label) has its
+own active adapter and history; a request whose route has none gets the global one. A record's
+`status` speaks of the global pointer only; `routes()` says which versions serve which route. It and every record are written to a temporary file, fsynced, `os.replace`d and the
 directory fsynced, so a kill -9 at any moment leaves either the old or the new state, never a
 mix. Record statuses are reconciled to the pointer when the registry opens, because a writer
 killed between the pointer and the record updates leaves a stale status behind.
@@ -36,6 +39,7 @@ from agent.model.adapters import (
     VERSION,
     RegistryError,
     adapter_checksums,
+    check_route,
     file_sha256,
     read_pointer,
     verify_adapter,
@@ -173,6 +177,16 @@ class Registry:
         """Previously active versions, most recent last (what `rollback` walks back through)."""
         return list(self._read_pointer()["history"])
 
+    def routes(self) -> dict[str, str | None]:
+        """Each route and the version active on it (None: rolled back to the global fallback)."""
+        return {n: e.get("active") for n, e in sorted(self._read_pointer()["routes"].items())}
+
+    def route_active(self, route: str) -> AdapterRecord | None:
+        """The adapter promoted on `route`, or None when the route has none (the global
+        active then answers its requests)."""
+        v = self._read_pointer()["routes"].get(check_route(route), {}).get("active")
+        return None if v is None else self.get(v)
+
     def path(self, version: str) -> Path:
         return self._dir(version)
 
@@ -267,13 +281,22 @@ class Registry:
         return rec
 
     def promote(
-        self, version: str, gate_result: GateResult | None = None, *, force: bool = False
+        self,
+        version: str,
+        gate_result: GateResult | None = None,
+        *,
+        force: bool = False,
+        route: str | None = None,
     ) -> AdapterRecord:
         """Make `version` the one active adapter; the previously active one becomes `retired`.
+        With `route`, make it the active adapter of that route instead: the global pointer
+        and every status stay as they are, and the record gets a note.
 
         Needs a gate result that says promote (given, or recorded by `record_eval`), unless
         `force` (a person's decision, noted in the record).
         """
+        if route is not None:
+            check_route(route)
         with self._lock():
             check_adapter_dir(self._dir(version))
             rec = self.verify(version)  # a truncated or altered file is refused, --force or not
@@ -290,6 +313,8 @@ class Registry:
                     "--force to promote it anyway (noted in its record)"
                 )
             pointer = self._read_pointer()
+            if route is not None:
+                return self._promote_route(pointer, rec, route, forced=force and not gate_result)
             previous = pointer["active"]
             if previous == version:
                 return rec
@@ -307,23 +332,60 @@ class Registry:
                 self._set_status(previous, "retired")
         return self.get(version)
 
+    def _promote_route(
+        self, pointer: dict[str, Any], rec: AdapterRecord, route: str, *, forced: bool
+    ) -> AdapterRecord:
+        entry = pointer["routes"].setdefault(route, {"active": None, "history": []})
+        previous = entry["active"]
+        if previous == rec.version:
+            return rec
+        entry["history"].append(previous)
+        entry["active"] = rec.version
+        pointer["events"].append(
+            {
+                "at": time.time(),
+                "action": "promote",
+                "route": route,
+                "from": previous,
+                "to": rec.version,
+            }
+        )
+        self._write_pointer(pointer)  # the commit point
+        # lineage: the record says which routes it was promoted on (a note, like --force)
+        how = " with --force" if forced else ""
+        rec.notes.append(f"promoted on route {route}{how} at {time.ctime()}")
+        self._write_record(rec)
+        return self.get(rec.version)
+
     def reject(self, version: str, gate_result: GateResult | None = None) -> AdapterRecord:
-        """Mark a candidate `rejected` (the gate said no). The active adapter cannot be rejected."""
+        """Mark a candidate `rejected` (the gate said no). The active adapter cannot be rejected,
+        nor one active on a route."""
         with self._lock():
             rec = self.get(version)
-            if self._read_pointer()["active"] == version:
+            pointer = self._read_pointer()
+            if pointer["active"] == version:
                 raise RegistryError(f"{version} is active: roll back first, then reject it")
+            on = [n for n, e in pointer["routes"].items() if e.get("active") == version]
+            if on:
+                raise RegistryError(
+                    f"{version} is active on route {', '.join(sorted(on))}: "
+                    f"`selftune adapters rollback --route {sorted(on)[0]}` first, then reject it"
+                )
             rec.status = "rejected"
             if gate_result is not None:
                 rec.notes.append("rejected by the gate: " + "; ".join(gate_result.reasons))
             self._write_record(rec)
         return self.get(version)
 
-    def rollback(self) -> AdapterRecord | None:
+    def rollback(self, route: str | None = None) -> AdapterRecord | None:
         """Move the pointer back to the previously active version (the base model if none).
+        With `route`, move that route's pointer back (to none: the route falls back to the
+        global active); the global pointer stays.
 
-        Returns the now active record, or None for the base model.
+        Returns the now active record, or None for the base model (for a route: none).
         """
+        if route is not None:
+            return self._rollback_route(check_route(route))
         with self._lock():
             pointer = self._read_pointer()
             current = pointer["active"]
@@ -342,6 +404,36 @@ class Registry:
             if target is not None:
                 self._set_status(target, "active")
         return self.active()
+
+    def _rollback_route(self, route: str) -> AdapterRecord | None:
+        with self._lock():
+            pointer = self._read_pointer()
+            if route not in pointer["routes"]:
+                known = ", ".join(sorted(pointer["routes"])) or "none"
+                raise RegistryError(
+                    f"no route {route!r} in {self.root} (routes: {known}): "
+                    f"`selftune adapters promote VERSION --route {route}` makes one"
+                )
+            entry = pointer["routes"][route]
+            current = entry["active"]
+            target = entry["history"].pop() if entry["history"] else None
+            if target is not None and not (self._dir(target) / RECORD).is_file():
+                raise RegistryError(
+                    f"cannot roll route {route} back to {target}: its folder "
+                    f"{self._dir(target)} is gone"
+                )
+            entry["active"] = target
+            pointer["events"].append(
+                {
+                    "at": time.time(),
+                    "action": "rollback",
+                    "route": route,
+                    "from": current,
+                    "to": target,
+                }
+            )
+            self._write_pointer(pointer)
+        return self.route_active(route)
 
     def _set_status(self, version: str, status: str) -> None:
         rec = self.get(version)

@@ -19,7 +19,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from agent.cli import dataset, run, serve, tools, traces, tune
+from agent.cli import dataset, router, run, serve, tools, traces, tune
 from agent.cli.common import command_group, console
 from tools.errors import SelftuneError
 
@@ -71,6 +71,9 @@ app.add_typer(
     tune.adapters_app,
     name="adapters",
     help="The adapter registry: list, show, promote, rollback, diff.",
+)
+app.add_typer(
+    router.router_app, name="router", help="Fit and query the route classifier (routed adapters)."
 )
 
 

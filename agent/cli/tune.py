@@ -33,6 +33,14 @@ ResumeOpt = Annotated[
     bool, typer.Option("--resume", help="continue the killed job from its last checkpoint")
 ]
 StepsOpt = Annotated[int | None, typer.Option("--max-steps", help="stop after this many steps")]
+RouteOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--route",
+        help="the route (an environment, a subagent role, any label) whose active adapter "
+        "changes; without it, the global active (every route's fallback)",
+    ),
+]
 VllmOpt = Annotated[
     str | None,
     typer.Option("--vllm", help="also switch a running vLLM server (its URL) to the new adapter"),
@@ -285,6 +293,13 @@ def adapters_list(
     out.print(table)
     if reg.active() is None:
         out.print("active: the base model (no adapter promoted)")
+    routes = reg.routes()
+    if routes:
+        fallback = "the global active"
+        out.print(
+            "routes: " + ", ".join(f"{n} -> {v or fallback}" for n, v in routes.items()),
+            highlight=False,
+        )
 
 
 @adapters_app.command("show")
@@ -318,28 +333,37 @@ def adapters_promote(
     force: Annotated[
         bool, typer.Option(help="promote without a passing eval gate (noted in the record)")
     ] = False,
+    route: RouteOpt = None,
     vllm: VllmOpt = None,
 ) -> None:
-    """Make VERSION the active adapter (it must have passed the eval gate, or --force)."""
+    """Make VERSION the active adapter, or with --route the active adapter of that route
+    (it must have passed the eval gate, or --force)."""
     from tuner.registry import RegistryError
 
     try:
-        rec = _registry(ctx).promote(version, force=force)
+        rec = _registry(ctx).promote(version, force=force, route=route)
     except RegistryError as e:
         fail(str(e))
+    if route is not None:  # served by version name: vLLM loads it on the first routed request
+        out.print(f"route {route}: {rec.version}")
+        return
     out.print(f"active: {rec.version}")
     _reload(vllm, rec)
 
 
 @adapters_app.command("rollback")
-def adapters_rollback(ctx: typer.Context, vllm: VllmOpt = None) -> None:
-    """Move the active pointer back to the previously active version (or the base model)."""
+def adapters_rollback(ctx: typer.Context, route: RouteOpt = None, vllm: VllmOpt = None) -> None:
+    """Move the active pointer back to the previously active version (or the base model);
+    with --route, that route's pointer (back to none: the route falls back to the global)."""
     from tuner.registry import RegistryError
 
     try:
-        rec = _registry(ctx).rollback()
+        rec = _registry(ctx).rollback(route=route)
     except RegistryError as e:
         fail(str(e))
+    if route is not None:
+        out.print(f"route {route}: {rec.version if rec else 'none (the global active answers)'}")
+        return
     out.print(f"active: {rec.version if rec else 'the base model'}")
     _reload(vllm, rec)
 

@@ -6,7 +6,13 @@ rollback) on the same layout, described here once:
 
     <workspace>/adapters/
         v1/ adapter_config.json adapter_model.safetensors record.json
-        active      {"active": "v2", "history": ["v1"], "events": [...]}
+        active      {"active": "v2", "history": ["v1"], "events": [...],
+                     "routes": {"calculator": {"active": "v3", "history": []}}}
+
+`routes` holds one active adapter per route (an environment, a subagent role, any label); the
+route-less `active` is the global one and the fallback for a request whose route has none
+(agent/model/router.py picks the route). Both live in the one pointer file, so one atomic
+write changes either.
 
 Each record carries the sha256 of the adapter's two files (`sha256` in record.json, written by
 `Registry.register`). Every load of a registry version (`registry_adapter`, hence
@@ -32,6 +38,7 @@ from tools.errors import SelftuneError
 POINTER = "active"
 RECORD = "record.json"
 VERSION = re.compile(r"v(\d+)")
+ROUTE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 WEIGHTS = "adapter_model.safetensors"
 ADAPTER_FILES = ("adapter_config.json", WEIGHTS)
 
@@ -46,7 +53,7 @@ def read_pointer(root: Path) -> dict[str, Any]:
     """The registry's `active` file: {"active": version or None, "history": [...], "events": [...]}."""
     path = root / POINTER
     if not path.exists():
-        return {"active": None, "history": [], "events": []}
+        return {"active": None, "history": [], "events": [], "routes": {}}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(data, dict) or "active" not in data:
@@ -58,7 +65,25 @@ def read_pointer(root: Path) -> dict[str, Any]:
         ) from None
     data.setdefault("history", [])
     data.setdefault("events", [])
+    data.setdefault("routes", {})
     return data
+
+
+def check_route(route: str) -> str:
+    """`route` if it is a usable route name; RegistryError naming the rule otherwise."""
+    if not isinstance(route, str) or not ROUTE.fullmatch(route):
+        raise RegistryError(
+            f"{route!r} is not a route name: use letters, digits, '_', '.', ':' or '-' "
+            "(an environment name like docs-qa, or a subagent role like researcher)"
+        )
+    return route
+
+
+def route_versions(root: Path) -> dict[str, str | None]:
+    """Every route of the registry under `root` and the version active on it (None: the
+    route was rolled back to nothing, so it falls back to the global active)."""
+    routes = read_pointer(root)["routes"]
+    return {name: entry.get("active") for name, entry in sorted(routes.items())}
 
 
 def file_sha256(path: Path) -> str:
@@ -175,12 +200,15 @@ def resolve_adapter(cfg: Config, engine: Any, request: str | None) -> str | None
     """Turn an adapter request into the name the backend serves it under.
 
     None/"base" -> None (the base model). "active" -> the registry's active version, or None.
+    "routed" -> the same as "active" (the Agent routes each episode itself: agent/model/router.py).
     "vN" -> that version. A folder path -> loaded under its folder name. With the local
     backend the adapter is loaded into the engine on first use (without reloading the base);
     with the openai backend (vLLM) it is loaded into the server on first use, under that name.
     """
     if request in (None, "", "base"):
         return None
+    if request == "routed":  # outside an episode (chat, an eval's label): the fallback
+        request = "active"
     candidate = Path(request).expanduser()
     if candidate.is_dir() and (candidate / "adapter_config.json").is_file():
         name, path = candidate.name, candidate.resolve()

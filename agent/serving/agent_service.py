@@ -92,6 +92,9 @@ class AgentService:
         if turn.system_extra:
             system = f"{system}\n\n{turn.system_extra}"
         trace_id = trace_id or new_id()
+        # `metadata.route` of the request: the route whose adapter answers ([model] adapter =
+        # "routed"); other adapters ignore it
+        route = ((metadata or {}).get("request_metadata") or {}).get("route")
         try:
             return await self.agent.run(
                 turn.task,
@@ -101,6 +104,7 @@ class AgentService:
                 system_prompt=system,
                 tags=["traffic"],
                 metadata=metadata,
+                route=route if isinstance(route, str) else None,
                 **(sampling or {}),
             )
         except ModelServerDown as e:
