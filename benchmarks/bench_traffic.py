@@ -5,7 +5,7 @@
 
 The scripted user: the first `--questions` tasks of the environment's train split, asked
 through the official `openai` client of a real `selftune serve` app (uvicorn in a thread, the
-real model), 4 questions per session (`user=`). Each answer is compared with the task's
+real model), `--per-session` (4) questions per session (`user=`). Each answer is compared with the task's
 reference by the environment's grader; a right one gets a thumb up over `POST /v1/feedback`, a
 wrong one a thumb down, and `--correct-share` of the wrong ones a correction (the reference).
 Every 10th session is marked private (`X-Selftune-Private: 1`) and must stay out.
@@ -64,8 +64,8 @@ def scripted_session(cfg, model_path: Path, args) -> dict:
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
             wrong = 0
             for i, task in enumerate(tasks):
-                session = f"user-{i // 4}"
-                private = (i // 4) % 10 == 9
+                session = f"user-{i // args.per_session}"
+                private = (i // args.per_session) % 10 == 9
                 completion = client.chat.completions.create(
                     model=model,
                     messages=[{"role": "user", "content": task.prompt}],
@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-train-steps", type=int, default=-1)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--per-session", type=int, default=4, help="questions per session")
     p.add_argument("--correct-share", type=float, default=0.5)
     p.add_argument("--guards", action="store_true", help="keep the probe and robustness guards")
     p.add_argument("--home", default=None, help="workspace (default: a new temporary folder)")

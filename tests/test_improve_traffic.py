@@ -92,7 +92,7 @@ def _ask_and_give_feedback(cfg, model_path) -> dict[str, list[str]]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(2400)  # ~3 min on an idle 2-core machine; 20 min measured under load
 def test_a_traffic_cycle_trains_on_feedback_and_gates_on_a_held_out_slice(cfg, cli_env, model_path):
     done = _ask_and_give_feedback(cfg, model_path)
     if not done["correction"]:
@@ -111,10 +111,14 @@ def test_a_traffic_cycle_trains_on_feedback_and_gates_on_a_held_out_slice(cfg, c
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=1100,
+        timeout=2300,
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    home = cfg.workspace.root
+    check_cycle(cfg.workspace.root, done["private"])
+
+
+def check_cycle(home: Path, private: list[str]) -> None:
+    """What one finished traffic cycle in workspace `home` must show."""
     (state_file,) = home.glob("jobs/improve-*/state.json")
     cycle = JobState.load(state_file).cycles[0]
     assert cycle.skipped is None and cycle.candidate, cycle.skipped
@@ -134,7 +138,7 @@ def test_a_traffic_cycle_trains_on_feedback_and_gates_on_a_held_out_slice(cfg, c
     used = {p["trace_id"] for p in provenance} | set(manifest["trace_ids"])
     assert not used & heldout_ids
     assert not {p["session_id"] for p in provenance} & set(held)
-    assert not used & set(done["private"])
+    assert not used & set(private)
     assert "correction" in cycle.dataset["rows_by_signal"]
     rows = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
     assert len(rows) == cycle.dataset["rows"] == len(provenance)
@@ -145,7 +149,8 @@ def test_a_traffic_cycle_trains_on_feedback_and_gates_on_a_held_out_slice(cfg, c
     assert gate["gate"]["candidate"] == cycle.candidate
     envs = {r["env"] for r in gate["candidate"]}
     assert gate["traffic"]["heldout_sessions"] == traffic["heldout_sessions"]
-    if gate["traffic"]["heldout_tasks"]:
-        assert envs == {"calculator", "traffic-heldout"}
-        assert cycle.traffic["gate"]["n"] == gate["traffic"]["heldout_tasks"]
+    # every question is a calculator task: each held-out one is replayed against its reference
+    assert gate["traffic"]["heldout_tasks"] == len(heldout_ids) == cycle.traffic["gate"]["n"]
+    assert envs == {"calculator", "traffic-heldout"}
+    assert 0.0 <= cycle.traffic["gate"]["candidate"] <= 1.0
     assert rec.status == ("active" if gate["gate"]["promote"] else "rejected")
