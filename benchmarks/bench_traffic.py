@@ -5,8 +5,8 @@
 
 The scripted user: the first `--questions` tasks of the environment's train split, asked
 through the official `openai` client of a real `selftune serve` app (uvicorn in a thread, the
-real model), `--per-session` (4) questions per session (`user=`). Each answer is compared with the task's
-reference by the environment's grader; a right one gets a thumb up over `POST /v1/feedback`, a
+real model), `--per-session` (4) questions per session (`user=`). Each answer is compared
+with the task's reference by the environment's rule grader; a right one gets a thumb up over `POST /v1/feedback`, a
 wrong one a thumb down, and `--correct-share` of the wrong ones a correction (the reference).
 Every 10th session is marked private (`X-Selftune-Private: 1`) and must stay out.
 

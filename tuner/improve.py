@@ -746,6 +746,22 @@ class ImproveJob:
         self._save()
         return cycle
 
+    def _check_traffic(self) -> None:
+        """Fail at once, saying how to record some, when there is no traffic in the window."""
+        from agent.workspace import open_store
+        from traces.times import TimeParseError
+        from tuner.traffic import TrafficError, check_traffic
+
+        store = open_store(self.cfg)
+        try:
+            check_traffic(store, self.settings.since)
+        except TimeParseError as e:
+            raise ImproveError(f"--since {e}") from None
+        except TrafficError as e:
+            raise ImproveError(str(e)) from None
+        finally:
+            store.close()
+
     async def _check_graders(self) -> None:
         """Reward integrity before anything is paid for: each environment's grader must give
         the references 1 and empty, constant and echoed answers 0 (`selftune check`)."""
@@ -764,6 +780,8 @@ class ImproveJob:
         deadline = time.time() + budget * 60 if budget else None
         try:
             await self._check_graders()
+            if self.settings.source == "traffic":
+                self._check_traffic()  # before the baseline's minutes are spent
             await self._baseline()
             for i in range(1, self.settings.cycles + 1):
                 done = next((c for c in self.state.cycles if c.index == i), None)

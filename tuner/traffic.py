@@ -149,6 +149,20 @@ class TrafficSelection:
         )
 
 
+def check_traffic(store: TraceStore, since: float | str | None) -> float | None:
+    """The window's start (epoch seconds, None: all); TrafficError when no traffic was recorded
+    in it."""
+    when = None if since is None else parse_time(since)
+    if not store.count(TraceQuery(tag=TRAFFIC_TAG, since=when, limit=None)):
+        window = f" since {since}" if since is not None else ""
+        raise TrafficError(
+            f"no traffic recorded{window} in {store.path}: serve the agent with `selftune serve` "
+            "(it records every chat completion, tag 'traffic') and let people use it, or widen "
+            "--since"
+        )
+    return when
+
+
 def task_index(tasks: Mapping[tuple[str, str], Task]) -> dict[str, tuple[str, Task]]:
     """Environments' tasks by their normalised prompt (exact match, case and spacing aside)."""
     return {_norm(t.prompt): (env, t) for (env, _), t in tasks.items()}
@@ -168,16 +182,9 @@ async def select_traffic(
     was recorded in the window."""
     from traces.graders import GraderError, agrade_trace
 
-    when = None if since is None else parse_time(since)
+    when = check_traffic(store, since)
     query = TraceQuery(tag=TRAFFIC_TAG, since=when, limit=None)
     traces = [t for t in store.query(query, with_spans=True) if t.status != "running"]
-    if not traces:
-        window = f" since {since}" if since is not None else ""
-        raise TrafficError(
-            f"no traffic recorded{window} in {store.path}: serve the agent with `selftune serve` "
-            "(it records every chat completion, tag 'traffic') and let people use it, or widen "
-            "--since"
-        )
     by_prompt = task_index(tasks or {})
     excluded: Counter[str] = Counter()
     private = {session_of(t) for t in traces if is_private(t)}
