@@ -311,6 +311,12 @@ class ImproveConfig(_Section):
     max_train_steps: int = Field(default=-1, ge=-1)  # -1: [tuner.train]; grpo: [tuner.grpo]
     min_new_traces: int = Field(default=16, ge=1)  # fewer new passing traces: no training
     seed: int = 0
+    # what a cycle learns from: "envs" plays the environments' train tasks; "traffic" learns
+    # from what `selftune serve` recorded since `since` (7d, 12h, a date; None: all of it),
+    # holding out `traffic_holdout` of the sessions for the gate (tuner/traffic.py)
+    source: Literal["envs", "traffic"] = "envs"
+    since: str | None = None
+    traffic_holdout: float = Field(default=0.2, gt=0.0, lt=1.0)
     # per model call: a tool call takes ~30 tokens and an answer ~10, while a rambling base model
     # fills whatever it gets, and a batch lasts as long as its longest row
     max_tokens: int = Field(default=64, ge=1)

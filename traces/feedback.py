@@ -151,7 +151,10 @@ FEEDBACK_KINDS: tuple[str, ...] = ("sft", "dpo", "kto")
 PROVENANCE_FILE = "provenance.json"
 
 
-def _private(trace: Trace) -> bool:
+def is_private(trace: Trace) -> bool:
+    """Whether the person asked for this trace to stay out of training: `metadata.private`
+    (the server sets it for the `X-Selftune-Private` header) or `private` in the request's
+    metadata."""
     asked = trace.metadata.get("request_metadata") or {}
     return bool(trace.metadata.get("private") or (isinstance(asked, dict) and asked.get("private")))
 
@@ -226,7 +229,7 @@ def feedback_rows(
         if g is None:
             excluded["no_human_feedback"] += 1
             continue
-        if _private(t):
+        if is_private(t):
             excluded["private"] += 1
             continue
         if t.metadata.get("split") == "test":

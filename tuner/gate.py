@@ -522,10 +522,12 @@ async def evaluate_pair(
     agent: Any = None,
     tags: Sequence[str] = (),
     console: Console | None = None,
+    extra: Sequence[Any] = (),
 ) -> tuple[list[SuiteResult], list[SuiteResult]]:
     """Candidate and active on the same held-out tasks, same seed and sampling, in one run:
     `envs` then the guard-only `guards`, clean; then, for the robustness guard, the first
-    `gate.robustness_limit` tasks of each of `envs` under each of `gate.robustness`."""
+    `gate.robustness_limit` tasks of each of `envs` under each of `gate.robustness`; last the
+    in-memory environments `extra` (every test task, clean: the held-out traffic slice)."""
     from agent.agent import Agent
 
     console = console or Console(stderr=True)
@@ -537,13 +539,15 @@ async def evaluate_pair(
     if gate is not None:
         limit = min(gate.robustness_limit, settings.eval_limit)
         runs += [(e, p, limit) for e in envs for p in gate.robustness]
+    runs += [(e, None, len(e.split("test"))) for e in extra]
     try:
         for env, perturb, limit in runs:
             how = f" ({perturb}, {limit} tasks)" if perturb else ""
             role = " (guard)" if env in guards else ""
+            name = env if isinstance(env, str) else env.name
             console.print(
                 f"[bold]gate[/bold] candidate {candidate} and active {active or 'base'} on "
-                f"{env}{role}{how}"
+                f"{name}{role}{how}"
             )
             # both at once: their requests share batches (peft mixed-adapter rows)
             cand, act = await asyncio.gather(
@@ -572,15 +576,19 @@ async def evaluate_and_gate(
     tags: Sequence[str] = (),
     record: dict[str, Any] | None = None,
     console: Console | None = None,
+    extra: Sequence[Any] = (),
 ) -> tuple[GateResult, list[SuiteResult], list[SuiteResult]]:
     """The one path from a candidate to a decision (the improve job and `selftune gate`):
     find the guard environments, evaluate both models on `envs`, the guards and the perturbed
-    prompts (`evaluate_pair`), then `gate`. Returns the result and both sides' evaluations."""
+    prompts (`evaluate_pair`), then `gate`. Returns the result and both sides' evaluations.
+    `extra`: in-memory environments (agent.envs.Environment) whose test tasks join the target
+    pool with `envs` (the improve job's held-out traffic slice); they are not recorded as
+    environments later promotions are guarded on."""
     gate_settings = cfg.tuner.gate
     guards = guard_envs_for(gate_settings, registry, envs, console)
     cand, act = await evaluate_pair(
         cfg, candidate, active, envs, settings, guards=list(guards), gate=gate_settings,
-        agent=agent, tags=tags, console=console,
+        agent=agent, tags=tags, console=console, extra=extra,
     )  # fmt: skip
     # the results come in order (envs, then guards): the guards' names as their runs say them
     n = len(envs)

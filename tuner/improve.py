@@ -54,6 +54,7 @@ class CycleState:
     evals: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> env -> summary
     skipped: str | None = None
     wall_s: float | None = None
+    traffic: dict[str, Any] = field(default_factory=dict)  # --source traffic: tuner/traffic.py
 
 
 @dataclass
@@ -435,6 +436,9 @@ class ImproveJob:
         """Play each environment's train tasks with the active model (`collect`)."""
         if self.settings.method == "grpo":
             return  # GRPO collects its own rollouts, from the policy it trains
+        if self.settings.source == "traffic":
+            await self._collect_traffic(cycle)
+            return
         agent = await self._agent_started()
         active = self._active()
         for env in self.settings.envs:
@@ -461,6 +465,41 @@ class ImproveJob:
                 f"{e}: {r}" for e, r in reasons.items()
             )
 
+    async def _collect_traffic(self, cycle: CycleState) -> None:
+        """Select and grade the recorded traffic (tuner.traffic.select_traffic); the selection,
+        its held-out sessions and what was left out go into the cycle's state."""
+        from agent.envs import environment_tasks
+        from agent.workspace import open_store
+        from traces.times import TimeParseError
+        from tuner.traffic import TrafficError, select_traffic
+
+        tasks: dict = {}
+        for env in self.settings.envs:
+            tasks.update(environment_tasks(env, self.cfg)[1])
+        store = open_store(self.cfg)
+        try:
+            sel = await select_traffic(
+                store,
+                since=self.settings.since,
+                holdout=self.settings.traffic_holdout,
+                tasks=tasks,
+                scrub_patterns=self.cfg.traces.scrub_patterns,
+            )
+        except TimeParseError as e:
+            raise ImproveError(f"--since {e}") from None
+        except TrafficError as e:
+            raise ImproveError(str(e)) from None
+        finally:
+            store.close()
+        cycle.traffic = sel.summary()
+        s = cycle.traffic
+        self.console.print(
+            f"[bold]collect[/bold] traffic: {s['traces']} traces in {s['sessions']} sessions "
+            f"(graded by {s['graded_by']}), {s['heldout_traces']} held out; left out: "
+            f"{s['excluded'] or 'none'}",
+            highlight=False,
+        )
+
     def _latest_eval(self, env: str, adapter: str | None) -> dict[str, Any] | None:
         label = adapter or "base"
         for cycle in reversed(self.state.cycles):
@@ -477,6 +516,9 @@ class ImproveJob:
         if method == "grpo":
             return  # no dataset: GRPO learns from its rollouts' grades
         store = open_store(self.cfg)
+        if self.settings.source == "traffic":
+            self._dataset_traffic(cycle, store)
+            return
         new_passing = sum(c.get("tasks_solved", c["successes"]) for c in cycle.collect.values())
         need = self.settings.min_new_traces
         if new_passing < need:
@@ -511,6 +553,39 @@ class ImproveJob:
         cycle.dataset = {"dir": str(out), "rows": res.rows, "manifest": str(out / "manifest.json")}
         if names:
             cycle.dataset["augmented"] = res.manifest["counts"].get("augmented", {})
+
+    def _dataset_traffic(self, cycle: CycleState, store: Any) -> None:
+        """Rows from the traffic's training sessions (tuner.traffic.build_traffic_dataset);
+        fewer than `min_new_traces` rows: the cycle is skipped, saying why."""
+        from traces.datasets import DatasetError
+        from tuner.traffic import TrafficSelection, build_traffic_dataset
+
+        method = self.settings.method
+        out = self.dir / f"cycle{cycle.index}-traffic-{method}"
+        sel = TrafficSelection.from_summary(cycle.traffic)
+        try:
+            res = build_traffic_dataset(
+                store, sel, method, out, scrub_patterns=self.cfg.traces.scrub_patterns
+            )
+        except DatasetError as e:
+            cycle.skipped = f"no traffic dataset: {e}"
+            return
+        need = self.settings.min_new_traces
+        if res.rows < need:
+            cycle.skipped = (
+                f"only {res.rows} {method} rows from traffic (need {need}, [improve] "
+                "min_new_traces): gather more feedback (POST /v1/feedback), widen --since, or "
+                "lower the threshold"
+            )
+            return
+        signals = Counter(p["signal"] for p in json.loads((out / "provenance.json").read_text()))
+        cycle.dataset = {
+            "dir": str(out),
+            "rows": res.rows,
+            "manifest": str(out / "manifest.json"),
+            "rows_by_signal": dict(sorted(signals.items())),
+            "excluded": res.manifest.get("excluded", {}),
+        }
 
     async def _tune(self, cycle: CycleState) -> None:
         """Train a candidate from the active adapter: GRPO online, or on the cycle's dataset."""
@@ -585,6 +660,22 @@ class ImproveJob:
         from tuner.registry import open_registry
 
         active = self._active()
+        extra, record = [], {"job": self.state.id}
+        if self.settings.source == "traffic":
+            from tuner.traffic import TrafficSelection, heldout_environment
+
+            sel = TrafficSelection.from_summary(cycle.traffic)
+            slice_env = heldout_environment(sel, self.cfg.agent.tools, self.dir)
+            extra = [slice_env] if slice_env is not None else []
+            record["traffic"] = {
+                "heldout_sessions": cycle.traffic["heldout_sessions"],
+                "heldout_tasks": len(slice_env.tasks) if slice_env else 0,
+            }
+            if slice_env is None:
+                self.console.print(
+                    "[yellow]gate: no held-out traffic with a known good answer; the "
+                    "environments' tests alone decide[/yellow]"
+                )
         result, candidate_results, active_results = await evaluate_and_gate(
             self.cfg,
             open_registry(self.cfg),
@@ -594,9 +685,22 @@ class ImproveJob:
             self.settings,
             agent=await self._agent_started(),
             tags=self._tags(),
-            record={"job": self.state.id},
+            record=record,
             console=self.console,
+            extra=extra,
         )
+        if extra:
+            from tuner.traffic import HELDOUT_ENV
+
+            cand = next(r for r in candidate_results if r.env == HELDOUT_ENV)
+            act = next(r for r in active_results if r.env == HELDOUT_ENV)
+            cycle.traffic["gate"] = {
+                "n": cand.n,
+                "candidate": cand.success_rate,
+                "active": act.success_rate,
+                "candidate_ci95": list(cand.ci95),
+                "active_ci95": list(act.ci95),
+            }
         envs = {r.env for r in candidate_results[: len(self.settings.envs)]}
         for adapter, results in ((cycle.candidate, candidate_results), (active, active_results)):
             for res in results:  # the job's own environments, clean: the learning curve's points
@@ -646,6 +750,22 @@ class ImproveJob:
         self._save()
         return cycle
 
+    def _check_traffic(self) -> None:
+        """Fail at once, saying how to record some, when there is no traffic in the window."""
+        from agent.workspace import open_store
+        from traces.times import TimeParseError
+        from tuner.traffic import TrafficError, check_traffic
+
+        store = open_store(self.cfg)
+        try:
+            check_traffic(store, self.settings.since)
+        except TimeParseError as e:
+            raise ImproveError(f"--since {e}") from None
+        except TrafficError as e:
+            raise ImproveError(str(e)) from None
+        finally:
+            store.close()
+
     async def _check_graders(self) -> None:
         """Reward integrity before anything is paid for: each environment's grader must give
         the references 1 and empty, constant and echoed answers 0 (`selftune check`)."""
@@ -664,6 +784,8 @@ class ImproveJob:
         deadline = time.time() + budget * 60 if budget else None
         try:
             await self._check_graders()
+            if self.settings.source == "traffic":
+                self._check_traffic()  # before the baseline's minutes are spent
             await self._baseline()
             for i in range(1, self.settings.cycles + 1):
                 done = next((c for c in self.state.cycles if c.index == i), None)

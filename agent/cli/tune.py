@@ -456,8 +456,22 @@ def improve(
     seed: Annotated[
         int | None, typer.Option(help="sampling seed of sample 0 (default: improve.seed)")
     ] = None,
+    source: Annotated[
+        str | None,
+        typer.Option(
+            help="envs: play the environments' train tasks; traffic: learn from what `selftune serve` recorded (default: improve.source)"
+        ),
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            help="--source traffic: only traffic since 7d, 12h, 2026-05-01 (default: all)"
+        ),
+    ] = None,
 ) -> None:
-    """Collect, grade, build a dataset, tune, gate, promote and reload: the self-improvement loop."""
+    """Collect, grade, build a dataset, tune, gate, promote and reload: the self-improvement loop.
+    With --source traffic a cycle learns from served traffic and people's feedback, and the gate
+    adds a held-out slice of the traffic to the environments' tests."""
     from agent.model.files import ModelError
     from agent.serving.vllm import VllmError
     from tuner.gate import GateError
@@ -482,6 +496,8 @@ def improve(
             max_tokens=max_tokens,
             max_train_steps=max_train_steps,
             seed=seed,
+            source=source,
+            since=since,
         )
         every_s = parse_every(every) if every else None
         asyncio.run(run_improve(cfg, settings, every_s=every_s, resume=resume, console=console))

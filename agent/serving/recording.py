@@ -6,6 +6,9 @@ has them, the token ids. The trace id is the response's id without its `chatcmpl
 the id a client got back is all that feedback needs. Traces group into sessions by the
 `X-Selftune-Session` header, else `metadata.session_id`, the conversation id or `user`.
 
+A request with the `X-Selftune-Private: 1` header (or `metadata.private`) is marked private:
+recorded, never trained on.
+
 Implicit signals (a question asked again in the same session, a tool result that is an error)
 go into the trace's `metadata.weak_labels`, each with its source `implicit`.
 
@@ -32,6 +35,9 @@ TRAFFIC_TAG = "traffic"
 TRACE_HEADER = "X-Selftune-Trace-Id"
 SESSION_HEADER = "X-Selftune-Session"
 CONVERSATION_HEADER = "X-Selftune-Conversation"
+# a session marked private (this header, or `metadata.private` in the request) is recorded but
+# never trained on: `selftune improve --source traffic` and traffic datasets leave it out
+PRIVATE_HEADER = "X-Selftune-Private"
 RESPONSE_PREFIX = "chatcmpl-"
 
 
@@ -72,6 +78,8 @@ def session_info(headers: Mapping[str, str], body: Mapping[str, Any]) -> dict[st
         info["session_id"] = str(session)
     if user:
         info["user"] = str(user)
+    if str(headers.get(PRIVATE_HEADER.lower()) or "").lower() in ("1", "true", "yes"):
+        info["private"] = True
     if headers.get("user-agent"):
         info["client"] = headers["user-agent"]
     if meta:

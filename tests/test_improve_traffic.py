@@ -1,0 +1,156 @@
+"""`selftune improve --source traffic` end to end with real parts: the server (real uvicorn, the
+real SmolLM2, a real SQLite store) is asked calculator train questions through the official
+`openai` client, the first as `selftune-agent` (the agent with the calculator tool), the rest
+of the raw model (one model call each: an agent episode takes ~40 s on a loaded 2-core CPU); thumbs are given over
+HTTP by comparing each answer with the reference, wrong answers get corrections, one session is
+private; then one traffic cycle trains a candidate and gates it on the held-out test split plus
+the held-out slice of the traffic."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from _serve_fixtures import app_server
+
+from agent.agent import Agent
+from agent.envs import load_environment
+from agent.model import LocalEngine
+from agent.serving.agent_service import AGENT_MODEL, AgentService
+from agent.serving.openai_server import build_app
+from agent.workspace import trace_db_path
+from traces.graders import grade_numeric
+from traces.store import TraceStore
+from traces.tracer import Tracer
+from tuner.improve import JobState
+from tuner.registry import Registry
+from tuner.traffic import in_heldout
+
+ROOT = Path(__file__).resolve().parent.parent
+QUESTIONS = 20  # 2 per session: 10 sessions, 3 of them held out, 1 private
+MODEL = "smollm2-135m-instruct"
+
+
+def _sessions() -> tuple[list[str], list[str]]:
+    names = [f"user-{i}" for i in range(100)]
+    train = [s for s in names if not in_heldout(s, 0.2)][:7]
+    held = [s for s in names if in_heldout(s, 0.2)][:3]
+    return train, held
+
+
+def _ask_and_give_feedback(cfg, model_path) -> dict[str, list[str]]:
+    """The scripted user: returns trace ids by what was done with them."""
+    tasks = load_environment("calculator", config=cfg.agent).split("train")[:QUESTIONS]
+    train, held = _sessions()
+    sessions = [*train, *held]
+    private = train[-1]
+    engine = LocalEngine(model_path, threads=2, batch_wait_ms=20)
+    tracer = Tracer(TraceStore(trace_db_path(cfg)))
+    store = TraceStore(trace_db_path(cfg))
+    service = AgentService(Agent(cfg, engine=engine, tracer=tracer))
+    done: dict[str, list[str]] = {"up": [], "down": [], "correction": [], "none": [], "private": []}
+    try:
+        with app_server(build_app(engine, agent=service, tracer=tracer, store=store)) as url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+            for i, task in enumerate(tasks):
+                session = sessions[i // 2]
+                headers = {"X-Selftune-Private": "1"} if session == private else {}
+                completion = client.chat.completions.create(
+                    model=AGENT_MODEL if i == 0 else MODEL,
+                    messages=[{"role": "user", "content": task.prompt}],
+                    max_tokens=32,
+                    user=session,
+                    extra_headers=headers,
+                )
+                answer = completion.choices[0].message.content or ""
+                trace_id = completion.id.removeprefix("chatcmpl-")
+                right = grade_numeric(answer, task.answer, task.metadata).score >= 1.0
+                if session == private:
+                    body, kind = {"thumb": "up" if right else "down"}, "private"
+                elif i % 3 == 2:  # no feedback: the environment's verifier grades it
+                    body, kind = None, "none"
+                elif right:
+                    body, kind = {"thumb": "up"}, "up"
+                elif i % 3 == 0:
+                    body, kind = {"thumb": "down", "correction": f"{task.answer:g}"}, "correction"
+                else:
+                    body, kind = {"thumb": "down"}, "down"
+                if body is not None:
+                    r = httpx.post(f"{url}/v1/feedback", json={"id": completion.id, **body})
+                    assert r.status_code == 200, r.text
+                done[kind].append(trace_id)
+    finally:
+        tracer.close()
+        store.close()
+        engine.close()
+    return done
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)  # ~3 min on an idle 2-core machine; 20 min measured under load
+def test_a_traffic_cycle_trains_on_feedback_and_gates_on_a_held_out_slice(cfg, cli_env, model_path):
+    done = _ask_and_give_feedback(cfg, model_path)
+    if not done["correction"]:
+        pytest.skip("the base model answered every corrected-slot question right")
+    env = dict(
+        cli_env,
+        SELFTUNE_IMPROVE__MIN_NEW_TRACES="2",
+        SELFTUNE_TUNER__GATE__PROBE="",
+        SELFTUNE_TUNER__GATE__ROBUSTNESS="[]",
+    )
+    args = ["improve", "calculator", "--source", "traffic", "--since", "1d", "--eval-limit", "2",
+            "--max-train-steps", "2", "--max-tokens", "32", "--concurrency", "8", "--fresh"]  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-m", "agent.cli", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=2300,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    check_cycle(cfg.workspace.root, done["private"])
+
+
+def check_cycle(home: Path, private: list[str]) -> None:
+    """What one finished traffic cycle in workspace `home` must show."""
+    (state_file,) = home.glob("jobs/improve-*/state.json")
+    cycle = JobState.load(state_file).cycles[0]
+    assert cycle.skipped is None and cycle.candidate, cycle.skipped
+
+    # the selection: private session out, the rest split by session
+    traffic = cycle.traffic
+    assert traffic["excluded"].get("private_session") == 2
+    _, held = _sessions()
+    assert set(traffic["heldout_sessions"]) == set(held)
+    heldout_ids = {i["trace_id"] for i in traffic["items"] if i["heldout"]}
+    assert traffic["graded_by"].get("verifier", 0) >= 1  # the no-feedback questions matched tasks
+
+    # the dataset: rows only from training sessions, with provenance; corrections present
+    out = Path(cycle.dataset["dir"])
+    provenance = json.loads((out / "provenance.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text())
+    used = {p["trace_id"] for p in provenance} | set(manifest["trace_ids"])
+    assert not used & heldout_ids
+    assert not {p["session_id"] for p in provenance} & set(held)
+    assert not used & set(private)
+    assert "correction" in cycle.dataset["rows_by_signal"]
+    rows = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
+    assert len(rows) == cycle.dataset["rows"] == len(provenance)
+
+    # the gate: a decision in the registry, on the test split and the held-out traffic
+    rec = Registry(home / "adapters").get(cycle.candidate)
+    gate = rec.eval_results[-1]
+    assert gate["gate"]["candidate"] == cycle.candidate
+    envs = {r["env"] for r in gate["candidate"]}
+    assert gate["traffic"]["heldout_sessions"] == traffic["heldout_sessions"]
+    # every question is a calculator task: each held-out one is replayed against its reference
+    assert gate["traffic"]["heldout_tasks"] == len(heldout_ids) == cycle.traffic["gate"]["n"]
+    assert envs == {"calculator", "traffic-heldout"}
+    assert 0.0 <= cycle.traffic["gate"]["candidate"] <= 1.0
+    assert rec.status == ("active" if gate["gate"]["promote"] else "rejected")

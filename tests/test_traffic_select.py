@@ -1,0 +1,135 @@
+"""Selecting, grading and splitting recorded traffic for `improve --source traffic`, on a real
+SQLite trace store with traces shaped as `selftune serve` records them (one llm span, tag
+`traffic`). The end-to-end cycle on the real model is in test_improve_traffic.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from traces.datasets import DatasetError
+from traces.feedback import record_feedback
+from traces.schemas import LlmData, Span, Task, Trace, now
+from traces.store import TraceStore
+from tuner.traffic import (
+    TrafficError,
+    TrafficSelection,
+    build_traffic_dataset,
+    heldout_environment,
+    in_heldout,
+    scrubber_flags,
+    select_traffic,
+)
+
+
+def served(store: TraceStore, question: str, answer: str, session: str, **meta) -> str:
+    t0 = now()
+    t = Trace(
+        model="smollm2", start=t0, end=t0 + 1, status="ok", answer=answer, tags=["traffic"],
+        metadata={"source": "serve", "session_id": session, **meta},
+    )  # fmt: skip
+    span = Span(
+        trace_id=t.id, kind="llm", name="chat smollm2", start=t0, end=t0 + 1, status="ok",
+        llm=LlmData(messages=[{"role": "user", "content": question}], completion=answer,
+                    model="smollm2", finish_reason="stop"),
+    )  # fmt: skip
+    t.spans = [span]
+    store.save(t)
+    return t.id
+
+
+def test_the_held_out_slice_is_a_fixed_share_of_sessions():
+    sessions = [f"session-{i}" for i in range(2000)]
+    held = [s for s in sessions if in_heldout(s, 0.2)]
+    assert 0.17 < len(held) / len(sessions) < 0.23
+    # deterministic, and nested: a larger share keeps every session a smaller one held out
+    assert held == [s for s in sessions if in_heldout(s, 0.2)]
+    assert set(held) <= {s for s in sessions if in_heldout(s, 0.5)}
+
+
+def test_the_scrubber_flags_secrets_and_personal_data_not_plain_text():
+    assert scrubber_flags([{"role": "user", "content": "mail me at ann@example.com"}]) == ["email"]
+    assert scrubber_flags([{"role": "user", "content": "What is 12 * 7?"}]) == []
+
+
+def _sessions(holdout: float, want: bool, n: int = 200) -> list[str]:
+    return [f"s{i}" for i in range(n) if in_heldout(f"s{i}", holdout) is want]
+
+
+def test_selection_grades_people_first_then_verifiers_and_leaves_private_and_flagged_out(
+    tmp_path,
+):
+    store = TraceStore(tmp_path / "traces.db")
+    train_s, held_s = _sessions(0.2, False), _sessions(0.2, True)
+    tasks = {
+        ("calculator", "a"): Task(id="a", prompt="What is 6 * 7?", answer=42, grader="numeric"),
+        ("calculator", "b"): Task(id="b", prompt="What is 9 + 1?", answer=10, grader="numeric"),
+        ("calculator", "t"): Task(
+            id="t", prompt="What is 5 - 3?", answer=2, grader="numeric", split="test"
+        ),
+    }
+    up = served(store, "Capital of France?", "Paris.", train_s[0])
+    corrected = served(store, "Capital of Spain?", "Lisbon.", train_s[1])
+    verified = served(store, "what is 6 *  7?", "It is 42.", train_s[2])  # case and spacing aside
+    wrong = served(store, "What is 9 + 1?", "It is 11.", train_s[3])
+    ungraded = served(store, "Tell me a joke.", "No.", train_s[4])
+    private = served(store, "My diary", "Noted.", train_s[5], request_metadata={"private": True})
+    private_too = served(store, "Capital of Peru?", "Lima.", train_s[5])  # same session
+    secret = served(store, "my key is sk-proj-abcdefghijklmnopqrstuv", "Ok.", train_s[6])
+    test_task = served(store, "What is 5 - 3?", "2", train_s[7])
+    held_up = served(store, "Capital of Italy?", "Rome.", held_s[0])
+    held_down = served(store, "Capital of Chile?", "Quito.", held_s[1])
+    record_feedback(store, up, True, who="ann", via="http")
+    record_feedback(store, corrected, False, correction="Madrid.", who="ann", via="http")
+    record_feedback(store, private_too, True, who="ann")
+    record_feedback(store, held_up, True, who="bo")
+    record_feedback(store, held_down, False, who="bo")
+
+    sel = asyncio.run(select_traffic(store, since="1d", holdout=0.2, tasks=tasks))
+    by_id = {i.trace_id: i for i in sel.items}
+    assert private not in by_id and private_too not in by_id  # the whole session
+    assert secret not in by_id and test_task not in by_id
+    assert sel.excluded == {"env_test_task": 1, "private_session": 2, "scrubber_flagged": 1}
+    assert (by_id[up].grade_source, by_id[up].value) == ("human", 1.0)
+    assert (
+        by_id[corrected].reference == "Madrid." and by_id[corrected].reference_from == "correction"
+    )
+    assert (by_id[verified].grade_source, by_id[verified].value) == ("verifier", 1.0)
+    assert (by_id[wrong].grade_source, by_id[wrong].value) == ("verifier", 0.0)
+    assert any(g.source == "verifier" for g in store.grades(verified))  # written to the store
+    assert by_id[ungraded].grade_source is None
+    assert {i.trace_id for i in sel.heldout} == {held_up, held_down}
+
+    # the dataset: training sessions only, each row with its provenance
+    res = build_traffic_dataset(store, sel, "sft", tmp_path / "sft")
+    provenance = json.loads((res.path / "provenance.json").read_text())
+    assert sorted((p["trace_id"], p["signal"]) for p in provenance) == sorted(
+        [(up, "thumb_up"), (corrected, "correction"), (verified, "verifier")]
+    )
+    rows = [json.loads(x) for x in (res.path / "train.jsonl").read_text().splitlines()]
+    assert any(r["messages"][-1]["content"] == "Madrid." for r in rows)
+    dpo = build_traffic_dataset(store, sel, "dpo", tmp_path / "dpo")
+    assert dpo.rows == 1
+    kto = json.loads((build_traffic_dataset(store, sel, "kto", tmp_path / "kto").path
+                      / "provenance.json").read_text())  # fmt: skip
+    assert {p["trace_id"] for p in kto} == {up, corrected, verified, wrong}
+
+    # the gate's slice: held-out traces whose good answer is known (a thumbs-down alone is not)
+    env = heldout_environment(
+        TrafficSelection.from_summary(sel.summary()), ["calculator"], tmp_path
+    )
+    assert [(t.id, t.answer, t.split) for t in env.tasks] == [(held_up, "Rome.", "test")]
+    store.close()
+
+
+def test_no_traffic_names_the_server_and_the_window(tmp_path):
+    store = TraceStore(tmp_path / "traces.db")
+    with pytest.raises(TrafficError, match=r"selftune serve.*--since"):
+        asyncio.run(select_traffic(store, since="7d"))
+    served(store, "Hi?", "Hello.", "s1")
+    sel = asyncio.run(select_traffic(store))
+    with pytest.raises(DatasetError, match="POST /v1/feedback"):
+        build_traffic_dataset(store, sel, "sft", tmp_path / "out")
+    store.close()

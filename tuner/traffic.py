@@ -1,0 +1,350 @@
+"""Improve on traffic: what people asked the served agent becomes training rows and a test.
+
+    selftune improve calculator --source traffic --since 7d
+
+One traffic cycle (the improve job's collect, dataset and gate steps call these):
+1. `select_traffic`: the traces `selftune serve` recorded (tag `traffic`) since the window,
+   less the sessions marked private (any trace of the session sent `metadata.private` or the
+   `X-Selftune-Private` header) and the traces the scrubber flags (a secret or personal datum
+   in what was asked or answered: `traces.scrub`).
+2. grading, people first: a human grade (thumb up 1, down 0, a correction) decides; else,
+   when the trace's question is exactly a task of one of the job's environments, that task's
+   verifier; else the LLM judge, when a judge model is given; else the trace stays ungraded.
+   A question that is one of the environments' test tasks is never trained on.
+3. `in_heldout`: a fixed share of the sessions (a hash of the session id, so the same session
+   is held out in every cycle and on every machine) is held out: never trained on, replayed in
+   the gate where its good answer is known (a correction, a thumbs-up answer, a matched task's
+   reference), graded by containment (or the matched task's grader).
+4. `build_traffic_dataset`: SFT/DPO/KTO rows from the training sessions with provenance.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tools.errors import SelftuneError
+from traces.datasets import Built, DatasetError, DatasetFilters, DatasetResult, human_grade
+from traces.feedback import PROVENANCE_FILE, feedback_rows, is_private
+from traces.read import training_conversation
+from traces.schemas import Grade, Task, Trace, TraceQuery
+from traces.scrub import scrub_text
+from traces.store import TraceStore
+from traces.times import parse_time
+
+TRAFFIC_TAG = "traffic"
+HELDOUT_ENV = "traffic-heldout"
+RULE_GRADERS = ("exact", "numeric", "contains", "regex")
+
+
+class TrafficError(SelftuneError, ValueError):
+    """No traffic to learn from; the message says how to record some."""
+
+
+def session_of(trace: Trace) -> str:
+    """The session a trace belongs to (its own id when the request named none)."""
+    return str(trace.metadata.get("session_id") or trace.id)
+
+
+def in_heldout(session: str, fraction: float) -> bool:
+    """Whether `session` is in the held-out slice: sha256 of its id, read as a number in
+    [0, 1), below `fraction`. Deterministic, and stable as traffic grows."""
+    h = int.from_bytes(hashlib.sha256(session.encode("utf-8")).digest()[:8], "big")
+    return h / 2**64 < fraction
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def question_of(messages: Sequence[Mapping[str, Any]]) -> str | None:
+    """The user's question a trace answers: the last user message before the first answer."""
+    first = next((i for i, m in enumerate(messages) if m.get("role") == "assistant"), None)
+    users = [m for m in messages[:first] if m.get("role") == "user"]
+    content = users[-1].get("content") if users else None
+    return content if isinstance(content, str) else None
+
+
+def scrubber_flags(messages: Sequence[Mapping[str, Any]], patterns: Sequence[str] = ()) -> list:
+    """The kinds of secret or personal data the scrubber finds in a conversation's text."""
+    kinds: set[str] = set()
+    for m in messages:
+        text = m.get("content")
+        if isinstance(text, str) and text:
+            scrubbed = scrub_text(text, patterns)
+            if scrubbed != text:
+                kinds |= {
+                    part.split("]", 1)[0]
+                    for part in scrubbed.split("[REDACTED:")[1:]
+                    if f"[REDACTED:{part.split(']', 1)[0]}]" not in text
+                }
+    return sorted(kinds)
+
+
+@dataclass
+class TrafficItem:
+    """One selected trace: its session, question, the grade that decides it and, where one is
+    known, the good answer (`reference`, from `reference_from`)."""
+
+    trace_id: str
+    session: str
+    question: str
+    heldout: bool
+    grade_source: str | None = None  # human | verifier | judge | None (ungraded)
+    value: float | None = None
+    correction: str | None = None
+    reference: Any = None
+    reference_from: str | None = None  # correction | thumb_up | task
+    grader: str = "contains"
+    env: str | None = None  # the environment whose task the question matched
+    task_id: str | None = None
+    tools: list[str] | None = None
+
+
+@dataclass
+class TrafficSelection:
+    """What a traffic cycle works on: the items, and what was left out and why."""
+
+    since: float | None
+    holdout: float
+    items: list[TrafficItem] = field(default_factory=list)
+    excluded: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def train(self) -> list[TrafficItem]:
+        return [i for i in self.items if not i.heldout]
+
+    @property
+    def heldout(self) -> list[TrafficItem]:
+        return [i for i in self.items if i.heldout]
+
+    def summary(self) -> dict[str, Any]:
+        """The figures a job state records (and `from_summary` reads back)."""
+        graded = Counter(i.grade_source or "ungraded" for i in self.items)
+        return {
+            "since": self.since,
+            "holdout": self.holdout,
+            "traces": len(self.items),
+            "sessions": len({i.session for i in self.items}),
+            "graded_by": dict(sorted(graded.items())),
+            "train_traces": len(self.train),
+            "heldout_traces": len(self.heldout),
+            "heldout_sessions": sorted({i.session for i in self.heldout}),
+            "excluded": dict(self.excluded),
+            "items": [asdict(i) for i in self.items],
+        }
+
+    @classmethod
+    def from_summary(cls, data: Mapping[str, Any]) -> TrafficSelection:
+        return cls(
+            since=data.get("since"),
+            holdout=data["holdout"],
+            items=[TrafficItem(**i) for i in data.get("items", [])],
+            excluded=dict(data.get("excluded", {})),
+        )
+
+
+def check_traffic(store: TraceStore, since: float | str | None) -> float | None:
+    """The window's start (epoch seconds, None: all); TrafficError when no traffic was recorded
+    in it."""
+    when = None if since is None else parse_time(since)
+    if not store.count(TraceQuery(tag=TRAFFIC_TAG, since=when, limit=None)):
+        window = f" since {since}" if since is not None else ""
+        raise TrafficError(
+            f"no traffic recorded{window} in {store.path}: serve the agent with `selftune serve` "
+            "(it records every chat completion, tag 'traffic') and let people use it, or widen "
+            "--since"
+        )
+    return when
+
+
+def task_index(tasks: Mapping[tuple[str, str], Task]) -> dict[str, tuple[str, Task]]:
+    """Environments' tasks by their normalised prompt (exact match, case and spacing aside)."""
+    return {_norm(t.prompt): (env, t) for (env, _), t in tasks.items()}
+
+
+async def select_traffic(
+    store: TraceStore,
+    *,
+    since: float | str | None = None,
+    holdout: float = 0.2,
+    tasks: Mapping[tuple[str, str], Task] | None = None,
+    judge_model: Any = None,
+    scrub_patterns: Sequence[str] = (),
+) -> TrafficSelection:
+    """Select and grade recorded traffic (see the module's steps 1-3). Verifier and judge
+    grades are written to the store like any grade. Raises TrafficError when nothing at all
+    was recorded in the window."""
+    from traces.graders import GraderError, agrade_trace
+
+    when = check_traffic(store, since)
+    query = TraceQuery(tag=TRAFFIC_TAG, since=when, limit=None)
+    traces = [t for t in store.query(query, with_spans=True) if t.status != "running"]
+    by_prompt = task_index(tasks or {})
+    excluded: Counter[str] = Counter()
+    private = {session_of(t) for t in traces if is_private(t)}
+    sel = TrafficSelection(since=when, holdout=holdout)
+    for t in sorted(traces, key=lambda t: (t.start, t.id)):
+        session = session_of(t)
+        if session in private:
+            excluded["private_session"] += 1
+            continue
+        messages, _ = training_conversation(t)
+        question = question_of(messages)
+        if question is None or not any(m.get("role") == "assistant" for m in messages):
+            excluded["no_question_or_answer"] += 1
+            continue
+        if scrubber_flags(messages, scrub_patterns):
+            excluded["scrubber_flagged"] += 1
+            continue
+        item = TrafficItem(t.id, session, question, in_heldout(session, holdout))
+        matched = by_prompt.get(_norm(question))
+        if matched is not None:
+            env, task = matched
+            if task.split == "test":  # the environments' held-out tests stay unseen
+                excluded["env_test_task"] += 1
+                continue
+            item.env, item.task_id, item.tools = env, task.id, task.tools
+            item.reference, item.reference_from = task.answer, "task"
+            if task.grader in RULE_GRADERS:
+                item.grader = task.grader
+        grades = store.grades(t.id)
+        human = human_grade(grades)
+        if human is not None:
+            item.grade_source, item.value = "human", human.value
+            item.correction = human.metadata.get("correction")
+            if item.correction:
+                item.reference, item.reference_from, item.grader = (
+                    item.correction, "correction", "contains",
+                )  # fmt: skip
+            elif human.value >= 0.5 and item.reference is None and t.answer:
+                item.reference, item.reference_from = t.answer, "thumb_up"
+        elif matched is not None or judge_model is not None:
+            task = matched[1] if matched else Task(id=t.id, prompt=question, grader="judge")
+            name = "judge" if matched is None else None
+            try:
+                grade = await agrade_trace(task, t, name, judge_model=judge_model)
+            except GraderError:  # an environment's own grade function: not replayable here
+                grade = None
+            if grade is not None and not grade.metadata.get("error"):
+                store.add_grade(grade)
+                item.grade_source, item.value = grade.source, grade.value
+        sel.items.append(item)
+    sel.excluded = dict(sorted(excluded.items()))
+    return sel
+
+
+def _graded_rows(
+    kind: str, traces: Sequence[Trace], grades: Mapping[str, Sequence[Grade]]
+) -> Built:
+    """Rows from verifier- and judge-graded traces: SFT a passing one (score 1, no flags), KTO
+    each labelled by its grade; DPO none (a pair needs a correction)."""
+    from traces.datasets import scoring_grade
+
+    entries, excluded = [], Counter()
+    for t in sorted(traces, key=lambda t: t.id):
+        g = scoring_grade(grades.get(t.id, ()))
+        if g is None:
+            excluded["ungraded"] += 1
+            continue
+        messages, tools = training_conversation(t)
+        first = next((i for i, m in enumerate(messages) if m.get("role") == "assistant"), None)
+        passed = g.value >= 1.0 and not g.flags and t.status == "ok"
+        if kind == "dpo" or first is None or (kind == "sft" and not passed):
+            excluded["dpo_needs_correction" if kind == "dpo" else "not_passing"] += 1
+            continue
+        if kind == "sft":
+            row = {"messages": messages, "subagent": None, "tools": tools}
+        else:
+            label = g.value >= 0.5 and not g.flags
+            row = {"prompt": messages[:first], "completion": messages[first:], "label": label,
+                   "tools": tools}  # fmt: skip
+        provenance = {
+            "trace_id": t.id, "grade_id": g.id, "signal": g.source, "who": g.grader,
+            "when": g.created, "via": "improve", "session_id": t.metadata.get("session_id"),
+        }  # fmt: skip
+        info = {
+            "env": t.env, "task_id": t.task_id, "trace_ids": [t.id], "grade_ids": (g.id,),
+            "label": row.get("label"), "subagent": None, "feedback": provenance,
+        }  # fmt: skip
+        entries.append((row, info))
+    return Built(
+        kind,
+        [e[0] for e in entries],
+        [e[1] for e in entries],
+        sorted({e[1]["trace_ids"][0] for e in entries}),
+        sorted({e[1]["grade_ids"][0] for e in entries}),
+        dict(excluded),
+    )
+
+
+def build_traffic_dataset(
+    store: TraceStore,
+    selection: TrafficSelection,
+    kind: str,
+    out: str | Path,
+    *,
+    scrub_patterns: Sequence[str] = (),
+) -> DatasetResult:
+    """A `kind` dataset (sft, dpo, kto) from the selection's training sessions only: people's
+    feedback rows (traces.feedback.feedback_rows), then verifier/judge-graded ones; written like
+    every dataset, plus provenance.json (one entry per row, in order). DatasetError if none."""
+    from traces.datasets import write_dataset
+
+    train = selection.train
+    traces = [store.get(i.trace_id) for i in train]
+    grades = {t.id: store.grades(t.id) for t in traces}
+    human_ids = {i.trace_id for i in train if i.grade_source == "human"}
+    people = feedback_rows(kind, [t for t in traces if t.id in human_ids], grades)
+    graded = _graded_rows(kind, [t for t in traces if t.id not in human_ids], grades)
+    excluded = Counter(people.excluded) + Counter(graded.excluded)
+    built = Built(
+        kind,
+        people.rows + graded.rows,
+        people.row_info + graded.row_info,
+        sorted({*people.trace_ids, *graded.trace_ids}),
+        sorted({*people.grade_ids, *graded.grade_ids}),
+        dict(sorted(excluded.items())),
+    )
+    if not built.rows:
+        why = ", ".join(f"{r}: {n}" for r, n in built.excluded.items()) or "no training sessions"
+        raise DatasetError(
+            f"no {kind} rows from {len(train)} training traces of traffic ({why}): give "
+            "feedback with POST /v1/feedback, or widen --since"
+        )
+    filters = DatasetFilters(since=selection.since)
+    result = write_dataset(built, out, filters, scrub_patterns=scrub_patterns)
+    rows = [i["feedback"] for i in built.row_info]
+    text = json.dumps(rows, indent=1, ensure_ascii=False, default=str) + "\n"
+    (result.path / PROVENANCE_FILE).write_text(text, encoding="utf-8")
+    return result
+
+
+def heldout_environment(selection: TrafficSelection, tool_names: Sequence[str], where: Path):
+    """The held-out slice as an in-memory environment the gate plays (test split): one task per
+    held-out trace whose good answer is known; None when no held-out trace has one."""
+    from agent.envs import Environment
+
+    tasks = [
+        Task(
+            id=i.trace_id,
+            prompt=i.question,
+            answer=i.reference,
+            grader=i.grader,
+            split="test",
+            tools=i.tools,
+            metadata={"session_id": i.session, "kind": i.reference_from},
+        )
+        for i in selection.heldout
+        if i.reference is not None
+    ]
+    if not tasks:
+        return None
+    return Environment(
+        name=HELDOUT_ENV, path=where, tasks=tasks, tool_names=list(tool_names), grader="contains"
+    )
