@@ -22,7 +22,7 @@ def _readme_block() -> str:
 def _missing(model: BaseModel, documented: dict, where: str) -> list[str]:
     """Keys of `model` the documented section lacks, sub-sections included."""
     # commented-out keys count as documented (no default to write down)
-    optional = {"threads", "subagents", "bf16", "gradient_checkpointing", "budget_minutes"}
+    optional = {"threads", "subagents", "bf16", "gradient_checkpointing", "budget_minutes", "since"}
     missing = []
     for name in type(model).model_fields:
         value = getattr(model, name)
