@@ -81,11 +81,16 @@ def run_one(env: str, variant: str, args: argparse.Namespace, model_dir: Path) -
     proc = subprocess.run(cmd, cwd=ROOT, env=environ, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     (home / "improve.log").write_text(proc.stdout + proc.stderr)
-    states = sorted(home.glob("jobs/improve-*/state.json"))
-    if proc.returncode != 0 or not states:
+    if proc.returncode != 0 or not sorted(home.glob("jobs/improve-*/state.json")):
         return {"env": env, "variant": variant, "error": (proc.stdout + proc.stderr)[-1500:]}
-    state = json.loads(states[-1].read_text())
+    return read_job(env, variant, home, wall)
+
+
+def read_job(env: str, variant: str, home: Path, wall: float) -> dict[str, Any]:
+    """The figures of the last improve job in workspace `home`."""
+    state = json.loads(sorted(home.glob("jobs/improve-*/state.json"))[-1].read_text())
     name = next(iter(state["baseline"].get("base", {})), env)
+    short = Path(name).name  # the gate's evals are keyed by the environment's own name
     cycles = []
     for c in state["cycles"]:
         cand = c.get("candidate")
@@ -95,7 +100,12 @@ def run_one(env: str, variant: str, args: argparse.Namespace, model_dir: Path) -
                 "index": c["index"],
                 "candidate": cand,
                 "promoted": bool(c.get("gate", {}).get("promote")),
-                "eval": _rate(c["evals"].get(cand, {}).get(name)) if cand else None,
+                "eval": _rate(
+                    c["evals"].get(cand, {}).get(name) or c["evals"].get(cand, {}).get(short)
+                )
+                if cand
+                else None,
+                "gate_reasons": c.get("gate", {}).get("reasons"),
                 "skipped": c.get("skipped"),
                 "wall_min": (c.get("wall_s") or 0) / 60,
                 "waves": stats.get("waves", []),
@@ -141,6 +151,9 @@ def table(results: list[dict[str, Any]], cycles: int) -> str:
                 cells.append(f"skipped: {(c['skipped'] or '')[:60]}")
             else:
                 cells.append(_cell(c["eval"]) + (" P" if c["promoted"] else " R"))
+                if not c["promoted"] and c.get("gate_reasons"):
+                    blocked = [x for x in c["gate_reasons"] if x.startswith("blocked")]
+                    cells[-1] += f" ({blocked[0][:70]})" if blocked else ""
         mins = [c["wall_min"] for c in r["cycles"] if c["wall_min"]]
         cells.append(" / ".join(f"{m:.1f}" for m in mins) or "-")
         waves = r["cycles"][0]["waves"] if r["cycles"] else []
@@ -160,9 +173,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-train-steps", type=int, default=0, help="0: [tuner.train]")
     parser.add_argument("--work", default="/tmp/bench_bootstrap", help="workspaces go here")
     parser.add_argument("--model-dir", default=str(ROOT / ".selftune/models/smollm2-135m-instruct"))
+    parser.add_argument(
+        "--report-only", action="store_true", help="read the workspaces under --work; run nothing"
+    )
     args = parser.parse_args(argv)
     model_dir = Path(args.model_dir).resolve()
-    results = [run_one(e, v, args, model_dir) for e in args.envs for v in args.variants]
+    if args.report_only:
+        old = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"results": []}
+        walls = {(r["env"], r["variant"]): r.get("wall_min", 0) * 60 for r in old["results"]}
+        results = [
+            read_job(e, v, Path(args.work) / f"{Path(e).name}-{v}", walls.get((e, v), 0.0))
+            for e in args.envs
+            for v in args.variants
+        ]
+    else:
+        results = [run_one(e, v, args, model_dir) for e in args.envs for v in args.variants]
     report = {
         "settings": {k: v for k, v in vars(args).items()},
         "note": "success = zero-shot on the held-out test split; P/R: the gate promoted/rejected",
