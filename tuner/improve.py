@@ -274,6 +274,24 @@ async def collect(
     return stats
 
 
+@contextmanager
+def _traffic_store(cfg: Config):
+    """The trace store for a traffic step; a bad `--since` or a traffic error becomes an
+    ImproveError with its message, and the store is closed either way."""
+    from agent.workspace import open_store
+    from tuner.traffic import TrafficError
+
+    store = open_store(cfg)
+    try:
+        yield store
+    except TimeParseError as e:
+        raise ImproveError(f"--since {e}") from None
+    except TrafficError as e:
+        raise ImproveError(str(e)) from None
+    finally:
+        store.close()
+
+
 async def _reference_wave(
     cfg: Config,
     environment: Any,
@@ -469,15 +487,12 @@ class ImproveJob:
         """Select and grade the recorded traffic (tuner.traffic.select_traffic); the selection,
         its held-out sessions and what was left out go into the cycle's state."""
         from agent.envs import environment_tasks
-        from agent.workspace import open_store
-        from traces.times import TimeParseError
-        from tuner.traffic import TrafficError, select_traffic
+        from tuner.traffic import select_traffic
 
         tasks: dict = {}
         for env in self.settings.envs:
             tasks.update(environment_tasks(env, self.cfg)[1])
-        store = open_store(self.cfg)
-        try:
+        with _traffic_store(self.cfg) as store:
             sel = await select_traffic(
                 store,
                 since=self.settings.since,
@@ -485,12 +500,6 @@ class ImproveJob:
                 tasks=tasks,
                 scrub_patterns=self.cfg.traces.scrub_patterns,
             )
-        except TimeParseError as e:
-            raise ImproveError(f"--since {e}") from None
-        except TrafficError as e:
-            raise ImproveError(str(e)) from None
-        finally:
-            store.close()
         cycle.traffic = sel.summary()
         s = cycle.traffic
         self.console.print(
@@ -752,19 +761,10 @@ class ImproveJob:
 
     def _check_traffic(self) -> None:
         """Fail at once, saying how to record some, when there is no traffic in the window."""
-        from agent.workspace import open_store
-        from traces.times import TimeParseError
-        from tuner.traffic import TrafficError, check_traffic
+        from tuner.traffic import check_traffic
 
-        store = open_store(self.cfg)
-        try:
+        with _traffic_store(self.cfg) as store:
             check_traffic(store, self.settings.since)
-        except TimeParseError as e:
-            raise ImproveError(f"--since {e}") from None
-        except TrafficError as e:
-            raise ImproveError(str(e)) from None
-        finally:
-            store.close()
 
     async def _check_graders(self) -> None:
         """Reward integrity before anything is paid for: each environment's grader must give
