@@ -45,26 +45,9 @@ from agent.model.adapters import (
     verify_adapter,
     versions,
 )
+from agent.model.files import fsync_dir as _fsync_dir
+from agent.model.files import write_atomic
 from tuner.schemas import AdapterRecord, GateResult, Verdict
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` so that readers see the old or the new content, never a part."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def check_adapter_dir(path: Path) -> None:

@@ -195,3 +195,23 @@ def model_dir(cfg: Config) -> Path:
     loc = resolve_model(cfg)
     check_model_dir(loc.path)
     return loc.path
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in folder `path` durable (fsync the folder itself)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` so that readers see the old or the new content, never a part."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -31,6 +30,7 @@ import numpy as np
 
 from agent.config import Config
 from agent.model.adapters import route_versions
+from agent.model.files import write_atomic
 from tools.errors import SelftuneError
 
 ROUTED = "routed"  # the `[model] adapter` value that turns routing on
@@ -215,12 +215,7 @@ def fit_and_measure(
 def save(clf: RouteClassifier, path: Path) -> Path:
     """Write the classifier so that readers see the old file or the new one, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(clf.to_json())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, clf.to_json())
     return path
 
 
