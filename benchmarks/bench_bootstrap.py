@@ -10,7 +10,8 @@ workspace of its own (the converted model linked in), so every figure starts fro
 Variants switch the `[improve]` keys: `no-rationalise` (rationalise = false: no answer-shown
 wave), `no-self-demos` (self_demos = false: no demonstrations written by calling the tools),
 `no-reference` (reference_wave = false: no episodes played by the reference policy),
-`no-bootstrap` (all three off: the loop as it was). Success rates are zero-shot on the held-out test
+`no-bootstrap` (all three off: the loop as it was), `no-replay` (replay = []: no rows of the
+`general` probe's train tasks beside the new ones). Success rates are zero-shot on the held-out test
 split with the 95 % Wilson interval; a cycle's figure is its candidate's (promoted or not).
 From the job's state it also reports each collection wave's kept episodes (right and unflagged:
 what the dataset can use), which is each mechanism's share of the training data in one run.
@@ -42,6 +43,7 @@ VARIANTS = {
         "SELFTUNE_IMPROVE__SELF_DEMOS": "false",
         "SELFTUNE_IMPROVE__REFERENCE_WAVE": "false",
     },
+    "no-replay": {"SELFTUNE_IMPROVE__REPLAY": "[]"},
 }
 
 
@@ -112,6 +114,12 @@ def read_job(env: str, variant: str, home: Path, wall: float) -> dict[str, Any]:
                 "self_demos": stats.get("self_demos"),
                 "tasks_solved": stats.get("tasks_solved"),
                 "dataset_rows": c.get("dataset", {}).get("rows"),
+                "replay_rows": c.get("dataset", {}).get("replay_rows"),
+                "probe": {  # the general-ability probe, active -> candidate
+                    k: v
+                    for k, v in c.get("gate", {}).get("numbers", {}).items()
+                    if v.get("guard") == "probe" and k.startswith("success_rate")
+                },
             }
         )
     return {
@@ -136,7 +144,7 @@ def table(results: list[dict[str, Any]], cycles: int) -> str:
     head = ["env", "variant", "base", "base few-shot"] + [
         f"after c{i}" for i in range(1, cycles + 1)
     ]
-    head += ["min/cycle", "kept per wave (c1)"]
+    head += ["min/cycle", "kept per wave (c1)", "probe (c1)"]
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in results:
         if "error" in r:
@@ -158,6 +166,12 @@ def table(results: list[dict[str, Any]], cycles: int) -> str:
         cells.append(" / ".join(f"{m:.1f}" for m in mins) or "-")
         waves = r["cycles"][0]["waves"] if r["cycles"] else []
         cells.append(", ".join(f"{w['kind']} {w.get('kept', '?')}/{w['n']}" for w in waves) or "-")
+        probe = r["cycles"][0].get("probe") if r["cycles"] else None
+        cells.append(
+            ", ".join(f"{v['active']:.0%} -> {v['candidate']:.0%}" for v in probe.values())
+            if probe
+            else "-"
+        )
         lines.append(" | ".join(cells))
     return "\n".join(lines)
 

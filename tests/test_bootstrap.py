@@ -278,3 +278,70 @@ def test_the_reference_policy_plays_failed_tasks_through_the_real_search(cfg, tm
         query = json.loads(query) if isinstance(query, str) else query
         assert query["query"] in t.prompt  # the question, never the answer, is searched
         assert t.answer[0] in msgs[2]["content"] and t.answer[0] in msgs[3]["content"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_improve_on_a_user_retrieval_env_trains_on_grounded_rows_and_replay_and_gates(
+    cfg, cli_env, tmp_path
+):
+    """`selftune improve PATH` with the defaults on a folder holding only tasks.jsonl and a
+    corpus: the reference wave's grounded traces and the `general` replay rows make the
+    dataset, an adapter is trained and gated with the probe guard, and the decision is
+    recorded. It asserts the mechanism, not a score."""
+    import subprocess
+    import sys
+
+    from agent.workspace import open_store
+    from tuner.improve import JobState
+    from tuner.registry import Registry
+
+    root = _user_env(tmp_path / "towns", 16, 6)
+    env = dict(
+        cli_env,
+        SELFTUNE_IMPROVE__MIN_NEW_TRACES="4",
+        SELFTUNE_IMPROVE__MAX_TOKENS="32",
+        SELFTUNE_TUNER__GATE__ROBUSTNESS="[]",  # tested in test_gate_guards
+    )
+    args = ["improve", str(root), "--collect-limit", "16", "--eval-limit", "6",
+            "--max-train-steps", "3", "--concurrency", "8"]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent.cli", *args], env=env, cwd=Path(__file__).parent.parent,
+        capture_output=True, text=True, timeout=1700,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    home = cfg.workspace.root
+    cyc = JobState.load(sorted(home.glob("jobs/improve-*/state.json"))[-1]).cycles[0]
+    assert cyc.done == ["collect", "dataset", "tune", "gate", "reload"], cyc.skipped
+
+    # the reference wave played the train tasks first, through the real search
+    waves = cyc.collect[str(root)]["waves"]
+    assert waves[0]["kind"] == "reference" and waves[0]["kept"] >= 4, waves
+    # replay: the active (base) model played the general probe's 23 train tasks zero-shot
+    assert cyc.replay["general"]["n"] == 23
+    manifest = json.loads(Path(cyc.dataset["manifest"]).read_text())
+    by_env = manifest["counts"]["by_env"]
+    assert by_env.get("general", 0) == cyc.dataset["replay_rows"]["general"] >= 1, by_env
+    assert manifest["counts"]["by_source"].get("reference-policy", 0) >= 4, manifest["counts"]
+
+    # only grounded rows: each towns row's answer is in what search returned in that row
+    tasks = {t.prompt: t for t in load_environment(root).tasks}
+    for line in (Path(cyc.dataset["dir"]) / "train.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        user = next(m for m in row["messages"] if m["role"] == "user")["content"]
+        if user in tasks:
+            results = " ".join(m["content"] for m in row["messages"] if m["role"] == "tool")
+            assert tasks[user].answer[0].lower() in results.lower()
+        else:  # a replay row: a plain answer, no tool call
+            assert not any(m.get("tool_calls") for m in row["messages"]), row
+    store = open_store(cfg)
+    for trace_id in manifest["trace_ids"]:
+        assert not [f for g in store.grades(trace_id) for f in g.flags]
+
+    # trained and gated, with the probe guard among what was judged; the decision is recorded
+    rec = Registry(home / "adapters").get(cyc.candidate)
+    assert rec.metrics["global_step"] == 3
+    gate = rec.eval_results[-1]["gate"]
+    assert "success_rate[general]" in gate["numbers"]
+    assert gate["numbers"]["success_rate[general]"]["guard"] == "probe"
+    assert rec.status == ("active" if gate["promote"] else "rejected")

@@ -55,6 +55,7 @@ class CycleState:
     skipped: str | None = None
     wall_s: float | None = None
     traffic: dict[str, Any] = field(default_factory=dict)  # --source traffic: tuner/traffic.py
+    replay: dict[str, Any] = field(default_factory=dict)  # env -> counts ([improve] replay)
 
 
 @dataclass
@@ -482,6 +483,34 @@ class ImproveJob:
             cycle.skipped = "nothing learnable: " + "; ".join(
                 f"{e}: {r}" for e, r in reasons.items()
             )
+            return
+        for env in self._replay_envs():
+            cycle.replay[env] = await self._replay(env, cycle, agent, active)
+
+    def _replay_envs(self) -> list[str]:
+        """`[improve] replay` less the job's own environments (their rows are there anyway)."""
+        return [e for e in self.settings.replay if e not in self.settings.envs]
+
+    async def _replay(self, env: str, cycle: CycleState, agent: Any, active: str | None) -> dict:
+        """The active model plays `env`'s train tasks zero-shot; its right, unflagged answers
+        become dataset rows (tagged `wave:replay`), so that what it already does well is trained
+        beside the new skill instead of being overwritten by it."""
+        from agent.envs import load_environment
+        from agent.envs.run import run_suite
+
+        environment = load_environment(env, config=self.cfg.agent)
+        self.console.print(
+            f"[bold]collect[/bold] replay {env}: the train tasks, zero-shot, adapter "
+            f"{active or 'base'} (its right answers are trained beside the new rows)"
+        )
+        res = await run_suite(
+            self.cfg, environment, split="train", concurrency=self.settings.concurrency,
+            adapter=active or "base", few_shot=0, seed=self.settings.seed + 1000 * cycle.index,
+            max_tokens=self.settings.max_tokens, agent=agent, progress=True,
+            tags=[*self._tags(), f"cycle:{cycle.index}", "collect", "wave:replay"],
+        )  # fmt: skip
+        kept = sum(o.success and not o.flags for o in res.outcomes)
+        return {"n": res.n, "successes": res.successes, "kept": kept}
 
     async def _collect_traffic(self, cycle: CycleState) -> None:
         """Select and grade the recorded traffic (tuner.traffic.select_traffic); the selection,
@@ -537,7 +566,7 @@ class ImproveJob:
             )
             return
         tasks: dict = {}
-        for env in self.settings.envs:
+        for env in [*self.settings.envs, *cycle.replay]:
             tasks.update(environment_tasks(env, self.cfg)[1])
         out = self.dir / f"cycle{cycle.index}-{method}"
         filters = DatasetFilters(
@@ -560,6 +589,9 @@ class ImproveJob:
             cycle.skipped = f"no dataset: {e}"
             return
         cycle.dataset = {"dir": str(out), "rows": res.rows, "manifest": str(out / "manifest.json")}
+        by_env = res.manifest["counts"].get("by_env", {})
+        if cycle.replay:
+            cycle.dataset["replay_rows"] = {e: by_env.get(e, 0) for e in cycle.replay}
         if names:
             cycle.dataset["augmented"] = res.manifest["counts"].get("augmented", {})
 
