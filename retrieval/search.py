@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import re
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, get_args
 
 import bm25s
@@ -156,15 +157,18 @@ async def asearch(
 
 
 def format_passages(passages: list[Passage]) -> str:
-    """Passages as the model sees them: id, source, score, then the text."""
+    """Passages as the model sees them: the file's name (and heading), then the text. The ids,
+    full paths and scores go to the retrieval span, not to the model: on user_retrieval they
+    were a quarter of each training row (777 tokens a row; 32-hex ids, absolute paths) and
+    nothing a 135M model can use."""
     if not passages:
         return "No passages found."
     blocks = []
     for i, p in enumerate(passages, 1):
-        where = p.source
+        where = Path(p.source).name or p.source
         if p.metadata.get("heading"):
             where += f" > {p.metadata['heading']}"
-        blocks.append(f"[{i}] id={p.id} source={where} score={p.score:.3f}\n{p.text}")
+        blocks.append(f"[{i}] {where}\n{p.text}")
     return "\n\n".join(blocks)
 
 

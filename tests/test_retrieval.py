@@ -120,9 +120,11 @@ def test_search_tool_returns_text_and_structured_passages(tmp_path: Path):
     t = make_search_tool(col, k=2)
     assert t.schema()["function"]["parameters"]["required"] == ["query"]
     text = asyncio.run(t.ainvoke({"query": "what do cats eat"}))
-    assert text.startswith("[1] id=") and "cats.md" in text and "score=" in text
+    assert text.startswith("[1] cats.md") and "[2] " in text
     passages = asyncio.run(t.asearch("what do cats eat"))
     assert len(passages) == 2 and Path(passages[0].source).name == "cats.md"
+    # the model sees the file's name and the text; ids, paths and scores stay in the span
+    assert passages[0].id not in text and str(docs) not in text and "score" not in text
     assert text == format_passages(passages)
     with pytest.raises(ToolError, match="query is empty"):
         asyncio.run(t.ainvoke({"query": "  "}))
