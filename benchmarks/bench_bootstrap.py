@@ -88,9 +88,17 @@ def run_one(env: str, variant: str, args: argparse.Namespace, model_dir: Path) -
     return read_job(env, variant, home, wall)
 
 
-def read_job(env: str, variant: str, home: Path, wall: float) -> dict[str, Any]:
-    """The figures of the last improve job in workspace `home`."""
+def read_job(env: str, variant: str, home: Path, wall: float | None) -> dict[str, Any]:
+    """The figures of the last improve job in workspace `home`; `wall` None: the job's own
+    (start to finish, or its cycles' time when it was stopped)."""
     state = json.loads(sorted(home.glob("jobs/improve-*/state.json"))[-1].read_text())
+    if wall is None:
+        ended = state.get("finished")
+        wall = (
+            ended - state["started"]
+            if ended
+            else sum(c.get("wall_s") or 0 for c in state["cycles"])
+        )
     name = next(iter(state["baseline"].get("base", {})), env)
     short = Path(name).name  # the gate's evals are keyed by the environment's own name
     cycles = []
@@ -193,10 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     model_dir = Path(args.model_dir).resolve()
     if args.report_only:
-        old = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"results": []}
-        walls = {(r["env"], r["variant"]): r.get("wall_min", 0) * 60 for r in old["results"]}
         results = [
-            read_job(e, v, Path(args.work) / f"{Path(e).name}-{v}", walls.get((e, v), 0.0))
+            read_job(e, v, Path(args.work) / f"{Path(e).name}-{v}", None)
             for e in args.envs
             for v in args.variants
         ]
