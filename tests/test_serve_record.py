@@ -178,6 +178,49 @@ def test_bad_feedback_is_refused_naming_the_field(served, body, status, says):
     assert says in r.json()["error"]["message"]
 
 
+def test_feedback_marks_a_session_private_after_the_fact_and_traffic_datasets_drop_it(
+    served, tmp_path
+):
+    import asyncio
+    import time
+
+    from traces.feedback import build_feedback_dataset
+    from tuner.traffic import select_traffic
+
+    url, store, _ = served
+    since = time.time() - 0.001
+    kept = _answer(url, "Say one.", user="ivan").parse().id
+    first = _answer(url, "Say two.", user="hana").parse().id
+    second = _answer(url, "Say three.", user="hana").parse().id
+    for id_ in (kept, first, second):
+        assert httpx.post(f"{url}/v1/feedback", json={"id": id_, "thumb": "up"}).status_code == 200
+
+    # after the fact, on one answer, with no verdict: the whole session, and who marked it
+    r = httpx.post(f"{url}/v1/feedback", json={"id": first, "private": True, "user": "hana"})
+    assert r.status_code == 200, r.text
+    assert r.json()["private"] is True and r.json()["marked_traces"] == 2
+    later = _answer(url, "Say four.", user="hana").parse().id  # still to come: private too
+    ids = [i.removeprefix("chatcmpl-") for i in (kept, first, second, later)]
+    marks = [store.get(i, with_spans=False).metadata for i in ids]
+    assert [bool(m.get("private")) for m in marks] == [False, True, True, True]
+    assert (
+        marks[1]["private_marked"]["by"] == "hana" and marks[1]["private_marked"]["via"] == "http"
+    )
+    assert [g.value for g in store.grades(ids[1])] == [1.0]  # the thumb stays; it is not used
+
+    sel = asyncio.run(select_traffic(store, since=since))
+    assert {i.trace_id for i in sel.items} == {ids[0]}
+    assert sel.excluded == {"private_session": 3}
+    built = build_feedback_dataset(store, "sft", tmp_path / "sft", since=since)
+    assert built.manifest["trace_ids"] == [ids[0]]
+
+    # only true is taken; an unknown id is a 404 as for any feedback
+    r = httpx.post(f"{url}/v1/feedback", json={"id": kept, "private": False})
+    assert r.status_code == 422 and "'private'" in r.json()["error"]["message"]
+    r = httpx.post(f"{url}/v1/feedback", json={"id": "chatcmpl-nosuch", "private": True})
+    assert r.status_code == 404
+
+
 @pytest.mark.slow
 def test_a_langchain_agent_with_a_tool_is_recorded_call_by_call(served):
     from langchain.agents import create_agent

@@ -151,12 +151,35 @@ FEEDBACK_KINDS: tuple[str, ...] = ("sft", "dpo", "kto")
 PROVENANCE_FILE = "provenance.json"
 
 
+def session_of(trace: Trace) -> str:
+    """The session a trace belongs to (its own id when the request named none)."""
+    return str(trace.metadata.get("session_id") or trace.id)
+
+
 def is_private(trace: Trace) -> bool:
     """Whether the person asked for this trace to stay out of training: `metadata.private`
-    (the server sets it for the `X-Selftune-Private` header) or `private` in the request's
-    metadata."""
+    (the server sets it for the `X-Selftune-Private` header, `mark_private` after the fact) or
+    `private` in the request's metadata."""
     asked = trace.metadata.get("request_metadata") or {}
     return bool(trace.metadata.get("private") or (isinstance(asked, dict) and asked.get("private")))
+
+
+def private_sessions(traces: Iterable[Trace]) -> set[str]:
+    """The sessions with a private trace among `traces`: all of such a session stays out."""
+    return {session_of(t) for t in traces if is_private(t)}
+
+
+def mark_private(
+    store: TraceStore, trace_id: str, *, who: str | None = None, via: str = "cli"
+) -> list[str]:
+    """Mark the session of the trace with this id (or unique prefix) private after the fact:
+    every trace of it recorded so far gets `metadata.private` (and who marked it, when, how),
+    so traffic datasets and `improve --source traffic` leave the session out. Returns the
+    marked trace ids. Raises TraceNotFoundError for an unknown id."""
+    import time
+
+    mark = {"private": True, "private_marked": {"by": _who(who), "when": time.time(), "via": via}}
+    return store.mark_session(trace_id, mark)
 
 
 def _provenance(trace: Trace, grade: Grade, signal: str) -> dict[str, Any]:
@@ -217,19 +240,22 @@ def feedback_rows(
     - kto: each thumb labels its conversation; a correction labels the original False and adds
       the corrected conversation as True.
 
-    The latest human grade of a trace counts. Traces marked private (`metadata.private`, or
-    `private` in the request's metadata) and test-split traces are left out.
+    The latest human grade of a trace counts. Traces of a session with a private trace among
+    `traces` (`metadata.private`, or `private` in the request's metadata) and test-split
+    traces are left out.
     """
     if kind not in FEEDBACK_KINDS:
         raise DatasetError(f"unknown kind {kind!r} for feedback rows: choose sft, dpo or kto")
     excluded: Counter[str] = Counter()
     entries: list[tuple[tuple, dict[str, Any], dict[str, Any]]] = []
+    traces = list(traces)
+    private = private_sessions(traces)
     for t in sorted(traces, key=lambda t: t.id):
         g = human_grade(grades.get(t.id, ()))
         if g is None:
             excluded["no_human_feedback"] += 1
             continue
-        if is_private(t):
+        if session_of(t) in private:
             excluded["private"] += 1
             continue
         if t.metadata.get("split") == "test":

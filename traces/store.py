@@ -525,6 +525,29 @@ class TraceStore:
         self._write(do)
         return grade
 
+    def mark_session(self, trace_id: str, patch: dict[str, Any]) -> list[str]:
+        """Merge `patch` into the metadata of the trace with this id (or unique prefix) and of
+        every trace of its session (`metadata.session_id`), in one transaction; returns their
+        ids. A trace with no session is marked alone. Raises TraceNotFoundError."""
+        tid = self.resolve_id(trace_id)
+        text = json.dumps(patch, default=str)
+
+        def do(conn: sqlite3.Connection) -> list[str]:
+            (session,) = conn.execute(
+                "SELECT json_extract(metadata, '$.session_id') FROM traces WHERE id = ?", (tid,)
+            ).fetchone()
+            where, params = ("id = ?", (tid,)) if session is None else (
+                "json_extract(metadata, '$.session_id') = ?", (session,)
+            )  # fmt: skip
+            ids = [r[0] for r in conn.execute(f"SELECT id FROM traces WHERE {where}", params)]
+            conn.execute(
+                f"UPDATE traces SET metadata = json_patch(metadata, ?) WHERE {where}",
+                (text, *params),
+            )
+            return sorted(ids)
+
+        return self._write(do)
+
     def recover(self) -> int:
         """Mark `running` traces whose writer process is gone as `failed`; returns how many."""
         with self._lock:

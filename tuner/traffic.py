@@ -30,7 +30,7 @@ from typing import Any
 
 from tools.errors import SelftuneError
 from traces.datasets import Built, DatasetError, DatasetFilters, DatasetResult, human_grade
-from traces.feedback import PROVENANCE_FILE, feedback_rows, is_private
+from traces.feedback import PROVENANCE_FILE, feedback_rows, private_sessions, session_of
 from traces.read import training_conversation
 from traces.schemas import Grade, Task, Trace, TraceQuery
 from traces.scrub import scrub_text
@@ -44,11 +44,6 @@ RULE_GRADERS = ("exact", "numeric", "contains", "regex")
 
 class TrafficError(SelftuneError, ValueError):
     """No traffic to learn from; the message says how to record some."""
-
-
-def session_of(trace: Trace) -> str:
-    """The session a trace belongs to (its own id when the request named none)."""
-    return str(trace.metadata.get("session_id") or trace.id)
 
 
 def in_heldout(session: str, fraction: float) -> bool:
@@ -187,7 +182,7 @@ async def select_traffic(
     traces = [t for t in store.query(query, with_spans=True) if t.status != "running"]
     by_prompt = task_index(tasks or {})
     excluded: Counter[str] = Counter()
-    private = {session_of(t) for t in traces if is_private(t)}
+    private = private_sessions(traces)
     sel = TrafficSelection(since=when, holdout=holdout)
     for t in sorted(traces, key=lambda t: (t.start, t.id)):
         session = session_of(t)

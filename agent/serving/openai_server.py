@@ -53,7 +53,7 @@ from agent.serving.recording import (
     trace_id_of,
 )
 from agent.serving.upstream import StreamAccumulator, Upstream, UpstreamError
-from traces.feedback import FeedbackError, record_feedback
+from traces.feedback import FeedbackError, mark_private, record_feedback, session_of
 from traces.schemas import new_id
 from traces.store import TraceNotFoundError, TraceStore, TraceStoreError
 from traces.tracer import Tracer
@@ -192,6 +192,8 @@ def _validate(body: dict[str, Any]) -> None:
 def _info(request: Request, body: dict[str, Any], trace_id: str) -> dict[str, Any]:
     """The trace's metadata: the session, and the weak labels this request shows."""
     info = session_info(request.headers, body)
+    if info.get("session_id") in request.app.state.sessions.private:  # marked over feedback
+        info["private"] = True
     labels = request.app.state.sessions.weak_labels(info.get("session_id"), body, trace_id)
     if labels:
         info["weak_labels"] = labels
@@ -508,6 +510,9 @@ class FeedbackBody(BaseModel):
     note: str | None = None
     correction: str | None = None
     user: str | None = None  # who gives it (default: the X-Selftune-User header)
+    # true: the answer's whole session stays out of training from now on (only true is taken:
+    # once people were told a session is private, nothing over HTTP undoes that)
+    private: Literal[True] | None = None
 
 
 def _field_errors(e: ValidationError) -> str:
@@ -516,26 +521,43 @@ def _field_errors(e: ValidationError) -> str:
     )
 
 
+def _mark_private(store: TraceStore, id_: str, who: str) -> tuple[str, list[str]]:
+    """Mark the trace's session private; its session id and the marked trace ids."""
+    marked = mark_private(store, id_, who=who, via="http")
+    return session_of(store.get(id_, with_spans=False)), marked
+
+
 async def feedback(request: Request) -> Response:
     state = request.app.state
     if state.store is None:
         return _error(503, "this server has no trace store to put feedback in", "unavailable")
     try:
         fb = FeedbackBody.model_validate(await _body(request))
-        if fb.thumb is None and fb.score is None and fb.correction is None:
-            return _error(422, "give 'thumb' (up or down), 'score' (0 to 1) or 'correction'")
+        verdict = fb.thumb is not None or fb.score is not None or fb.correction is not None
+        if not verdict and not fb.private:
+            return _error(
+                422, "give 'thumb' (up or down), 'score' (0 to 1), 'correction' or 'private': true"
+            )
         who = fb.user or request.headers.get("x-selftune-user") or "anonymous"
-        grade = await asyncio.to_thread(
-            record_feedback,
-            state.store,
-            trace_id_of(fb.id),
-            None if fb.thumb is None else fb.thumb == "up",
-            note=fb.note,
-            who=who,
-            score=fb.score,
-            correction=fb.correction,
-            via="http",
-        )
+        marked: list[str] = []
+        if fb.private:  # first: a verdict that fails must not leave the session trainable
+            session, marked = await asyncio.to_thread(
+                _mark_private, state.store, trace_id_of(fb.id), who
+            )
+            state.sessions.private.add(session)  # and the session's requests still to come
+        grade = None
+        if verdict:
+            grade = await asyncio.to_thread(
+                record_feedback,
+                state.store,
+                trace_id_of(fb.id),
+                None if fb.thumb is None else fb.thumb == "up",
+                note=fb.note,
+                who=who,
+                score=fb.score,
+                correction=fb.correction,
+                via="http",
+            )
     except BodyTooLarge as e:
         return _error(413, str(e))
     except ValidationError as e:
@@ -546,15 +568,12 @@ async def feedback(request: Request) -> Response:
         )
     except (FeedbackError, ValueError) as e:
         return _error(422 if isinstance(e, FeedbackError) else 400, str(e))
-    return JSONResponse(
-        {
-            "object": "feedback",
-            "id": grade.id,
-            "trace_id": grade.trace_id,
-            "value": grade.value,
-            "grader": grade.grader,
-        }
-    )
+    out: dict[str, Any] = {"object": "feedback", "trace_id": trace_id_of(fb.id)}
+    if grade is not None:
+        out.update(id=grade.id, trace_id=grade.trace_id, value=grade.value, grader=grade.grader)
+    if fb.private:
+        out.update(private=True, marked_traces=len(marked))
+    return JSONResponse(out)
 
 
 async def models(request: Request) -> Response:

@@ -7,7 +7,8 @@ the id a client got back is all that feedback needs. Traces group into sessions 
 `X-Selftune-Session` header, else `metadata.session_id`, the conversation id or `user`.
 
 A request with the `X-Selftune-Private: 1` header (or `metadata.private`) is marked private:
-recorded, never trained on.
+recorded, never trained on. `POST /v1/feedback` with `"private": true` marks a session private
+after the fact (every trace of it so far, and its requests still to come).
 
 Implicit signals (a question asked again in the same session, a tool result that is an error)
 go into the trace's `metadata.weak_labels`, each with its source `implicit`.
@@ -105,6 +106,9 @@ class SessionMemory:
     def __init__(self, max_sessions: int = 10_000) -> None:
         self.max_sessions = max_sessions
         self._last: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        # sessions marked private by `POST /v1/feedback` while this server runs: their later
+        # requests are recorded private too (the store holds the mark of the earlier ones)
+        self.private: set[str] = set()
 
     def weak_labels(self, session: str | None, body: Mapping[str, Any], trace_id: str) -> list:
         messages = list(body.get("messages") or [])
