@@ -322,6 +322,12 @@ class ImproveConfig(_Section):
     source: Literal["envs", "traffic"] = "envs"
     since: str | None = None
     traffic_holdout: float = Field(default=0.2, gt=0.0, lt=1.0)
+    # traffic whose question matches no environment task is graded by the LLM judge (the base
+    # model, agent.workspace.judge_model, as `[tuner.grpo] judge`); off: it stays ungraded
+    judge: bool = False
+    # --method kto: the implicit signals the server recorded (the same question asked again, a
+    # failed tool call) label the answer they point at False, where nothing stronger grades it
+    weak_labels: bool = False
     # per model call: a tool call takes ~30 tokens and an answer ~10, while a rambling base model
     # fills whatever it gets, and a batch lasts as long as its longest row
     max_tokens: int = Field(default=64, ge=1)

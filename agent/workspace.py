@@ -64,6 +64,16 @@ def open_collection(cfg: Config, name: str | None = None):
     return get_collection(client, name or cfg.retrieval.collection)
 
 
+def judge_model(cfg: Config, *, max_tokens: int = 128):
+    """The LLM judge (traces.judge): the configured base model, no adapter, greedy, on the
+    process's one engine. What `[tuner.grpo] judge` ranks groups with and `[improve] judge`
+    grades unmatched traffic with."""
+    from agent.model import make_chat_model
+
+    engine = get_engine(cfg) if cfg.model.backend == "local" else None
+    return make_chat_model(cfg, engine=engine, max_tokens=max_tokens, temperature=0.0)
+
+
 def chat_once(
     cfg: Config,
     prompt: str,

@@ -102,6 +102,24 @@ def make_trace(
     return t
 
 
+def served_trace(store: Any, question: str, answer: str, session: str, **meta: Any) -> str:
+    """A trace shaped as `selftune serve` records one chat completion (tag `traffic`, one llm
+    span), saved in `store`; its id."""
+    t0 = now()
+    t = Trace(
+        model="smollm2", start=t0, end=t0 + 1, status="ok", answer=answer, tags=["traffic"],
+        metadata={"source": "serve", "session_id": session, **meta},
+    )  # fmt: skip
+    span = Span(
+        trace_id=t.id, kind="llm", name="chat smollm2", start=t0, end=t0 + 1, status="ok",
+        llm=LlmData(messages=[{"role": "user", "content": question}], completion=answer,
+                    model="smollm2", finish_reason="stop"),
+    )  # fmt: skip
+    t.spans = [span]
+    store.save(t)
+    return t.id
+
+
 def task(prompt: str = "What is 1234 * 5678?", answer: Any = 7006652, **kw) -> Task:
     return Task(id=kw.pop("id", "t"), prompt=prompt, answer=answer, **kw)
 

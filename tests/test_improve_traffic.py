@@ -156,3 +156,52 @@ def check_cycle(home: Path, private: list[str]) -> None:
     assert envs == {"calculator", "traffic-heldout"}
     assert 0.0 <= cycle.traffic["gate"]["candidate"] <= 1.0
     assert rec.status == ("active" if gate["gate"]["promote"] else "rejected")
+
+
+@pytest.mark.slow
+def test_a_traffic_cycle_has_the_real_judge_grade_what_matches_no_task(cfg):
+    """`[improve] judge`: the collect step hands the LLM judge (the real SmolLM2, as
+    agent.workspace.judge_model makes it) the traffic no person and no verifier grades."""
+    import asyncio
+
+    from _traces_fixtures import served_trace
+
+    from tuner.improve import CycleState, ImproveJob
+
+    cfg.workspace.ensure()
+    task = load_environment("calculator", config=cfg.agent).split("train")[0]
+    store = TraceStore(trace_db_path(cfg))
+    matched = served_trace(store, task.prompt, f"{task.answer:g}", "u1")
+    unmatched = [
+        served_trace(store, "What is the capital of France?", "Paris.", "u2"),
+        served_trace(store, "Name a colour of the sky.", "Blue.", "u3"),
+    ]
+    store.close()
+    settings = cfg.improve.updated(envs=["calculator"], source="traffic", judge=True, max_tokens=24)
+    job = ImproveJob(cfg, settings)
+    job.open(resume=False)
+    cycle = CycleState(index=1)
+    asyncio.run(job._collect_traffic(cycle))
+    traffic = cycle.traffic
+    assert traffic["judge"] is True
+    assert traffic["judge_graded"] + traffic["judge_failed"] == len(unmatched)
+    assert traffic["graded_by"].get("verifier") == 1
+    assert traffic["judge_graded"] >= 1, traffic["graded_by"]
+    store = TraceStore(trace_db_path(cfg))
+    judged = {i: [g for g in store.grades(i) if g.source == "judge"] for i in [matched, *unmatched]}
+    assert not judged[matched]  # the verifier grades what matches a task
+    graded = [g for i in unmatched for g in judged[i]]
+    assert len(graded) == traffic["judge_graded"]
+    assert all(0.0 <= g.value <= 1.0 and g.raw for g in graded)
+    store.close()
+
+
+def test_weak_labels_without_kto_are_refused_before_anything_runs(cli_env):
+    run = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "improve", "calculator", "--source", "traffic",
+         "--weak-labels", "--fresh"],
+        env=cli_env, cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 1
+    assert "--weak-labels gives KTO labels" in run.stderr + run.stdout
+    assert "--method kto" in run.stderr + run.stdout

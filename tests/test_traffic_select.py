@@ -8,6 +8,7 @@ import asyncio
 import json
 
 import pytest
+from _traces_fixtures import served_trace as served
 
 from traces.datasets import DatasetError
 from traces.feedback import record_feedback
@@ -22,22 +23,6 @@ from tuner.traffic import (
     scrubber_flags,
     select_traffic,
 )
-
-
-def served(store: TraceStore, question: str, answer: str, session: str, **meta) -> str:
-    t0 = now()
-    t = Trace(
-        model="smollm2", start=t0, end=t0 + 1, status="ok", answer=answer, tags=["traffic"],
-        metadata={"source": "serve", "session_id": session, **meta},
-    )  # fmt: skip
-    span = Span(
-        trace_id=t.id, kind="llm", name="chat smollm2", start=t0, end=t0 + 1, status="ok",
-        llm=LlmData(messages=[{"role": "user", "content": question}], completion=answer,
-                    model="smollm2", finish_reason="stop"),
-    )  # fmt: skip
-    t.spans = [span]
-    store.save(t)
-    return t.id
 
 
 def test_the_held_out_slice_is_a_fixed_share_of_sessions():
@@ -132,4 +117,101 @@ def test_no_traffic_names_the_server_and_the_window(tmp_path):
     sel = asyncio.run(select_traffic(store))
     with pytest.raises(DatasetError, match="POST /v1/feedback"):
         build_traffic_dataset(store, sel, "sft", tmp_path / "out")
+    store.close()
+
+
+def test_the_judge_grades_only_unmatched_ungraded_traffic_and_its_failures_are_counted(tmp_path):
+    """Unit (a scripted judge; the real SmolLM2 judges in test_improve_traffic.py): people and
+    verifiers first; the judge's score becomes a stored grade and a KTO row with signal judge;
+    a reply with no score leaves the trace ungraded and is counted."""
+    from langchain_core.language_models.fake_chat_models import FakeListChatModel
+
+    store = TraceStore(tmp_path / "traces.db")
+    s = _sessions(0.2, False)
+    tasks = {
+        ("calculator", "a"): Task(id="a", prompt="What is 6 * 7?", answer=42, grader="numeric")
+    }
+    human = served(store, "Capital of France?", "Paris.", s[0])
+    matched = served(store, "What is 6 * 7?", "42", s[1])
+    judged = served(store, "Capital of Spain?", "Madrid.", s[2])
+    junk = served(store, "Tell me a joke.", "No.", s[3])
+    record_feedback(store, human, True, who="ann")
+    judge = FakeListChatModel(responses=["Score: 8\nRight.", "I cannot say."])
+
+    off = asyncio.run(select_traffic(store, tasks=tasks))
+    assert off.summary()["graded_by"] == {"human": 1, "ungraded": 2, "verifier": 1}
+    sel = asyncio.run(select_traffic(store, tasks=tasks, judge_model=judge))
+    summary = sel.summary()
+    assert summary["graded_by"] == {"human": 1, "judge": 1, "ungraded": 1, "verifier": 1}
+    assert (summary["judge"], summary["judge_graded"], summary["judge_failed"]) == (True, 1, 1)
+    by_id = {i.trace_id: i for i in sel.items}
+    assert (by_id[judged].grade_source, by_id[judged].value) == ("judge", 0.8)
+    assert by_id[junk].grade_source is None
+    (g,) = [g for g in store.grades(judged) if g.source == "judge"]
+    assert g.raw.startswith("Score: 8")
+    assert not [g for g in store.grades(junk) if g.source == "judge"]  # a failure is not stored
+    kto = build_traffic_dataset(store, sel, "kto", tmp_path / "kto")
+    provenance = json.loads((kto.path / "provenance.json").read_text())
+    assert {(p["trace_id"], p["signal"]) for p in provenance} == {
+        (human, "thumb_up"), (matched, "verifier"), (judged, "judge"),
+    }  # fmt: skip
+    store.close()
+
+
+def test_weak_labels_become_false_kto_labels_only_when_asked_and_only_where_nothing_grades(
+    tmp_path,
+):
+    from traces.schemas import ToolCall
+
+    store = TraceStore(tmp_path / "traces.db")
+    s = _sessions(0.2, False)
+    # a repeated question points at the session's previous answer
+    first = served(store, "What is the tax rate?", "Blue.", s[0])
+    served(store, "what is the tax rate?", "20 %.", s[0], weak_labels=[
+        {"signal": "repeated_question", "source": "implicit", "about": first}])  # fmt: skip
+    # a failed tool result points at the answer, in the same session, that made the call
+    t0 = now()
+    caller = Trace(model="m", start=t0, end=t0 + 1, status="ok", answer="", tags=["traffic"],
+                   metadata={"source": "serve", "session_id": s[1]})  # fmt: skip
+    caller.spans = [Span(
+        trace_id=caller.id, kind="llm", name="chat m", start=t0, end=t0 + 1, status="ok",
+        llm=LlmData(messages=[{"role": "user", "content": "Weather in Oslo?"}], completion="",
+                    tool_calls=[ToolCall(id="call-7", name="weather", arguments={"city": "Oslo"})],
+                    model="m"),
+    )]  # fmt: skip
+    store.save(caller)
+    for _ in range(2):  # the failed result stays in the conversation: it counts once
+        served(store, "Weather in Oslo?", "Sorry.", s[1], weak_labels=[
+            {"signal": "tool_error", "source": "implicit", "tool_call_id": "call-7"}])  # fmt: skip
+    # a person's thumb outranks a weak label; a label about nothing recorded is unresolved
+    liked = served(store, "Name a colour.", "Red.", s[2])
+    served(store, "name a colour.", "Red!", s[2], weak_labels=[
+        {"signal": "repeated_question", "source": "implicit", "about": liked},
+        {"signal": "tool_error", "source": "implicit", "tool_call_id": "nowhere"}])  # fmt: skip
+    record_feedback(store, liked, True, who="ann")
+
+    sel = asyncio.run(select_traffic(store))
+    by_id = {i.trace_id: i for i in sel.items}
+    assert [w["signal"] for w in by_id[first].weak] == ["repeated_question"]
+    assert [w["signal"] for w in by_id[caller.id].weak] == ["tool_error"]
+    assert sel.summary()["weak_labelled"] == 2 and sel.weak_unresolved == 1
+
+    plain = build_traffic_dataset(store, sel, "kto", tmp_path / "plain")
+    plain_rows = json.loads((plain.path / "provenance.json").read_text())
+    assert [(p["trace_id"], p["signal"]) for p in plain_rows] == [(liked, "thumb_up")]
+    weak = build_traffic_dataset(store, sel, "kto", tmp_path / "weak", weak_labels=True)
+    provenance = json.loads((weak.path / "provenance.json").read_text())
+    rows = [json.loads(x) for x in (weak.path / "train.jsonl").read_text().splitlines()]
+    got = {(p["trace_id"], p["signal"], r["label"]) for p, r in zip(provenance, rows, strict=True)}
+    assert got == {
+        (liked, "thumb_up", True),
+        (first, "weak:repeated_question", False),
+        (caller.id, "weak:tool_error", False),
+    }
+    weak_rows = [p for p in provenance if p["signal"].startswith("weak:")]
+    assert all(
+        p["who"] == "implicit" and p["evidence"] and p["grade_id"] is None for p in weak_rows
+    )
+    with pytest.raises(DatasetError, match="--method kto"):
+        build_traffic_dataset(store, sel, "sft", tmp_path / "sft", weak_labels=True)
     store.close()

@@ -535,12 +535,10 @@ async def judge_groups(
     cfg: Config, tasks: dict[str, Task], by_task: dict[str, list], store
 ) -> dict[str, float]:
     """RULER-style: each group ranked by the base model as judge; trace id -> score."""
-    from agent.model import make_chat_model
-    from agent.workspace import get_engine
+    from agent.workspace import judge_model
     from traces.graders import agrade_group
 
-    engine = get_engine(cfg) if cfg.model.backend == "local" else None  # the rollouts' engine
-    judge = make_chat_model(cfg, engine=engine, max_tokens=128, temperature=0.0)
+    judge = judge_model(cfg)  # on the rollouts' engine
     scores = {}
     for task_id, outcomes in by_task.items():
         traces = [store.get(o.trace_id) for o in outcomes if not o.grade_error]

@@ -513,28 +513,42 @@ class ImproveJob:
         return {"n": res.n, "successes": res.successes, "kept": kept}
 
     async def _collect_traffic(self, cycle: CycleState) -> None:
-        """Select and grade the recorded traffic (tuner.traffic.select_traffic); the selection,
-        its held-out sessions and what was left out go into the cycle's state."""
+        """Select and grade the recorded traffic (tuner.traffic.select_traffic), with the LLM
+        judge (agent.workspace.judge_model) for unmatched questions when `[improve] judge`; the
+        selection, its held-out sessions and what was left out go into the cycle's state."""
         from agent.envs import environment_tasks
+        from agent.workspace import judge_model
         from tuner.traffic import select_traffic
 
         tasks: dict = {}
         for env in self.settings.envs:
             tasks.update(environment_tasks(env, self.cfg)[1])
+        # the judge writes a score line first: the episodes' token cap is enough for it
+        judge = (
+            judge_model(self.cfg, max_tokens=self.settings.max_tokens)
+            if self.settings.judge
+            else None
+        )
         with _traffic_store(self.cfg) as store:
             sel = await select_traffic(
                 store,
                 since=self.settings.since,
                 holdout=self.settings.traffic_holdout,
                 tasks=tasks,
+                judge_model=judge,
                 scrub_patterns=self.cfg.traces.scrub_patterns,
             )
-        cycle.traffic = sel.summary()
-        s = cycle.traffic
+        cycle.traffic = s = sel.summary()
+        unmatched = sum(i.grade_source is None for i in sel.items)
+        if s["judge"]:
+            judged = f"; the judge graded {s['judge_graded']} ({s['judge_failed']} failed)"
+        else:
+            judged = f"; {unmatched} ungraded (--judge grades them)" if unmatched else ""
+        weak = f"; {s['weak_labelled']} weak-labelled only" if s["weak_labelled"] else ""
         self.console.print(
             f"[bold]collect[/bold] traffic: {s['traces']} traces in {s['sessions']} sessions "
-            f"(graded by {s['graded_by']}), {s['heldout_traces']} held out; left out: "
-            f"{s['excluded'] or 'none'}",
+            f"(graded by {s['graded_by']}{judged}{weak}), {s['heldout_traces']} held out; left "
+            f"out: {s['excluded'] or 'none'}",
             highlight=False,
         )
 
@@ -606,8 +620,9 @@ class ImproveJob:
         sel = TrafficSelection.from_summary(cycle.traffic)
         try:
             res = build_traffic_dataset(
-                store, sel, method, out, scrub_patterns=self.cfg.traces.scrub_patterns
-            )
+                store, sel, method, out, scrub_patterns=self.cfg.traces.scrub_patterns,
+                weak_labels=self.settings.weak_labels,
+            )  # fmt: skip
         except DatasetError as e:
             cycle.skipped = f"no traffic dataset: {e}"
             return
@@ -814,6 +829,11 @@ class ImproveJob:
     async def run(self) -> JobState:
         budget = self.settings.budget_minutes
         deadline = time.time() + budget * 60 if budget else None
+        if self.settings.weak_labels and self.settings.method != "kto":
+            raise ImproveError(
+                f"--weak-labels gives KTO labels (an answer the user asked again about is not "
+                f"good), not {self.settings.method} rows: add --method kto, or drop --weak-labels"
+            )
         try:
             await self._check_graders()
             if self.settings.source == "traffic":

@@ -9,13 +9,17 @@ One traffic cycle (the improve job's collect, dataset and gate steps call these)
    in what was asked or answered: `traces.scrub`).
 2. grading, people first: a human grade (thumb up 1, down 0, a correction) decides; else,
    when the trace's question is exactly a task of one of the job's environments, that task's
-   verifier; else the LLM judge, when a judge model is given; else the trace stays ungraded.
-   A question that is one of the environments' test tasks is never trained on.
+   verifier; else the LLM judge, when a judge model is given (`[improve] judge`); else the
+   trace stays ungraded. A question that is one of the environments' test tasks is never
+   trained on. The implicit signals the server recorded (`metadata.weak_labels`: the same
+   question asked again, a failed tool call) are tied to the answer they point at.
 3. `in_heldout`: a fixed share of the sessions (a hash of the session id, so the same session
    is held out in every cycle and on every machine) is held out: never trained on, replayed in
    the gate where its good answer is known (a correction, a thumbs-up answer, a matched task's
    reference), graded by containment (or the matched task's grader).
-4. `build_traffic_dataset`: SFT/DPO/KTO rows from the training sessions with provenance.json.
+4. `build_traffic_dataset`: SFT/DPO/KTO rows from the training sessions with provenance.json;
+   with `weak_labels`, KTO also labels an otherwise ungraded answer that a weak label points at
+   False (signal `weak:<signal>`).
 """
 
 from __future__ import annotations
@@ -99,6 +103,9 @@ class TrafficItem:
     env: str | None = None  # the environment whose task the question matched
     task_id: str | None = None
     tools: list[str] | None = None
+    # implicit signals pointing at this answer: {"signal", "source", "from" (the trace that
+    # showed it), "when"}
+    weak: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -109,6 +116,9 @@ class TrafficSelection:
     holdout: float
     items: list[TrafficItem] = field(default_factory=list)
     excluded: dict[str, int] = field(default_factory=dict)
+    judge: bool = False  # whether a judge graded the unmatched traces
+    judge_failed: int = 0  # unmatched traces the judge gave no usable grade (they stay ungraded)
+    weak_unresolved: int = 0  # weak labels whose answer is not in the window
 
     @property
     def train(self) -> list[TrafficItem]:
@@ -127,6 +137,11 @@ class TrafficSelection:
             "traces": len(self.items),
             "sessions": len({i.session for i in self.items}),
             "graded_by": dict(sorted(graded.items())),
+            "judge": self.judge,
+            "judge_graded": graded.get("judge", 0),
+            "judge_failed": self.judge_failed,
+            "weak_labelled": sum(bool(i.weak) and i.grade_source is None for i in self.items),
+            "weak_unresolved": self.weak_unresolved,
             "train_traces": len(self.train),
             "heldout_traces": len(self.heldout),
             "heldout_sessions": sorted({i.session for i in self.heldout}),
@@ -141,6 +156,9 @@ class TrafficSelection:
             holdout=data["holdout"],
             items=[TrafficItem(**i) for i in data.get("items", [])],
             excluded=dict(data.get("excluded", {})),
+            judge=data.get("judge", False),
+            judge_failed=data.get("judge_failed", 0),
+            weak_unresolved=data.get("weak_unresolved", 0),
         )
 
 
@@ -156,6 +174,38 @@ def check_traffic(store: TraceStore, since: float | str | None) -> float | None:
             "--since"
         )
     return when
+
+
+def weak_targets(traces: Sequence[Trace]) -> tuple[dict[str, list[dict[str, Any]]], int]:
+    """The answers the recorded weak labels point at: trace id -> its labels, and how many
+    labels point at no trace among `traces`. A repeated question points at the session's
+    previous answer (`about`); a failed tool result at the answer, in the same session, that
+    made the call (`tool_call_id`). A label repeated in later requests of a conversation (the
+    failed result stays in its history) counts once."""
+    calls: dict[tuple[str, str], str] = {}
+    for t in traces:
+        for span in t.spans:
+            for call in span.llm.tool_calls if span.llm else ():
+                calls.setdefault((session_of(t), call.id), t.id)
+    ids = {t.id for t in traces}
+    found: dict[str, dict[str, dict[str, Any]]] = {}
+    unresolved = 0
+    for t in sorted(traces, key=lambda t: (t.start, t.id)):
+        for label in t.metadata.get("weak_labels") or ():
+            signal = str(label.get("signal"))
+            if signal == "repeated_question":
+                target = label.get("about") if label.get("about") in ids else None
+            else:
+                target = calls.get((session_of(t), str(label.get("tool_call_id"))))
+            if target is None:
+                unresolved += 1
+                continue
+            found.setdefault(target, {}).setdefault(
+                signal,
+                {"signal": signal, "source": label.get("source", "implicit"), "from": t.id,
+                 "when": t.start},
+            )  # fmt: skip
+    return {k: list(v.values()) for k, v in found.items()}, unresolved
 
 
 def task_index(tasks: Mapping[tuple[str, str], Task]) -> dict[str, tuple[str, Task]]:
@@ -183,7 +233,10 @@ async def select_traffic(
     by_prompt = task_index(tasks or {})
     excluded: Counter[str] = Counter()
     private = private_sessions(traces)
-    sel = TrafficSelection(since=when, holdout=holdout)
+    weak, unresolved = weak_targets(traces)
+    sel = TrafficSelection(
+        since=when, holdout=holdout, judge=judge_model is not None, weak_unresolved=unresolved
+    )
     for t in sorted(traces, key=lambda t: (t.start, t.id)):
         session = session_of(t)
         if session in private:
@@ -198,6 +251,7 @@ async def select_traffic(
             excluded["scrubber_flagged"] += 1
             continue
         item = TrafficItem(t.id, session, question, in_heldout(session, holdout))
+        item.weak = weak.get(t.id, [])
         matched = by_prompt.get(_norm(question))
         if matched is not None:
             env, task = matched
@@ -229,6 +283,8 @@ async def select_traffic(
             if grade is not None and not grade.metadata.get("error"):
                 store.add_grade(grade)
                 item.grade_source, item.value = grade.source, grade.value
+            elif name == "judge":
+                sel.judge_failed += 1
         sel.items.append(item)
     sel.excluded = dict(sorted(excluded.items()))
     return sel
@@ -278,6 +334,39 @@ def _graded_rows(
     )
 
 
+def _weak_rows(traces: Sequence[Trace], items: Mapping[str, TrafficItem]) -> Built:
+    """KTO rows labelled False by the implicit signals pointing at each answer (its first
+    signal names the row's `signal`: weak:repeated_question, weak:tool_error)."""
+    entries, excluded = [], Counter()
+    for t in sorted(traces, key=lambda t: t.id):
+        messages, tools = training_conversation(t)
+        first = next((i for i, m in enumerate(messages) if m.get("role") == "assistant"), None)
+        if not first:
+            excluded["no_llm_call"] += 1
+            continue
+        label = sorted(items[t.id].weak, key=lambda w: w["signal"])[0]
+        row = {"prompt": messages[:first], "completion": messages[first:], "label": False,
+               "tools": tools}  # fmt: skip
+        provenance = {
+            "trace_id": t.id, "grade_id": None, "signal": f"weak:{label['signal']}",
+            "who": label["source"], "when": label["when"], "via": "serve",
+            "session_id": t.metadata.get("session_id"), "evidence": label["from"],
+        }  # fmt: skip
+        info = {
+            "env": t.env, "task_id": t.task_id, "trace_ids": [t.id], "grade_ids": (),
+            "label": False, "subagent": None, "feedback": provenance,
+        }  # fmt: skip
+        entries.append((row, info))
+    return Built(
+        "kto",
+        [e[0] for e in entries],
+        [e[1] for e in entries],
+        sorted(e[1]["trace_ids"][0] for e in entries),
+        [],
+        dict(excluded),
+    )
+
+
 def build_traffic_dataset(
     store: TraceStore,
     selection: TrafficSelection,
@@ -285,24 +374,34 @@ def build_traffic_dataset(
     out: str | Path,
     *,
     scrub_patterns: Sequence[str] = (),
+    weak_labels: bool = False,
 ) -> DatasetResult:
     """A `kind` dataset (sft, dpo, kto) from the selection's training sessions only: people's
-    feedback rows (traces.feedback.feedback_rows), then verifier/judge-graded ones; written like
-    every dataset, plus provenance.json (one entry per row, in order). DatasetError if none."""
+    feedback rows (traces.feedback.feedback_rows), then verifier/judge-graded ones, then (KTO
+    with `weak_labels`) answers that only an implicit signal grades, labelled False; written
+    like every dataset, plus provenance.json (one entry per row, in order). DatasetError if
+    none, or `weak_labels` for another kind than kto."""
     from traces.datasets import write_dataset
 
+    if weak_labels and kind != "kto":
+        raise DatasetError(
+            f"weak labels are KTO labels (an answer the user asked again about is not good), not "
+            f"{kind} rows: use --method kto, or drop --weak-labels"
+        )
     train = selection.train
     traces = [store.get(i.trace_id) for i in train]
     grades = {t.id: store.grades(t.id) for t in traces}
     human_ids = {i.trace_id for i in train if i.grade_source == "human"}
+    weak_ids = {i.trace_id for i in train if weak_labels and i.grade_source is None and i.weak}
     people = feedback_rows(kind, [t for t in traces if t.id in human_ids], grades)
-    graded = _graded_rows(kind, [t for t in traces if t.id not in human_ids], grades)
-    excluded = Counter(people.excluded) + Counter(graded.excluded)
+    graded = _graded_rows(kind, [t for t in traces if t.id not in human_ids | weak_ids], grades)
+    weak = _weak_rows([t for t in traces if t.id in weak_ids], {i.trace_id: i for i in train})
+    excluded = Counter(people.excluded) + Counter(graded.excluded) + Counter(weak.excluded)
     built = Built(
         kind,
-        people.rows + graded.rows,
-        people.row_info + graded.row_info,
-        sorted({*people.trace_ids, *graded.trace_ids}),
+        people.rows + graded.rows + weak.rows,
+        people.row_info + graded.row_info + weak.row_info,
+        sorted({*people.trace_ids, *graded.trace_ids, *weak.trace_ids}),
         sorted({*people.grade_ids, *graded.grade_ids}),
         dict(sorted(excluded.items())),
     )

@@ -468,6 +468,18 @@ def improve(
             help="--source traffic: only traffic since 7d, 12h, 2026-05-01 (default: all)"
         ),
     ] = None,
+    judge: Annotated[
+        bool | None,
+        typer.Option(
+            help="--source traffic: the LLM judge (the base model) grades questions that match no environment task (default: improve.judge)"
+        ),
+    ] = None,
+    weak_labels: Annotated[
+        bool | None,
+        typer.Option(
+            help="--source traffic --method kto: a question asked again or a failed tool call labels the answer it points at False (default: improve.weak_labels)"
+        ),
+    ] = None,
 ) -> None:
     """Collect, grade, build a dataset, tune, gate, promote and reload: the self-improvement loop.
     With --source traffic a cycle learns from served traffic and people's feedback, and the gate
@@ -498,6 +510,8 @@ def improve(
             seed=seed,
             source=source,
             since=since,
+            judge=judge,
+            weak_labels=weak_labels,
         )
         every_s = parse_every(every) if every else None
         asyncio.run(run_improve(cfg, settings, every_s=every_s, resume=resume, console=console))
