@@ -318,8 +318,9 @@ class ImproveConfig(_Section):
     seed: int = 0
     # what a cycle learns from: "envs" plays the environments' train tasks; "traffic" learns
     # from what `selftune serve` recorded since `since` (7d, 12h, a date; None: all of it),
-    # holding out `traffic_holdout` of the sessions for the gate (tuner/traffic.py)
-    source: Literal["envs", "traffic"] = "envs"
+    # holding out `traffic_holdout` of the sessions for the gate (tuner/traffic.py); "both"
+    # does both in one cycle: one dataset, gated on the tests and the held-out traffic
+    source: Literal["envs", "traffic", "both"] = "envs"
     since: str | None = None
     traffic_holdout: float = Field(default=0.2, gt=0.0, lt=1.0)
     # traffic whose question matches no environment task is graded by the LLM judge (the base

@@ -205,3 +205,60 @@ def test_weak_labels_without_kto_are_refused_before_anything_runs(cli_env):
     assert run.returncode == 1
     assert "--weak-labels gives KTO labels" in run.stderr + run.stdout
     assert "--method kto" in run.stderr + run.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_source_both_learns_from_the_tasks_and_the_traffic_in_one_cycle(cfg, cli_env):
+    """`--source both`: one cycle plays the environment's train tasks and selects the traffic
+    (written as the server records it, with people's thumbs and corrections); one dataset from
+    both; the gate on the test split and the held-out traffic."""
+    from _traces_fixtures import served_trace
+
+    from traces.feedback import record_feedback
+
+    cfg.workspace.ensure()
+    tasks = load_environment("calculator", config=cfg.agent).split("train")
+    train, held = _sessions()
+    store = TraceStore(trace_db_path(cfg))
+    for n, (session, task) in enumerate(zip([*train, *held], tasks[-10:], strict=True)):
+        right = n % 2 == 0
+        trace_id = served_trace(store, task.prompt, f"{task.answer:g}" if right else "7", session)
+        record_feedback(
+            store, trace_id, right, correction=None if right else f"{task.answer:g}", who="ann"
+        )
+    store.close()
+    env = dict(
+        cli_env,
+        SELFTUNE_IMPROVE__MIN_NEW_TRACES="2",
+        SELFTUNE_IMPROVE__RATIONALISE="false",  # one collection wave: zero-shot
+        SELFTUNE_IMPROVE__SELF_DEMOS="false",
+        SELFTUNE_MODEL__MAX_NEW_TOKENS="32",
+        SELFTUNE_TUNER__GATE__PROBE="",
+        SELFTUNE_TUNER__GATE__ROBUSTNESS="[]",
+    )
+    args = ["improve", "calculator", "--source", "both", "--since", "1d", "--collect-limit", "2",
+            "--few-shot", "0", "--no-hints", "--eval-limit", "2", "--max-train-steps", "2",
+            "--max-tokens", "32", "--concurrency", "8", "--fresh"]  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-m", "agent.cli", *args],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=2300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    (state_file,) = cfg.workspace.root.glob("jobs/improve-*/state.json")
+    cycle = JobState.load(state_file).cycles[0]
+    assert cycle.skipped is None and cycle.candidate, cycle.skipped
+    assert cycle.collect["calculator"]["n"] == 2  # the environment's train tasks were played
+    assert set(cycle.traffic["heldout_sessions"]) == set(held)
+    out = Path(cycle.dataset["dir"])
+    provenance = json.loads((out / "provenance.json").read_text())
+    sides = cycle.dataset["rows_from"]
+    assert sides["envs"] == cycle.collect["calculator"]["tasks_solved"]
+    assert sides["envs"] == sum(p["signal"] == "environment" for p in provenance)
+    assert sides["traffic"] == len(provenance) - sides["envs"] > 0
+    assert "correction" in cycle.dataset["rows_by_signal"]
+    heldout_ids = {i["trace_id"] for i in cycle.traffic["items"] if i["heldout"]}
+    assert not {p["trace_id"] for p in provenance} & heldout_ids
+    gate = Registry(cfg.workspace.root / "adapters").get(cycle.candidate).eval_results[-1]
+    assert {r["env"] for r in gate["candidate"]} == {"calculator", "traffic-heldout"}
+    assert gate["traffic"]["heldout_tasks"] == len(heldout_ids) == cycle.traffic["gate"]["n"]

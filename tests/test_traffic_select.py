@@ -215,3 +215,42 @@ def test_weak_labels_become_false_kto_labels_only_when_asked_and_only_where_noth
     with pytest.raises(DatasetError, match="--method kto"):
         build_traffic_dataset(store, sel, "sft", tmp_path / "sft", weak_labels=True)
     store.close()
+
+
+def test_source_both_puts_episodes_and_traffic_in_one_dataset_with_provenance(tmp_path):
+    """`improve --source both`'s dataset: the environments' passing episodes since the cycle
+    began and the traffic's training sessions; served traffic never counts as an episode, and
+    the held-out traffic stays out."""
+    from _traces_fixtures import ADD, make_trace, task
+
+    from traces.datasets import DatasetFilters
+    from traces.schemas import Grade
+    from tuner.traffic import build_mixed_dataset
+
+    store = TraceStore(tmp_path / "traces.db")
+    began = now() - 1
+    episode = make_trace("5", [ADD], metadata={"split": "train"})
+    store.save(episode)
+    store.add_grade(Grade(trace_id=episode.id, value=1.0, source="verifier", grader="numeric"))
+    train_s, held_s = _sessions(0.2, False), _sessions(0.2, True)
+    liked = served(store, "Capital of France?", "Paris.", train_s[0])
+    held = served(store, "Capital of Italy?", "Rome.", held_s[0])
+    for t in (liked, held):
+        record_feedback(store, t, True, who="ann")
+    sel = asyncio.run(select_traffic(store))
+    filters = DatasetFilters(min_score=1.0, best_of_n=True, since=began, exclude_flagged=True)
+    tasks = {("calc", "t1"): task("what is 2+3?", 5, id="t1", grader="numeric")}
+
+    res, sides = build_mixed_dataset(store, sel, "sft", tmp_path / "both", filters, tasks=tasks)
+    assert sides == {"envs": 1, "traffic": 1} and res.rows == 2
+    provenance = json.loads((res.path / "provenance.json").read_text())
+    assert [(p["trace_id"], p["signal"]) for p in provenance] == [
+        (episode.id, "environment"),
+        (liked, "thumb_up"),
+    ]
+    assert provenance[0]["env"] == "calc" and provenance[0]["task_id"] == "t1"
+    assert held not in res.manifest["trace_ids"]
+    # DPO: no pair on either side (one passing episode; thumbs, no correction): why, for both
+    with pytest.raises(DatasetError, match=r"envs\..*traffic\.no_correction"):
+        build_mixed_dataset(store, sel, "dpo", tmp_path / "dpo", filters, tasks=tasks)
+    store.close()

@@ -455,9 +455,10 @@ class ImproveJob:
         """Play each environment's train tasks with the active model (`collect`)."""
         if self.settings.method == "grpo":
             return  # GRPO collects its own rollouts, from the policy it trains
-        if self.settings.source == "traffic":
+        if self.settings.source in ("traffic", "both"):
             await self._collect_traffic(cycle)
-            return
+            if self.settings.source == "traffic":
+                return
         agent = await self._agent_started()
         active = self._active()
         for env in self.settings.envs:
@@ -479,7 +480,8 @@ class ImproveJob:
                 solved_before=solved_before,
             )
         reasons = {e: c["unlearnable"] for e, c in cycle.collect.items() if c.get("unlearnable")}
-        if reasons and not any(c.get("tasks_solved") for c in cycle.collect.values()):
+        unlearnable = reasons and not any(c.get("tasks_solved") for c in cycle.collect.values())
+        if unlearnable and self.settings.source == "envs":  # `both`: the traffic may still teach
             cycle.skipped = "nothing learnable: " + "; ".join(
                 f"{e}: {r}" for e, r in reasons.items()
             )
@@ -571,6 +573,9 @@ class ImproveJob:
         if self.settings.source == "traffic":
             self._dataset_traffic(cycle, store)
             return
+        if self.settings.source == "both":
+            self._dataset_both(cycle, store)
+            return
         new_passing = sum(c.get("tasks_solved", c["successes"]) for c in cycle.collect.values())
         need = self.settings.min_new_traces
         if new_passing < need:
@@ -639,6 +644,51 @@ class ImproveJob:
             "dir": str(out),
             "rows": res.rows,
             "manifest": str(out / "manifest.json"),
+            "rows_by_signal": dict(sorted(signals.items())),
+            "excluded": res.manifest.get("excluded", {}),
+        }
+
+    def _dataset_both(self, cycle: CycleState, store: Any) -> None:
+        """`--source both`: this cycle's passing episodes on the environments' train tasks and
+        the traffic's training sessions in one dataset (tuner.traffic.build_mixed_dataset);
+        fewer than `min_new_traces` rows in all: the cycle is skipped, saying why."""
+        from agent.envs import environment_tasks
+        from traces.datasets import DatasetError, DatasetFilters
+        from tuner.traffic import TrafficSelection, build_mixed_dataset
+
+        method = self.settings.method
+        tasks: dict = {}
+        for env in self.settings.envs:
+            tasks.update(environment_tasks(env, self.cfg)[1])
+        out = self.dir / f"cycle{cycle.index}-both-{method}"
+        filters = DatasetFilters(
+            min_score=1.0, best_of_n=method == "sft", since=cycle.started, exclude_flagged=True
+        )
+        names = self.cfg.tuner.augment_perturbed if method == "sft" else []
+        try:
+            res, sides = build_mixed_dataset(
+                store, TrafficSelection.from_summary(cycle.traffic), method, out, filters,
+                tasks=tasks, scrub_patterns=self.cfg.traces.scrub_patterns,
+                weak_labels=self.settings.weak_labels,
+                augment=perturbed_copies(names, self.settings.seed + cycle.index) if names else None,
+            )  # fmt: skip
+        except DatasetError as e:
+            cycle.skipped = f"no dataset: {e}"
+            return
+        need = self.settings.min_new_traces
+        if res.rows < need:
+            cycle.skipped = (
+                f"only {res.rows} {method} rows ({sides['envs']} from the environments, "
+                f"{sides['traffic']} from traffic; need {need}, [improve] min_new_traces): collect "
+                "more tasks (--collect-limit), gather more feedback, or lower the threshold"
+            )
+            return
+        signals = Counter(p["signal"] for p in json.loads((out / "provenance.json").read_text()))
+        cycle.dataset = {
+            "dir": str(out),
+            "rows": res.rows,
+            "manifest": str(out / "manifest.json"),
+            "rows_from": sides,
             "rows_by_signal": dict(sorted(signals.items())),
             "excluded": res.manifest.get("excluded", {}),
         }
@@ -717,7 +767,7 @@ class ImproveJob:
 
         active = self._active()
         extra, record = [], {"job": self.state.id}
-        if self.settings.source == "traffic":
+        if self.settings.source in ("traffic", "both"):
             from tuner.traffic import TrafficSelection, heldout_environment
 
             sel = TrafficSelection.from_summary(cycle.traffic)
@@ -829,6 +879,11 @@ class ImproveJob:
     async def run(self) -> JobState:
         budget = self.settings.budget_minutes
         deadline = time.time() + budget * 60 if budget else None
+        if self.settings.source != "envs" and self.settings.method == "grpo":
+            raise ImproveError(
+                f"--source {self.settings.source} builds a dataset from the traffic, and GRPO "
+                "learns from its own rollouts: use --method sft, dpo or kto, or --source envs"
+            )
         if self.settings.weak_labels and self.settings.method != "kto":
             raise ImproveError(
                 f"--weak-labels gives KTO labels (an answer the user asked again about is not "
@@ -836,7 +891,7 @@ class ImproveJob:
             )
         try:
             await self._check_graders()
-            if self.settings.source == "traffic":
+            if self.settings.source in ("traffic", "both"):
                 self._check_traffic()  # before the baseline's minutes are spent
             await self._baseline()
             for i in range(1, self.settings.cycles + 1):

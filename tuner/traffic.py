@@ -367,22 +367,13 @@ def _weak_rows(traces: Sequence[Trace], items: Mapping[str, TrafficItem]) -> Bui
     )
 
 
-def build_traffic_dataset(
-    store: TraceStore,
-    selection: TrafficSelection,
-    kind: str,
-    out: str | Path,
-    *,
-    scrub_patterns: Sequence[str] = (),
-    weak_labels: bool = False,
-) -> DatasetResult:
-    """A `kind` dataset (sft, dpo, kto) from the selection's training sessions only: people's
+def traffic_rows(
+    store: TraceStore, selection: TrafficSelection, kind: str, *, weak_labels: bool = False
+) -> Built:
+    """The `kind` rows (sft, dpo, kto) of the selection's training sessions only: people's
     feedback rows (traces.feedback.feedback_rows), then verifier/judge-graded ones, then (KTO
-    with `weak_labels`) answers that only an implicit signal grades, labelled False; written
-    like every dataset, plus provenance.json (one entry per row, in order). DatasetError if
-    none, or `weak_labels` for another kind than kto."""
-    from traces.datasets import write_dataset
-
+    with `weak_labels`) answers that only an implicit signal grades, labelled False. Each row's
+    provenance is its row_info's "feedback". DatasetError for `weak_labels` with another kind."""
     if weak_labels and kind != "kto":
         raise DatasetError(
             f"weak labels are KTO labels (an answer the user asked again about is not good), not "
@@ -397,7 +388,7 @@ def build_traffic_dataset(
     graded = _graded_rows(kind, [t for t in traces if t.id not in human_ids | weak_ids], grades)
     weak = _weak_rows([t for t in traces if t.id in weak_ids], {i.trace_id: i for i in train})
     excluded = Counter(people.excluded) + Counter(graded.excluded) + Counter(weak.excluded)
-    built = Built(
+    return Built(
         kind,
         people.rows + graded.rows + weak.rows,
         people.row_info + graded.row_info + weak.row_info,
@@ -405,18 +396,98 @@ def build_traffic_dataset(
         sorted({*people.grade_ids, *graded.grade_ids}),
         dict(sorted(excluded.items())),
     )
-    if not built.rows:
-        why = ", ".join(f"{r}: {n}" for r, n in built.excluded.items()) or "no training sessions"
-        raise DatasetError(
-            f"no {kind} rows from {len(train)} training traces of traffic ({why}): give "
-            "feedback with POST /v1/feedback, or widen --since"
-        )
-    filters = DatasetFilters(since=selection.since)
+
+
+def _env_provenance(info: Mapping[str, Any]) -> dict[str, Any]:
+    """A provenance entry for a row from an environment's graded episodes (no person, no
+    session): its traces and task."""
+    return {
+        "trace_id": info["trace_ids"][0], "trace_ids": list(info["trace_ids"]), "grade_id": None,
+        "signal": "environment", "who": info.get("source", "self"), "when": None,
+        "via": "improve", "session_id": None, "env": info["env"], "task_id": info["task_id"],
+    }  # fmt: skip
+
+
+def _write(built: Built, out: str | Path, filters: DatasetFilters, scrub_patterns) -> DatasetResult:
+    """Write the dataset like every dataset, plus provenance.json (one entry per row, in order)."""
+    from traces.datasets import write_dataset
+
     result = write_dataset(built, out, filters, scrub_patterns=scrub_patterns)
-    rows = [i["feedback"] for i in built.row_info]
+    rows = [i.get("feedback") or _env_provenance(i) for i in built.row_info]
     text = json.dumps(rows, indent=1, ensure_ascii=False, default=str) + "\n"
     (result.path / PROVENANCE_FILE).write_text(text, encoding="utf-8")
     return result
+
+
+def build_traffic_dataset(
+    store: TraceStore,
+    selection: TrafficSelection,
+    kind: str,
+    out: str | Path,
+    *,
+    scrub_patterns: Sequence[str] = (),
+    weak_labels: bool = False,
+) -> DatasetResult:
+    """A `kind` dataset (sft, dpo, kto) of `traffic_rows`, written like every dataset, plus
+    provenance.json (one entry per row, in order). DatasetError if there is no row."""
+    built = traffic_rows(store, selection, kind, weak_labels=weak_labels)
+    if not built.rows:
+        why = ", ".join(f"{r}: {n}" for r, n in built.excluded.items()) or "no training sessions"
+        raise DatasetError(
+            f"no {kind} rows from {len(selection.train)} training traces of traffic ({why}): "
+            "give feedback with POST /v1/feedback, or widen --since"
+        )
+    return _write(built, out, DatasetFilters(since=selection.since), scrub_patterns)
+
+
+def build_mixed_dataset(
+    store: TraceStore,
+    selection: TrafficSelection,
+    kind: str,
+    out: str | Path,
+    filters: DatasetFilters,
+    *,
+    tasks: Mapping[tuple[str, str], Task] | None = None,
+    scrub_patterns: Sequence[str] = (),
+    weak_labels: bool = False,
+    augment: Any = None,
+) -> tuple[DatasetResult, dict[str, int]]:
+    """`improve --source both`: one dataset from the environments' graded episodes that match
+    `filters` (traces.datasets.build_rows; served traffic is never among them) and the traffic's
+    training sessions (`traffic_rows`). provenance.json has an entry per row (signal
+    `environment` for an episode's row). Returns it and the rows from each side; DatasetError
+    when neither side has a row, saying why for both."""
+    from traces.datasets import augment_rows, build_rows
+
+    since = None if filters.since is None else parse_time(filters.since)
+    episodes = [
+        t
+        for t in store.query(TraceQuery(env=filters.env, since=since, limit=None), with_spans=True)
+        if TRAFFIC_TAG not in t.tags
+    ]
+    env = build_rows(kind, episodes, {t.id: store.grades(t.id) for t in episodes}, filters, tasks)
+    if augment is not None and kind == "sft":
+        env = augment_rows(env, augment)
+    traffic = traffic_rows(store, selection, kind, weak_labels=weak_labels)
+    excluded = {f"envs.{k}": n for k, n in env.excluded.items()}
+    excluded.update({f"traffic.{k}": n for k, n in traffic.excluded.items()})
+    built = Built(
+        kind,
+        env.rows + traffic.rows,
+        env.row_info + traffic.row_info,
+        sorted({*env.trace_ids, *traffic.trace_ids}),
+        sorted({*env.grade_ids, *traffic.grade_ids}),
+        dict(sorted(excluded.items())),
+    )
+    if not built.rows:
+        why = ", ".join(f"{r}: {n}" for r, n in built.excluded.items()) or "no traces"
+        raise DatasetError(
+            f"no {kind} rows from {len(episodes)} episodes nor {len(selection.train)} training "
+            f"traces of traffic ({why}): collect more tasks (--collect-limit), give feedback with "
+            "POST /v1/feedback, or widen --since"
+        )
+    result = _write(built, out, filters, scrub_patterns)
+    return result, {"envs": len(env.rows), "traffic": len(traffic.rows)}
 
 
 def heldout_environment(selection: TrafficSelection, tool_names: Sequence[str], where: Path):

@@ -459,7 +459,7 @@ def improve(
     source: Annotated[
         str | None,
         typer.Option(
-            help="envs: play the environments' train tasks; traffic: learn from what `selftune serve` recorded (default: improve.source)"
+            help="envs: play the environments' train tasks; traffic: learn from what `selftune serve` recorded; both: the two in one cycle (default: improve.source)"
         ),
     ] = None,
     since: Annotated[
@@ -482,8 +482,9 @@ def improve(
     ] = None,
 ) -> None:
     """Collect, grade, build a dataset, tune, gate, promote and reload: the self-improvement loop.
-    With --source traffic a cycle learns from served traffic and people's feedback, and the gate
-    adds a held-out slice of the traffic to the environments' tests."""
+    With --source traffic a cycle learns from served traffic and people's feedback (--judge grades
+    what no task matches), and the gate adds a held-out slice of the traffic to the environments'
+    tests; --source both learns from the environments' train tasks and the traffic at once."""
     from agent.model.files import ModelError
     from agent.serving.vllm import VllmError
     from tuner.gate import GateError
