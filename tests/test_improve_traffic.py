@@ -196,15 +196,23 @@ def test_a_traffic_cycle_has_the_real_judge_grade_what_matches_no_task(cfg):
     store.close()
 
 
-def test_weak_labels_without_kto_are_refused_before_anything_runs(cli_env):
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        (["--source", "traffic", "--weak-labels"], "--weak-labels gives KTO labels"),
+        (["--source", "both", "--method", "grpo"], "GRPO learns from its own rollouts"),
+    ],
+)
+def test_traffic_options_that_cannot_work_are_refused_before_anything_runs(cli_env, options, says):
     run = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "improve", "calculator", "--source", "traffic",
-         "--weak-labels", "--fresh"],
+        [sys.executable, "-m", "agent.cli", "improve", "calculator", *options, "--fresh"],
         env=cli_env, cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 1
-    assert "--weak-labels gives KTO labels" in run.stderr + run.stdout
-    assert "--method kto" in run.stderr + run.stdout
+    assert says in run.stderr + run.stdout
+    assert "--method" in run.stderr + run.stdout
+    db = Path(cli_env["SELFTUNE_HOME"]) / "traces.db"
+    assert not db.exists() or not TraceStore(db).count(limit=None)  # no baseline: nothing ran
 
 
 @pytest.mark.slow
