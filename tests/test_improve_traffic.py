@@ -241,6 +241,7 @@ def test_source_both_learns_from_the_tasks_and_the_traffic_in_one_cycle(cfg, cli
         SELFTUNE_IMPROVE__MIN_NEW_TRACES="2",
         SELFTUNE_IMPROVE__RATIONALISE="false",  # one collection wave: zero-shot
         SELFTUNE_IMPROVE__SELF_DEMOS="false",
+        SELFTUNE_IMPROVE__REPLAY="[]",  # no replay of the general probe's tasks: minutes
         SELFTUNE_MODEL__MAX_NEW_TOKENS="32",
         SELFTUNE_TUNER__GATE__PROBE="",
         SELFTUNE_TUNER__GATE__ROBUSTNESS="[]",

@@ -658,7 +658,7 @@ class ImproveJob:
 
         method = self.settings.method
         tasks: dict = {}
-        for env in self.settings.envs:
+        for env in [*self.settings.envs, *cycle.replay]:
             tasks.update(environment_tasks(env, self.cfg)[1])
         out = self.dir / f"cycle{cycle.index}-both-{method}"
         filters = DatasetFilters(
@@ -692,6 +692,9 @@ class ImproveJob:
             "rows_by_signal": dict(sorted(signals.items())),
             "excluded": res.manifest.get("excluded", {}),
         }
+        by_env = res.manifest["counts"].get("by_env", {})
+        if cycle.replay:
+            cycle.dataset["replay_rows"] = {e: by_env.get(e, 0) for e in cycle.replay}
 
     async def _tune(self, cycle: CycleState) -> None:
         """Train a candidate from the active adapter: GRPO online, or on the cycle's dataset."""
