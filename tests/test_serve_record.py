@@ -199,6 +199,7 @@ def test_feedback_marks_a_session_private_after_the_fact_and_traffic_datasets_dr
     r = httpx.post(f"{url}/v1/feedback", json={"id": first, "private": True, "user": "hana"})
     assert r.status_code == 200, r.text
     assert r.json()["private"] is True and r.json()["marked_traces"] == 2
+    assert r.json()["trace_id"] == first.removeprefix("chatcmpl-")
     later = _answer(url, "Say four.", user="hana").parse().id  # still to come: private too
     ids = [i.removeprefix("chatcmpl-") for i in (kept, first, second, later)]
     marks = [store.get(i, with_spans=False).metadata for i in ids]
@@ -331,7 +332,8 @@ def test_feedback_on_traffic_becomes_sft_dpo_and_kto_rows_with_provenance(served
     ids = {}
     for name, question in [("up", "Say yes."), ("down", "Say no."), ("fix", "What is 2 + 3?")]:
         ids[name] = _answer(url, question, user="frank").parse().id
-    private = _answer(url, "My secret.", user="frank", metadata={"private": "true"}).parse().id
+    # a session of its own: a private request takes its whole session out (another test)
+    private = _answer(url, "My secret.", user="frank-2", metadata={"private": "true"}).parse().id
     verdicts = [
         {"id": ids["up"], "thumb": "up"},
         {"id": ids["down"], "thumb": "down", "note": "rude"},

@@ -521,10 +521,10 @@ def _field_errors(e: ValidationError) -> str:
     )
 
 
-def _mark_private(store: TraceStore, id_: str, who: str) -> tuple[str, list[str]]:
-    """Mark the trace's session private; its session id and the marked trace ids."""
-    marked = mark_private(store, id_, who=who, via="http")
-    return session_of(store.get(id_, with_spans=False)), marked
+def _mark_private(store: TraceStore, id_: str, who: str) -> tuple[str, str, list[str]]:
+    """Mark the trace's session private; the trace's full id, its session, the marked ids."""
+    trace = store.get(id_, with_spans=False)
+    return trace.id, session_of(trace), mark_private(store, trace.id, who=who, via="http")
 
 
 async def feedback(request: Request) -> Response:
@@ -539,10 +539,10 @@ async def feedback(request: Request) -> Response:
                 422, "give 'thumb' (up or down), 'score' (0 to 1), 'correction' or 'private': true"
             )
         who = fb.user or request.headers.get("x-selftune-user") or "anonymous"
-        marked: list[str] = []
+        trace_id, marked = trace_id_of(fb.id), []
         if fb.private:  # first: a verdict that fails must not leave the session trainable
-            session, marked = await asyncio.to_thread(
-                _mark_private, state.store, trace_id_of(fb.id), who
+            trace_id, session, marked = await asyncio.to_thread(
+                _mark_private, state.store, trace_id, who
             )
             state.sessions.private.add(session)  # and the session's requests still to come
         grade = None
@@ -568,7 +568,7 @@ async def feedback(request: Request) -> Response:
         )
     except (FeedbackError, ValueError) as e:
         return _error(422 if isinstance(e, FeedbackError) else 400, str(e))
-    out: dict[str, Any] = {"object": "feedback", "trace_id": trace_id_of(fb.id)}
+    out: dict[str, Any] = {"object": "feedback", "trace_id": trace_id}
     if grade is not None:
         out.update(id=grade.id, trace_id=grade.trace_id, value=grade.value, grader=grade.grader)
     if fb.private:
