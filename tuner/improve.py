@@ -163,7 +163,8 @@ async def collect(
     if not train:
         stats.update(tasks_solved=0, few_shot=0)
         return stats
-    search_only = all(set(t.tools or environment.tool_names) <= {"search"} for t in train)
+    # tasks with no tool at all are not search tasks: their answers need no corpus
+    search_only = all(set(t.tools or environment.tool_names) == {"search"} for t in train)
     if search_only:
         found, with_ref = answers_in_corpus(train, environment.corpus_dir)
         stats["answers_in_corpus"] = [found, with_ref]
