@@ -7,9 +7,9 @@ active adapter of its route while the global pointer stays where it was. It asse
 mechanism, not a lucky score.
 
 Its cost is about 110 single- and two-turn episodes and two 3-step trainings. On the shared
-2-core machine under a benchmark (load 5-8) the first run had not finished calculator's
-collection after 25 minutes and was stopped, hence the generous timeouts; a smaller run of the
-same command on two plain-question folders is in the README's "Routed adapters"."""
+2-core machine under a benchmark (load 5-8) a run had not finished calculator's collection
+after 25 minutes and was stopped, hence the generous timeouts; it has not yet passed on an
+idle machine."""
 
 from __future__ import annotations
 
