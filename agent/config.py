@@ -329,6 +329,10 @@ class ImproveConfig(_Section):
     # --method kto: the implicit signals the server recorded (the same question asked again, a
     # failed tool call) label the answer they point at False, where nothing stronger grades it
     weak_labels: bool = False
+    # "global": one adapter learns every environment and is promoted globally; "per-env": each
+    # environment gets its own cycles on its own route (named for it), its adapter tuned from
+    # and gated against that route's, and promoted on the route (routed experts, issue 22)
+    routes: Literal["global", "per-env"] = "global"
     # per model call: a tool call takes ~30 tokens and an answer ~10, while a rambling base model
     # fills whatever it gets, and a batch lasts as long as its longest row
     max_tokens: int = Field(default=64, ge=1)

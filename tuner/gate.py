@@ -11,6 +11,11 @@ tasks, seeds and sampling, plus perturbed copies for the robustness guard), then
 one place a candidate is judged, recorded, promoted or rejected. `decide` is its rule: a
 significant paired gain (exact McNemar) on the job's own environments, and no guard past its
 own margin; the result names the guards that blocked it.
+
+With a `route` (`selftune gate V --route docs-qa`, `selftune improve --routes per-env`) the
+same path decides for one route of the registry: the reference is the adapter that answers
+that route today (`Registry.active_for`), the guards are the route's own, and a pass promotes
+on the route, never the global pointer (see `evaluate_and_gate`).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from rich.table import Table
 
 from agent.config import Config, GateConfig, ImproveConfig
 from agent.envs.run import SuiteResult, wilson_interval
+from agent.model.adapters import check_route
 from tools.errors import SelftuneError
 from tuner.registry import Registry
 from tuner.schemas import GateResult, Guard
@@ -352,7 +358,8 @@ def gate_table(result: GateResult) -> Table:
     """A rich table: metric, guard (its kind, "target" for the decision's own), active,
     candidate, delta, margin, verdict."""
     verdict = "PROMOTE" if result.promote else "REJECT"
-    title = f"eval gate: {result.candidate} vs {result.active or 'base'} -> {verdict}"
+    on = f" on route {result.route}" if result.route else ""
+    title = f"eval gate{on}: {result.candidate} vs {result.active or 'base'} -> {verdict}"
     table = Table(title=title)
     for col in ("metric", "guard", "active", "candidate", "delta", "margin", "verdict"):
         table.add_column(col, justify="left" if col in ("metric", "guard") else "right")
@@ -385,6 +392,7 @@ def gate(
     envs: Sequence[str] | None = None,
     record: dict[str, Any] | None = None,
     console: Console | None = None,
+    route: str | None = None,
 ) -> GateResult:
     """Decide, store every number in the registry, promote or reject, print the table.
 
@@ -392,10 +400,11 @@ def gate(
     `guard_envs` the environments judged only as guards (`decide`); `envs` the job's own
     environments as given (names or folders), kept in the record so that later candidates are
     guarded on them once this one is promoted; `record` adds keys to the stored evaluation
-    (the improve job's id, say)."""
+    (the improve job's id, say); `route`: the decision is for that route alone, stored with
+    it, and a pass promotes on it (`Registry.promote(route=...)`), never globally."""
     registry.get(candidate)
     result = decide(candidate_results, active_results, settings, guard_envs)
-    result.candidate, result.active = candidate, active
+    result.candidate, result.active, result.route = candidate, active, route
     own = [r.env for r in candidate_results if r.perturb is None and r.env not in result.guard_envs]
     registry.record_eval(
         candidate,
@@ -406,13 +415,14 @@ def gate(
             "candidate": [r.to_dict() for r in candidate_results],
             "active": [r.to_dict() for r in active_results],
             "active_version": active,
+            "route": route,
             **(record or {}),
         },
     )
     if result.promote:
-        registry.promote(candidate, result)
+        registry.promote(candidate, result, route=route)
     else:
-        registry.reject(candidate, result)
+        registry.reject(candidate, result, route=route)
     console = console or Console()
     console.print(gate_table(result))
     if result.by_kind:
@@ -426,15 +436,25 @@ def gate(
     return result
 
 
-def promoted_envs(registry: Registry) -> dict[str, list[str]]:
+def promoted_envs(registry: Registry, route: str | None = None) -> dict[str, list[str]]:
     """Every environment an active or earlier-promoted (retired) adapter was gated on, as the
     gate was given it (name or folder) -> those versions. Read from the records' passing gate
-    evaluations; a forced promotion was gated on nothing."""
+    evaluations; a forced promotion was gated on nothing. Without `route`: the global
+    pointer's adapters and their global gates; with it: the versions ever promoted on that
+    route (`Registry.promoted_on`) and their gates on that route."""
     out: dict[str, list[str]] = {}
-    for rec in registry.list():
-        if rec.status not in ("active", "retired"):
-            continue
-        passed = [e for e in rec.eval_results if e.get("gate", {}).get("promote")]
+    records = registry.list()
+    if route is None:
+        records = [r for r in records if r.status in ("active", "retired")]
+    else:
+        on = set(registry.promoted_on(route))
+        records = [r for r in records if r.version in on]
+    for rec in records:
+        passed = [
+            e
+            for e in rec.eval_results
+            if e.get("gate", {}).get("promote") and e.get("route") == route
+        ]
         if not passed:
             continue
         last = passed[-1]
@@ -450,18 +470,23 @@ def promoted_envs(registry: Registry) -> dict[str, list[str]]:
 
 
 def guard_envs_for(
-    settings: GateConfig, registry: Registry, envs: Sequence[str], console: Console | None = None
+    settings: GateConfig,
+    registry: Registry,
+    envs: Sequence[str],
+    console: Console | None = None,
+    route: str | None = None,
 ) -> dict[str, str]:
     """The guard-only environments of a gate on `envs` (as given) -> their kind: the probe
-    ("probe"), then the environments earlier promotions were gated on ("promoted"), less the
-    job's own. One that can no longer be found is skipped, and said so."""
+    ("probe"), then the environments earlier promotions were gated on ("promoted"; on
+    `route`: earlier promotions on that route), less the job's own. One that can no longer be
+    found is skipped, and said so."""
     from agent.envs import EnvironmentLoadError, resolve_environment_path
 
     out: dict[str, str] = {}
     if settings.probe and settings.probe not in envs:
         out[settings.probe] = "probe"
     if settings.promoted_envs:
-        for env, versions in promoted_envs(registry).items():
+        for env, versions in promoted_envs(registry, route).items():
             if env in envs or env in out:
                 continue
             try:
@@ -577,15 +602,35 @@ async def evaluate_and_gate(
     record: dict[str, Any] | None = None,
     console: Console | None = None,
     extra: Sequence[Any] = (),
+    route: str | None = None,
 ) -> tuple[GateResult, list[SuiteResult], list[SuiteResult]]:
     """The one path from a candidate to a decision (the improve job and `selftune gate`):
     find the guard environments, evaluate both models on `envs`, the guards and the perturbed
     prompts (`evaluate_pair`), then `gate`. Returns the result and both sides' evaluations.
     `extra`: in-memory environments (agent.envs.Environment) whose test tasks join the target
     pool with `envs` (the improve job's held-out traffic slice); they are not recorded as
-    environments later promotions are guarded on."""
+    environments later promotions are guarded on.
+
+    `route`: the decision is for that route of the registry alone. The caller passes as
+    `active` what answers the route today (`Registry.active_for(route)`: its own adapter, else
+    the global one, else the base, as the router would), and as `envs` the route's
+    environments. A pass promotes the candidate on the route, never the global pointer. The
+    guards are the route's own, not the other routes':
+    - the route's environments (each a guard of its own when there are several), with the
+      flag, grounded and robustness guards on them, as for a global gate;
+    - the general-ability probe: a route's requests are not all in its environment's
+      distribution (the classifier sends a misrouted or off-topic prompt to it when it is
+      confident enough, and an explicit route gets whatever its caller sends), so the expert
+      must stay a general model;
+    - the environments earlier promotions on this route were gated on (its own history).
+    Another route's environments are no guard: the candidate never answers that route's
+    requests (each route keeps its own adapter, and a route without one the global active),
+    so its score there says nothing about what anyone gets; guarding on it would only block
+    experts for not being generalists, which is what routing exists to avoid."""
+    if route is not None:
+        check_route(route)
     gate_settings = cfg.tuner.gate
-    guards = guard_envs_for(gate_settings, registry, envs, console)
+    guards = guard_envs_for(gate_settings, registry, envs, console, route)
     cand, act = await evaluate_pair(
         cfg, candidate, active, envs, settings, guards=list(guards), gate=gate_settings,
         agent=agent, tags=tags, console=console, extra=extra,
@@ -597,7 +642,7 @@ async def evaluate_and_gate(
     }
     result = gate(
         registry, candidate, cand, act, settings=gate_settings, active=active, guard_envs=names,
-        envs=envs, record=record, console=console,
+        envs=envs, record=record, console=console, route=route,
     )  # fmt: skip
     return result, cand, act
 
@@ -609,23 +654,47 @@ async def run_gate(
     against: str = "active",
     envs: Sequence[str] | None = None,
     console: Console | None = None,
+    route: str | None = None,
 ) -> GateResult:
     """`selftune gate`: evaluate `candidate` and `against` ("active", "base" or a version) on
-    `envs` (default `[improve] envs`) and the guards, as the improve job does, then `gate`."""
+    `envs` (default `[improve] envs`) and the guards, as the improve job does, then `gate`.
+    With `route`, decide for that route (`evaluate_and_gate`): "active" is what answers the
+    route today, `envs` default to the route itself when it names an environment, and a pass
+    promotes on the route only."""
     from tuner.registry import open_registry
 
     registry = open_registry(cfg)
     registry.get(candidate)  # fail before spending time on episodes
+    if route is not None:
+        check_route(route)
+        envs = envs or route_envs(route)
     if against == "active":
-        rec = registry.active()
+        rec = registry.active_for(route)
         reference = rec.version if rec else None
     else:
         reference = None if against == "base" else registry.get(against).version
     if reference == candidate:
-        raise GateError(f"{candidate} is the reference itself: gate it against another version")
+        on = f" on route {route}" if route else ""
+        raise GateError(f"{candidate} is the reference itself{on}: gate it against another version")
     settings = cfg.improve
     result, _, _ = await evaluate_and_gate(
         cfg, registry, candidate, reference, envs or settings.envs, settings,
-        record={"command": "selftune gate"}, console=console,
+        record={"command": "selftune gate"}, console=console, route=route,
     )  # fmt: skip
     return result
+
+
+def route_envs(route: str) -> list[str]:
+    """The environments a route's gate plays when none are given: the route itself, when it
+    names an environment (per-environment routes); GateError saying to name them otherwise
+    (a subagent role, a traffic cluster)."""
+    from agent.envs import EnvironmentLoadError, resolve_environment_path
+
+    try:
+        resolve_environment_path(route)
+    except EnvironmentLoadError:
+        raise GateError(
+            f"route {route!r} is not an environment: name the environments its requests come "
+            f"from with --env (e.g. `selftune gate VERSION --route {route} --env delegate`)"
+        ) from None
+    return [route]

@@ -7,6 +7,13 @@ it is done, so a job that crashed resumes from the step it was in (`--resume`, t
 when the last job did not finish). A file lock keeps two jobs from overlapping; `--every 6h`
 keeps running on a schedule.
 
+With `--routes per-env` ([improve] routes) each environment gets a cycle chain of its own on
+its own route of the registry, named for the environment: its cycle collects with the
+adapter that answers that route, builds its dataset from that environment's rows (and the
+replay rows), tunes from that adapter, is gated on that environment against it
+(`evaluate_and_gate(route=...)`) and promotes on the route only. The state file records each
+cycle's route; the default, `global`, is one chain for all environments, promoted globally.
+
 Why few-shot collection: the base model rarely calls tools zero-shot, but with worked examples
 as prior turns it often does. Training on those traces with the examples removed (context
 distillation, done by the SFT builder) teaches it to do zero-shot what it did with help.
@@ -44,6 +51,7 @@ class ImproveError(SelftuneError, RuntimeError):
 @dataclass
 class CycleState:
     index: int
+    route: str | None = None  # --routes per-env: the route (an environment's name) it trains
     started: float = field(default_factory=time.time)
     done: list[str] = field(default_factory=list)
     collect: dict[str, Any] = field(default_factory=dict)
@@ -155,7 +163,8 @@ async def collect(
     if not train:
         stats.update(tasks_solved=0, few_shot=0)
         return stats
-    search_only = all(set(t.tools or environment.tool_names) <= {"search"} for t in train)
+    # tasks with no tool at all are not search tasks: their answers need no corpus
+    search_only = all(set(t.tools or environment.tool_names) == {"search"} for t in train)
     if search_only:
         found, with_ref = answers_in_corpus(train, environment.corpus_dir)
         stats["answers_in_corpus"] = [found, with_ref]
@@ -370,6 +379,7 @@ class ImproveJob:
         self.state: JobState | None = None
         self.dir: Path | None = None
         self._agent = None
+        self._routes: dict[str | None, list[str]] | None = None
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -445,11 +455,39 @@ class ImproveJob:
     def _tags(self) -> list[str]:
         return [f"job:{self.state.id}"]
 
-    def _active(self) -> str | None:
+    def routes(self) -> dict[str | None, list[str]]:
+        """Each cycle chain's route and the environments it plays: {None: every environment}
+        globally; per-env, {an environment's name: [that environment as given]}."""
+        if self._routes is None:
+            if self.settings.routes == "global":
+                self._routes = {None: list(self.settings.envs)}
+            else:
+                self._routes = {}
+                for env in self.settings.envs:
+                    name = _route_name(self.cfg, env)
+                    if name in self._routes:
+                        raise ImproveError(
+                            f"two environments are named {name!r} ({self._routes[name][0]} and "
+                            f"{env}): with --routes per-env each needs a name of its own"
+                        )
+                    self._routes[name] = [env]
+        return self._routes
+
+    def _envs(self, cycle: CycleState) -> list[str]:
+        """The environments `cycle` plays: its route's, or the job's for a global cycle."""
+        return self.routes()[cycle.route] if cycle.route is not None else self.settings.envs
+
+    def _active(self, route: str | None = None) -> str | None:
+        """The version that answers `route` today (its own, else the global active; None: the
+        base model): what a cycle on it collects with, tunes from and is gated against."""
         from tuner.registry import open_registry
 
-        rec = open_registry(self.cfg).active()
+        rec = open_registry(self.cfg).active_for(route)
         return rec.version if rec else None
+
+    @staticmethod
+    def _stem(cycle: CycleState) -> str:
+        return f"cycle{cycle.index}" + (f"-{cycle.route}" if cycle.route else "")
 
     async def _collect(self, cycle: CycleState) -> None:
         """Play each environment's train tasks with the active model (`collect`)."""
@@ -460,8 +498,8 @@ class ImproveJob:
             if self.settings.source == "traffic":
                 return
         agent = await self._agent_started()
-        active = self._active()
-        for env in self.settings.envs:
+        active = self._active(cycle.route)
+        for env in self._envs(cycle):
             known = self._latest_eval(env, active)
             # expert iteration: the tasks earlier cycles of this job solved go last
             solved_before = {
@@ -486,12 +524,12 @@ class ImproveJob:
                 f"{e}: {r}" for e, r in reasons.items()
             )
             return
-        for env in self._replay_envs():
+        for env in self._replay_envs(cycle):
             cycle.replay[env] = await self._replay(env, cycle, agent, active)
 
-    def _replay_envs(self) -> list[str]:
-        """`[improve] replay` less the job's own environments (their rows are there anyway)."""
-        return [e for e in self.settings.replay if e not in self.settings.envs]
+    def _replay_envs(self, cycle: CycleState) -> list[str]:
+        """`[improve] replay` less the cycle's own environments (their rows are there anyway)."""
+        return [e for e in self.settings.replay if e not in self._envs(cycle)]
 
     async def _replay(self, env: str, cycle: CycleState, agent: Any, active: str | None) -> dict:
         """The active model plays `env`'s train tasks zero-shot; its right, unflagged answers
@@ -585,9 +623,11 @@ class ImproveJob:
             )
             return
         tasks: dict = {}
-        for env in [*self.settings.envs, *cycle.replay]:
+        for env in [*self._envs(cycle), *cycle.replay]:
             tasks.update(environment_tasks(env, self.cfg)[1])
-        out = self.dir / f"cycle{cycle.index}-{method}"
+        # the traces since the cycle began: its own collection and replay only, as the routes'
+        # cycles run one after another
+        out = self.dir / f"{self._stem(cycle)}-{method}"
         filters = DatasetFilters(
             min_score=1.0, best_of_n=method == "sft", since=cycle.started, exclude_flagged=True
         )
@@ -704,8 +744,9 @@ class ImproveJob:
         from tuner.sanity import SanityError
         from tuner.train import TrainError, tune
 
-        active = self._active()
+        active = self._active(cycle.route)
         max_steps = self.settings.max_train_steps
+        on = f", route {cycle.route}" if cycle.route else ""
         try:
             rec = tune(
                 self.settings.method,
@@ -716,9 +757,9 @@ class ImproveJob:
                     seed=self.settings.seed, max_steps=max_steps if max_steps > 0 else None
                 ),
                 resume="auto",  # a killed tune step goes on from its last checkpoint
-                out_dir=self.dir / f"cycle{cycle.index}-adapter",
+                out_dir=self.dir / f"{self._stem(cycle)}-adapter",
                 isolated=True,  # this process holds the model for inference
-                notes=[f"improve job {self.state.id}, cycle {cycle.index}"],
+                notes=[f"improve job {self.state.id}, cycle {cycle.index}{on}"],
             )
         except SanityError as e:  # trained on nothing worth gating: stop this cycle, say why
             cycle.skipped = f"sanity check failed: {e}"
@@ -737,8 +778,11 @@ class ImproveJob:
         from tuner.grpo import GrpoError, GrpoRun
         from tuner.sanity import SanityError
 
-        if len(self.settings.envs) != 1:
-            raise ImproveError("--method grpo trains on one environment: give exactly one")
+        envs = self._envs(cycle)
+        if len(envs) != 1:
+            raise ImproveError(
+                "--method grpo trains on one environment: give exactly one, or --routes per-env"
+            )
         max_steps = self.settings.max_train_steps
         grpo_config = self.cfg.tuner.grpo.updated(
             steps=max_steps if max_steps > 0 else None,
@@ -746,13 +790,14 @@ class ImproveJob:
             concurrency=self.settings.concurrency,
             seed=self.settings.seed,
         )
-        env = self.settings.envs[0]
+        env = envs[0]
         try:
             run = GrpoRun(self.cfg, env, grpo_config, resume=True, console=self.console)
         except GrpoError:  # nothing to resume: a new run from the active adapter
             run = GrpoRun(
-                self.cfg, env, grpo_config, start_from=self._active(), console=self.console
-            )
+                self.cfg, env, grpo_config, start_from=self._active(cycle.route),
+                console=self.console,
+            )  # fmt: skip
         try:
             rec = await run.run()
         except SanityError as e:
@@ -764,11 +809,13 @@ class ImproveJob:
 
     async def _gate(self, cycle: CycleState) -> None:
         """Active and candidate on the same held-out tasks and the guards, decided by the one
-        gate (`evaluate_and_gate`, as `selftune gate` does)."""
+        gate (`evaluate_and_gate`, as `selftune gate` does); a route's cycle is decided for its
+        route, against what answers it, and promoted there."""
         from tuner.gate import evaluate_and_gate
         from tuner.registry import open_registry
 
-        active = self._active()
+        active = self._active(cycle.route)
+        envs = self._envs(cycle)
         extra, record = [], {"job": self.state.id}
         if self.settings.source in ("traffic", "both"):
             from tuner.traffic import TrafficSelection, heldout_environment
@@ -790,13 +837,14 @@ class ImproveJob:
             open_registry(self.cfg),
             cycle.candidate,
             active,
-            self.settings.envs,
+            envs,
             self.settings,
             agent=await self._agent_started(),
             tags=self._tags(),
             record=record,
             console=self.console,
             extra=extra,
+            route=cycle.route,
         )
         if extra:
             from tuner.traffic import HELDOUT_ENV
@@ -810,18 +858,28 @@ class ImproveJob:
                 "candidate_ci95": list(cand.ci95),
                 "active_ci95": list(act.ci95),
             }
-        envs = {r.env for r in candidate_results[: len(self.settings.envs)]}
+        names = {r.env for r in candidate_results[: len(envs)]}
         for adapter, results in ((cycle.candidate, candidate_results), (active, active_results)):
             for res in results:  # the job's own environments, clean: the learning curve's points
-                if res.perturb is None and res.env in envs:
+                if res.perturb is None and res.env in names:
                     cycle.evals.setdefault(adapter or "base", {})[res.env] = res.to_dict()
         cycle.gate = result.model_dump()
 
     async def _reload(self, cycle: CycleState) -> None:
-        """Make running agents answer with the new active adapter (or keep the old one)."""
+        """Make running agents answer with the new active adapter (or keep the old one). A
+        route's adapter needs no reload: the router reads the registry's pointer per request,
+        and the engine or vLLM loads a version by name on its first routed request."""
         from agent.workspace import get_engine
         from tuner.registry import open_registry
         from tuner.reload import reloader_for
+
+        if cycle.route is not None:
+            rec = open_registry(self.cfg).route_active(cycle.route)
+            self.console.print(
+                f"route {cycle.route}: {rec.version if rec else 'none (the global active)'}"
+                " answers its requests from the next one on"
+            )
+            return
 
         rec = open_registry(self.cfg).active()
         # the local backend: the process's one engine, which every agent here answers with
@@ -830,13 +888,19 @@ class ImproveJob:
 
     # -- the loop -------------------------------------------------------------------------------
 
-    async def run_cycle(self, index: int) -> CycleState:
-        cycle = next((c for c in self.state.cycles if c.index == index), None)
+    def _cycle(self, index: int, route: str | None) -> CycleState | None:
+        return next((c for c in self.state.cycles if c.index == index and c.route == route), None)
+
+    async def run_cycle(self, index: int, route: str | None = None) -> CycleState:
+        """Cycle `index` of `route`'s chain (None: the global one), from its first step not
+        done."""
+        cycle = self._cycle(index, route)
         if cycle is None:
-            cycle = CycleState(index=index)
+            cycle = CycleState(index=index, route=route)
             self.state.cycles.append(cycle)
             self._save()
         t0 = time.perf_counter()
+        on = f" (route {route})" if route else ""
         steps = {
             "collect": self._collect,
             "dataset": self._dataset,
@@ -849,12 +913,14 @@ class ImproveJob:
                 continue
             if cycle.skipped:
                 break
-            self.console.rule(f"cycle {index}: {name}")
+            self.console.rule(f"cycle {index}{on}: {name}")
             await steps[name](cycle)
             cycle.done.append(name)
             self._save()
         if cycle.skipped:
-            self.console.print(f"[yellow]cycle {index} skipped training: {cycle.skipped}[/yellow]")
+            self.console.print(
+                f"[yellow]cycle {index}{on} skipped training: {cycle.skipped}[/yellow]"
+            )
         cycle.wall_s = (cycle.wall_s or 0) + time.perf_counter() - t0
         self._save()
         return cycle
@@ -893,20 +959,28 @@ class ImproveJob:
                 f"good), not {self.settings.method} rows: add --method kto, or drop --weak-labels"
             )
         try:
+            if self.settings.routes != "global" and self.settings.source == "traffic":
+                raise ImproveError(
+                    "--routes per-env learns each environment on its own route, and traffic "
+                    "has no environment to split by: use --source envs, or --routes global"
+                )
+            routes = list(self.routes())  # fails on environment names that are no route names
             await self._check_graders()
             if self.settings.source in ("traffic", "both"):
                 self._check_traffic()  # before the baseline's minutes are spent
             await self._baseline()
-            for i in range(1, self.settings.cycles + 1):
-                done = next((c for c in self.state.cycles if c.index == i), None)
+            for i, route in ((i, r) for i in range(1, self.settings.cycles + 1) for r in routes):
+                done = self._cycle(i, route)
                 if done is not None and (done.skipped or set(STEPS) <= set(done.done)):
                     continue  # finished before a crash or a resume
                 if deadline and time.time() > deadline:
+                    on = f" on route {route}" if route else ""
                     self.console.print(
-                        f"[yellow]budget of {budget:g} min spent: stopping before cycle {i}[/yellow]"
+                        f"[yellow]budget of {budget:g} min spent: stopping before cycle {i}{on}"
+                        "[/yellow]"
                     )
                     break
-                await self.run_cycle(i)
+                await self.run_cycle(i, route)
             self.state.finished = time.time()
             self._save()
         finally:
@@ -914,6 +988,19 @@ class ImproveJob:
                 await self._agent.aclose()
                 self._agent = None
         return self.state
+
+
+def _route_name(cfg: Config, env: str) -> str:
+    """The route of `env`'s chain with --routes per-env: the environment's own name ("docs-qa"
+    for the folder docs_qa, a user folder's name), as its traces and the router call it."""
+    from agent.envs import environment_tasks
+    from agent.model.adapters import RegistryError, check_route
+
+    name = environment_tasks(env, cfg)[0]
+    try:
+        return check_route(name)
+    except RegistryError as e:
+        raise ImproveError(f"environment {env}: {e}") from None
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -928,9 +1015,10 @@ def curve_points(state: JobState) -> list[tuple[str, dict[str, float]]]:
     for cycle in state.cycles:
         if cycle.candidate and cycle.candidate in cycle.evals:
             verdict = "promoted" if cycle.gate.get("promote") else "rejected"
+            on = f" on {cycle.route}" if cycle.route else ""
             points.append(
                 (
-                    f"c{cycle.index} {cycle.candidate} ({verdict})",
+                    f"c{cycle.index} {cycle.candidate} ({verdict}{on})",
                     {e: d["success_rate"] for e, d in cycle.evals[cycle.candidate].items()},
                 )
             )
@@ -947,7 +1035,8 @@ def report_table(state: JobState) -> Table:
         table.add_row(label, *[f"{rates[e]:.1%}" if e in rates else "-" for e in envs])
     for cycle in state.cycles:
         if cycle.skipped:
-            table.add_row(f"c{cycle.index} (skipped)", *["-" for _ in envs])
+            on = f" {cycle.route}" if cycle.route else ""
+            table.add_row(f"c{cycle.index}{on} (skipped)", *["-" for _ in envs])
     return table
 
 
@@ -981,8 +1070,11 @@ async def improve(
             for cycle in state.cycles:
                 if cycle.wall_s:
                     verdict = "promoted" if cycle.gate.get("promote") else "rejected"
+                    if cycle.route:
+                        verdict += f" on route {cycle.route}"
                     Console().print(
-                        f"cycle {cycle.index}: {cycle.wall_s / 60:.1f} min"
+                        f"cycle {cycle.index}{' ' + cycle.route if cycle.route else ''}: "
+                        f"{cycle.wall_s / 60:.1f} min"
                         + (f", candidate {cycle.candidate}: {verdict}" if cycle.candidate else "")
                     )
             Console().print(f"learning curve: {png}", soft_wrap=True)  # a path must not wrap

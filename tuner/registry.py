@@ -11,9 +11,12 @@ Layout under `root` (normally `<workspace>/adapters`):
 The `active` file is the single source of truth for which adapter is live (none = the base
 model), globally and per route. A route (an environment, a subagent role, any label) has its
 own active adapter and history; a request whose route has none gets the global one. A record's
-`status` speaks of the global pointer only; `routes()` says which versions serve which route. It and every record are written to a temporary file, fsynced, `os.replace`d and the
-directory fsynced, so a kill -9 at any moment leaves either the old or the new state, never a
-mix. Record statuses are reconciled to the pointer when the registry opens, because a writer
+`status` speaks of the global pointer only; `routes()` says which versions serve which route,
+`active_for(route)` which version answers a route's requests (the router's answer). A gate
+on a route (tuner/gate.py) promotes on that route only, and its pass never counts for the
+global pointer. The pointer and every record are written to a temporary file, fsynced,
+`os.replace`d and the directory fsynced, so a kill -9 at any moment leaves either the old or
+the new state, never a mix. Record statuses are reconciled to the pointer when the registry opens, because a writer
 killed between the pointer and the record updates leaves a stale status behind.
 """
 
@@ -170,6 +173,23 @@ class Registry:
         v = self._read_pointer()["routes"].get(check_route(route), {}).get("active")
         return None if v is None else self.get(v)
 
+    def active_for(self, route: str | None) -> AdapterRecord | None:
+        """The adapter that answers `route`'s requests, as the router picks it: the route's
+        own active adapter, else the global active, else None (the base model). None: the
+        global active."""
+        rec = self.route_active(route) if route is not None else None
+        return rec if rec is not None else self.active()
+
+    def promoted_on(self, route: str) -> list[str]:
+        """Every version ever promoted on `route`, oldest first (rolled back ones too, as a
+        rolled back global adapter stays `retired`): read from the pointer's events."""
+        check_route(route)
+        seen: dict[str, None] = {}
+        for e in self._read_pointer()["events"]:
+            if e.get("route") == route and e.get("action") == "promote" and e.get("to"):
+                seen.setdefault(e["to"], None)
+        return list(seen)
+
     def path(self, version: str) -> Path:
         return self._dir(version)
 
@@ -290,10 +310,11 @@ class Registry:
                 raise RegistryError(
                     f"the gate result for {version} says reject ({'; '.join(gate_result.reasons)})"
                 )
-            if gate_result is None and not force and not _passed_gate(rec):
+            if gate_result is None and not force and not _passed_gate(rec, route):
+                where, opt = (f" on route {route}", f" --route {route}") if route else ("", "")
                 raise RegistryError(
-                    f"{version} has not passed the eval gate: run the gate on it, or pass "
-                    "--force to promote it anyway (noted in its record)"
+                    f"{version} has not passed the eval gate{where}: run `selftune gate "
+                    f"{version}{opt}`, or pass --force to promote it anyway (noted in its record)"
                 )
             pointer = self._read_pointer()
             if route is not None:
@@ -340,12 +361,26 @@ class Registry:
         self._write_record(rec)
         return self.get(rec.version)
 
-    def reject(self, version: str, gate_result: GateResult | None = None) -> AdapterRecord:
+    def reject(
+        self, version: str, gate_result: GateResult | None = None, *, route: str | None = None
+    ) -> AdapterRecord:
         """Mark a candidate `rejected` (the gate said no). The active adapter cannot be rejected,
-        nor one active on a route."""
+        nor one active on a route. With `route` (the gate said no for that route alone) the
+        record gets a note, and the status `rejected` only if no route or global pointer
+        serves it: a version that serves elsewhere keeps serving there."""
         with self._lock():
             rec = self.get(version)
             pointer = self._read_pointer()
+            if route is not None:
+                why = "; ".join(gate_result.reasons) if gate_result is not None else "no reason"
+                rec.notes.append(f"rejected by the gate on route {check_route(route)}: {why}")
+                live = pointer["active"] == version or any(
+                    e.get("active") == version for e in pointer["routes"].values()
+                )
+                if not live:
+                    rec.status = "rejected"
+                self._write_record(rec)
+                return self.get(version)
             if pointer["active"] == version:
                 raise RegistryError(f"{version} is active: roll back first, then reject it")
             on = [n for n, e in pointer["routes"].items() if e.get("active") == version]
@@ -458,8 +493,11 @@ class Registry:
         }
 
 
-def _passed_gate(rec: AdapterRecord) -> bool:
-    gates = [e["gate"] for e in rec.eval_results if "gate" in e]
+def _passed_gate(rec: AdapterRecord, route: str | None = None) -> bool:
+    """Whether the last gate that speaks for `route` said promote. A gate on a route judged the
+    version on that route's environments only, so it never counts for the global pointer; a
+    global gate (on the job's environments, its route's among them) counts for any route."""
+    gates = [e["gate"] for e in rec.eval_results if "gate" in e and e.get("route") in (None, route)]
     return bool(gates) and bool(gates[-1].get("promote"))
 
 

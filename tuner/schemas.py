@@ -77,6 +77,9 @@ class GateResult(_Schema):
     blocked_by: list[str] = Field(default_factory=list)
     # environments judged only as guards, never part of the target: name -> guard kind
     guard_envs: dict[str, str] = Field(default_factory=dict)
+    # the route the candidate was gated for (None: the global pointer); a pass promotes it
+    # on that route only
+    route: str | None = None
 
 
 class AdapterRecord(_Schema):

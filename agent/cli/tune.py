@@ -239,11 +239,20 @@ def gate(
     concurrency: Annotated[
         int | None, typer.Option(help="episodes at once per model (default: improve.concurrency)")
     ] = None,
+    route: Annotated[
+        str | None,
+        typer.Option(
+            "--route",
+            help="decide for this route alone: against what answers it today, on its "
+            "environments (default: the route itself), promoting on the route only",
+        ),
+    ] = None,
 ) -> None:
     """The eval gate: evaluate VERSION and the reference on the same held-out tasks and the
     guards ([tuner.gate]: the general probe, environments earlier promotions passed on,
     perturbed prompts), then promote VERSION or reject it, naming the guard that blocked it;
-    the decision and every number go into the registry."""
+    the decision and every number go into the registry. With --route the decision and the
+    promotion are that route's."""
     from agent.model.files import ModelError
     from tuner.gate import GateError, run_gate
     from tuner.registry import RegistryError
@@ -252,13 +261,17 @@ def gate(
     cfg = get_config(ctx)
     try:
         cfg.improve = cfg.improve.updated(eval_limit=eval_limit, concurrency=concurrency)
-        result = asyncio.run(run_gate(cfg, version, against=against, envs=envs, console=console))
+        result = asyncio.run(
+            run_gate(cfg, version, against=against, envs=envs, console=console, route=route)
+        )
     except (GateError, RegistryError, ModelError, ReloadError, ValueError) as e:
         fail(str(e))
-    verdict = "promoted: now active" if result.promote else "rejected"
+    where = f"active on route {route}" if route else "active"
+    verdict = f"promoted: now {where}" if result.promote else "rejected"
     if result.blocked_by:
         verdict += f" (blocked by {'; '.join(result.blocked_by)})"
-    out.print(f"{version} vs {result.active or 'the base model'}: {verdict}", markup=False)
+    on = f" on route {route}" if route else ""
+    out.print(f"{version} vs {result.active or 'the base model'}{on}: {verdict}", markup=False)
 
 
 def _when(t: float) -> str:
@@ -480,6 +493,12 @@ def improve(
             help="--source traffic --method kto: a question asked again or a failed tool call labels the answer it points at False (default: improve.weak_labels)"
         ),
     ] = None,
+    routes: Annotated[
+        str | None,
+        typer.Option(
+            help="global: one adapter for every environment; per-env: each environment its own cycles and adapter, promoted on its own route (default: improve.routes)"
+        ),
+    ] = None,
 ) -> None:
     """Collect, grade, build a dataset, tune, gate, promote and reload: the self-improvement loop.
     With --source traffic a cycle learns from served traffic and people's feedback (--judge grades
@@ -513,6 +532,7 @@ def improve(
             since=since,
             judge=judge,
             weak_labels=weak_labels,
+            routes=routes,
         )
         every_s = parse_every(every) if every else None
         asyncio.run(run_improve(cfg, settings, every_s=every_s, resume=resume, console=console))
