@@ -959,7 +959,7 @@ class ImproveJob:
                 f"good), not {self.settings.method} rows: add --method kto, or drop --weak-labels"
             )
         try:
-            if self.settings.routes != "global" and self.settings.source == "traffic":
+            if self.settings.routes != "global" and self.settings.source != "envs":
                 raise ImproveError(
                     "--routes per-env learns each environment on its own route, and traffic "
                     "has no environment to split by: use --source envs, or --routes global"
