@@ -600,9 +600,8 @@ class ImproveJob:
         return self.state.baseline.get("base", {}).get(env) if adapter is None else None
 
     async def _dataset(self, cycle: CycleState) -> None:
-        from agent.envs import environment_tasks
         from agent.workspace import open_store
-        from traces.datasets import DatasetError, DatasetFilters, build_dataset
+        from traces.datasets import DatasetError, build_dataset
 
         method = self.settings.method
         if method == "grpo":
@@ -622,37 +621,47 @@ class ImproveJob:
                 "min_new_traces): collect more tasks (--collect-limit) or lower the threshold"
             )
             return
-        tasks: dict = {}
-        for env in [*self._envs(cycle), *cycle.replay]:
-            tasks.update(environment_tasks(env, self.cfg)[1])
-        # the traces since the cycle began: its own collection and replay only, as the routes'
-        # cycles run one after another
         out = self.dir / f"{self._stem(cycle)}-{method}"
-        filters = DatasetFilters(
-            min_score=1.0, best_of_n=method == "sft", since=cycle.started, exclude_flagged=True
-        )
-        names = self.cfg.tuner.augment_perturbed if method == "sft" else []
+        tasks, filters, augment = self._episode_inputs(cycle)
         try:
             res = build_dataset(
-                store,
-                method,
-                out,
-                filters,
-                tasks=tasks,
-                scrub_patterns=self.cfg.traces.scrub_patterns,
-                augment=perturbed_copies(names, self.settings.seed + cycle.index)
-                if names
-                else None,
-            )
+                store, method, out, filters, tasks=tasks,
+                scrub_patterns=self.cfg.traces.scrub_patterns, augment=augment,
+            )  # fmt: skip
         except DatasetError as e:
             cycle.skipped = f"no dataset: {e}"
             return
         cycle.dataset = {"dir": str(out), "rows": res.rows, "manifest": str(out / "manifest.json")}
-        by_env = res.manifest["counts"].get("by_env", {})
+        self._count_extra_rows(cycle, res.manifest)
+
+    def _episode_inputs(self, cycle: CycleState) -> tuple[dict, Any, Any]:
+        """What a dataset of this cycle's episodes is built from: the tasks of its environments
+        and of replay's, the filters (the passing, unflagged traces since the cycle began: its
+        own collection and replay only, as the routes' cycles run one after another), and the
+        `[tuner] augment_perturbed` rewrite (None when off)."""
+        from agent.envs import environment_tasks
+        from traces.datasets import DatasetFilters
+
+        method = self.settings.method
+        tasks: dict = {}
+        for env in [*self._envs(cycle), *cycle.replay]:
+            tasks.update(environment_tasks(env, self.cfg)[1])
+        filters = DatasetFilters(
+            min_score=1.0, best_of_n=method == "sft", since=cycle.started, exclude_flagged=True
+        )
+        names = self.cfg.tuner.augment_perturbed if method == "sft" else []
+        augment = perturbed_copies(names, self.settings.seed + cycle.index) if names else None
+        return tasks, filters, augment
+
+    @staticmethod
+    def _count_extra_rows(cycle: CycleState, manifest: dict[str, Any]) -> None:
+        """Replay's rows per environment and the perturbed copies, from the manifest's counts."""
+        counts = manifest["counts"]
         if cycle.replay:
+            by_env = counts.get("by_env", {})
             cycle.dataset["replay_rows"] = {e: by_env.get(e, 0) for e in cycle.replay}
-        if names:
-            cycle.dataset["augmented"] = res.manifest["counts"].get("augmented", {})
+        if "augmented" in counts:
+            cycle.dataset["augmented"] = counts["augmented"]
 
     def _dataset_traffic(self, cycle: CycleState, store: Any) -> None:
         """Rows from the traffic's training sessions (tuner.traffic.build_traffic_dataset);
@@ -692,25 +701,17 @@ class ImproveJob:
         """`--source both`: this cycle's passing episodes on the environments' train tasks and
         the traffic's training sessions in one dataset (tuner.traffic.build_mixed_dataset);
         fewer than `min_new_traces` rows in all: the cycle is skipped, saying why."""
-        from agent.envs import environment_tasks
-        from traces.datasets import DatasetError, DatasetFilters
+        from traces.datasets import DatasetError
         from tuner.traffic import TrafficSelection, build_mixed_dataset
 
         method = self.settings.method
-        tasks: dict = {}
-        for env in [*self.settings.envs, *cycle.replay]:
-            tasks.update(environment_tasks(env, self.cfg)[1])
         out = self.dir / f"cycle{cycle.index}-both-{method}"
-        filters = DatasetFilters(
-            min_score=1.0, best_of_n=method == "sft", since=cycle.started, exclude_flagged=True
-        )
-        names = self.cfg.tuner.augment_perturbed if method == "sft" else []
+        tasks, filters, augment = self._episode_inputs(cycle)
         try:
             res, sides = build_mixed_dataset(
                 store, TrafficSelection.from_summary(cycle.traffic), method, out, filters,
                 tasks=tasks, scrub_patterns=self.cfg.traces.scrub_patterns,
-                weak_labels=self.settings.weak_labels,
-                augment=perturbed_copies(names, self.settings.seed + cycle.index) if names else None,
+                weak_labels=self.settings.weak_labels, augment=augment,
             )  # fmt: skip
         except DatasetError as e:
             cycle.skipped = f"no dataset: {e}"
@@ -732,9 +733,7 @@ class ImproveJob:
             "rows_by_signal": dict(sorted(signals.items())),
             "excluded": res.manifest.get("excluded", {}),
         }
-        by_env = res.manifest["counts"].get("by_env", {})
-        if cycle.replay:
-            cycle.dataset["replay_rows"] = {e: by_env.get(e, 0) for e in cycle.replay}
+        self._count_extra_rows(cycle, res.manifest)
 
     async def _tune(self, cycle: CycleState) -> None:
         """Train a candidate from the active adapter: GRPO online, or on the cycle's dataset."""
