@@ -688,12 +688,11 @@ class ImproveJob:
                 "lower the threshold"
             )
             return
-        signals = Counter(p["signal"] for p in json.loads((out / "provenance.json").read_text()))
         cycle.dataset = {
             "dir": str(out),
             "rows": res.rows,
             "manifest": str(out / "manifest.json"),
-            "rows_by_signal": dict(sorted(signals.items())),
+            "rows_by_signal": _rows_by_signal(out),
             "excluded": res.manifest.get("excluded", {}),
         }
 
@@ -724,13 +723,12 @@ class ImproveJob:
                 "more tasks (--collect-limit), gather more feedback, or lower the threshold"
             )
             return
-        signals = Counter(p["signal"] for p in json.loads((out / "provenance.json").read_text()))
         cycle.dataset = {
             "dir": str(out),
             "rows": res.rows,
             "manifest": str(out / "manifest.json"),
             "rows_from": sides,
-            "rows_by_signal": dict(sorted(signals.items())),
+            "rows_by_signal": _rows_by_signal(out),
             "excluded": res.manifest.get("excluded", {}),
         }
         self._count_extra_rows(cycle, res.manifest)
@@ -987,6 +985,12 @@ class ImproveJob:
                 await self._agent.aclose()
                 self._agent = None
         return self.state
+
+
+def _rows_by_signal(dataset_dir: Path) -> dict[str, int]:
+    """A traffic dataset's rows counted by the signal that labelled them (its provenance)."""
+    provenance = json.loads((dataset_dir / "provenance.json").read_text())
+    return dict(sorted(Counter(p["signal"] for p in provenance).items()))
 
 
 def _route_name(cfg: Config, env: str) -> str:
