@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -56,7 +57,7 @@ def scripted_session(cfg, model_path: Path, args) -> dict:
 
     environment = load_environment(args.env, config=cfg.agent)
     tasks = environment.split("train")[: args.questions]
-    engine = LocalEngine(model_path, threads=2, batch_wait_ms=20)
+    engine = LocalEngine(model_path, threads=cfg.model.threads, batch_wait_ms=20)
     tracer = Tracer(TraceStore(trace_db_path(cfg)))
     store = TraceStore(trace_db_path(cfg))
     service = AgentService(Agent(cfg, engine=engine, tracer=tracer))
@@ -129,7 +130,7 @@ def run(args) -> dict:
 
     model_path = require_model()
     workspace(home, model_path)  # links the model in
-    overrides = {"SELFTUNE_HOME": str(home)}
+    overrides = {**os.environ, "SELFTUNE_HOME": str(home)}  # SELFTUNE_* settings apply
     if not args.guards:
         overrides |= {"SELFTUNE_TUNER__GATE__PROBE": "", "SELFTUNE_TUNER__GATE__ROBUSTNESS": "[]"}
     cfg = load_config(environ=overrides)
