@@ -137,8 +137,10 @@ def test_a_teacher_judge_without_a_teacher_is_refused_naming_the_fix(tmp_path, m
     cfg = load_config(environ={"SELFTUNE_HOME": str(tmp_path / "ws")})
     with pytest.raises(TeacherError, match=r"set \[teacher\] base_url"):
         asyncio.run(make_judge(cfg, "teacher"))
-    # true and false, as before there was a choice, still mean the base model and off
+    # true and false, as before there was a choice, still mean the base model and off; the
+    # base model's grades name it as the teacher's name the teacher
     assert cfg.improve.updated(judge=True).judge == "base"
+    assert asyncio.run(make_judge(cfg, "base")).grader == f"judge:base:{MODEL}"
     assert cfg.tuner.grpo.updated(judge="off").judge is None
     with pytest.raises(ValueError, match="judge must be 'base'"):
         cfg.improve.updated(judge="strong")
