@@ -40,6 +40,34 @@ class ConfigError(SelftuneError, ValueError):
     """A configuration problem, phrased for the person who has to fix it."""
 
 
+# Which LLM judge grades ([improve] judge, [tuner.grpo] judge): "base" the configured base model
+# (agent.workspace.judge_model), "teacher" the [teacher] section's model (tuner.teacher); None off
+Judge = Literal["base", "teacher"]
+
+
+NO_TEACHER_JUDGE = (
+    "no teacher is configured to judge with: set [teacher] base_url (an OpenAI-compatible "
+    "server) and model, or model (a model folder), or adapter (a registry version); or judge "
+    "with the base model (judge = 'base')"
+)
+
+
+def judge_choice(value: Any) -> Any:
+    """`judge = true` (as before there was a choice) means "base"; false, "off" and "" off."""
+    if value is True:
+        return "base"
+    if value is False or value in ("off", "", "none", "false"):
+        return None
+    if value == "true":
+        return "base"
+    if value is not None and value not in ("base", "teacher"):
+        raise ValueError(
+            f"judge must be 'base' (the base model), 'teacher' (the [teacher] model) or 'off', "
+            f"got {value!r}"
+        )
+    return value
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -192,7 +220,9 @@ class GrpoConfig(_Section):
     max_grad_norm: float = Field(default=1.0, gt=0)
     micro_batch: int = Field(default=8, ge=1)  # sequences per forward/backward
     concurrency: int = Field(default=16, ge=1)  # episodes at once in a rollout
-    judge: bool = False  # also rank each group with the LLM judge (RULER-style), mixed 50/50
+    # also rank each group with the LLM judge (RULER-style), mixed 50/50: "base" the base model,
+    # "teacher" the [teacher] model; true means "base", false off
+    judge: Judge | None = None
     # where the rollouts run: "agent" = the agent's own backend (in process, or the [model]
     # server with the policy hot-loaded as a LoRA each step); "vllm" = a vLLM server the run
     # starts for itself, serving the policy's merged weights, reloaded in place each step
@@ -218,6 +248,11 @@ class GrpoConfig(_Section):
     # turn-level credit: in an episode with a positive advantage, a model turn whose tool calls
     # failed or whose results no later turn used gets this share of it (1.0: every turn alike)
     turn_credit: float = Field(default=0.5, ge=0.0, le=1.0)
+
+    @field_validator("judge", mode="before")
+    @classmethod
+    def _judge(cls, value: Any) -> Any:
+        return judge_choice(value)
 
 
 class GateConfig(_Section):
@@ -323,9 +358,10 @@ class ImproveConfig(_Section):
     source: Literal["envs", "traffic", "both"] = "envs"
     since: str | None = None
     traffic_holdout: float = Field(default=0.2, gt=0.0, lt=1.0)
-    # traffic whose question matches no environment task is graded by the LLM judge (the base
-    # model, agent.workspace.judge_model, as `[tuner.grpo] judge`); off: it stays ungraded
-    judge: bool = False
+    # traffic whose question matches no environment task is graded by the LLM judge: "base" the
+    # base model (agent.workspace.judge_model, as `[tuner.grpo] judge`), "teacher" the [teacher]
+    # model (a stronger judge); true means "base"; false (off): it stays ungraded
+    judge: Judge | None = None
     # --method kto: the implicit signals the server recorded (the same question asked again, a
     # failed tool call) label the answer they point at False, where nothing stronger grades it
     weak_labels: bool = False
@@ -336,6 +372,11 @@ class ImproveConfig(_Section):
     # per model call: a tool call takes ~30 tokens and an answer ~10, while a rambling base model
     # fills whatever it gets, and a batch lasts as long as its longest row
     max_tokens: int = Field(default=64, ge=1)
+
+    @field_validator("judge", mode="before")
+    @classmethod
+    def _judge(cls, value: Any) -> Any:
+        return judge_choice(value)
 
 
 class TeacherConfig(_Section):
@@ -410,6 +451,13 @@ class Config(_Section):
                     f"[agent] tool_timeout_s = {self.agent.tool_timeout_s:g}, or a hung server "
                     "is never restarted: lower the first or raise the second"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _a_teacher_judge_needs_a_teacher(self) -> Config:
+        for key, judge in (("improve", self.improve.judge), ("tuner.grpo", self.tuner.grpo.judge)):
+            if judge == "teacher" and not self.teacher.configured:
+                raise ValueError(f"[{key}] judge = 'teacher': {NO_TEACHER_JUDGE}")
         return self
 
 

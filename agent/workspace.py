@@ -64,14 +64,22 @@ def open_collection(cfg: Config, name: str | None = None):
     return get_collection(client, name or cfg.retrieval.collection)
 
 
-def judge_model(cfg: Config, *, max_tokens: int = 128):
-    """The LLM judge (traces.judge): the configured base model, no adapter, greedy, on the
-    process's one engine. What `[tuner.grpo] judge` ranks groups with and `[improve] judge`
-    grades unmatched traffic with."""
+def judge_model(cfg: Config, *, max_tokens: int = 128, adapter: str | None = None):
+    """The LLM judge (traces.judge): `cfg`'s model, greedy, on the process's one engine for it;
+    no adapter unless `adapter` names one ("v3", a folder). What `[tuner.grpo] judge` ranks
+    groups with and `[improve] judge` grades unmatched traffic with: on the base model's config,
+    or on the teacher's (tuner.teacher.make_judge)."""
     from agent.model import make_chat_model
+    from agent.model.adapters import resolve_adapter
 
     engine = get_engine(cfg) if cfg.model.backend == "local" else None
-    return make_chat_model(cfg, engine=engine, max_tokens=max_tokens, temperature=0.0)
+    return make_chat_model(
+        cfg,
+        engine=engine,
+        adapter=resolve_adapter(cfg, engine, adapter),
+        max_tokens=max_tokens,
+        temperature=0.0,
+    )
 
 
 def chat_once(

@@ -57,7 +57,7 @@ def test_every_tuner_setting_is_settable_from_toml_and_the_environment(tmp_path)
     )
     assert cfg.tuner.train.lora_r == 8 and cfg.tuner.grpo.group_size == 6
     assert cfg.tuner.gate.margin == 0.1 and cfg.improve.min_new_traces == 3
-    assert cfg.tuner.grpo.judge is True and cfg.improve.envs == ["calculator"]
+    assert cfg.tuner.grpo.judge == "base" and cfg.improve.envs == ["calculator"]  # true: base
 
 
 def test_an_unknown_key_names_the_closest_valid_one():

@@ -236,7 +236,7 @@ def test_tune_grpo_options_default_to_the_config_and_override_it(monkeypatch, tm
     config = seen["config"]
     assert config.group_size == 6 and config.rollout_engine == "vllm"  # from the config
     assert config.steps == 2 and config.learning_rate == 1e-3  # given
-    assert config.tasks_per_step == 4 and config.judge is False  # the defaults
+    assert config.tasks_per_step == 4 and config.judge is None  # the defaults
     assert "Next: `selftune gate v1`" in res.output
 
 

@@ -1,5 +1,6 @@
 """Human feedback: a thumbs up or down, a score or a correction on a trace, one at a time (the
-CLI, `POST /v1/feedback`) or in a review session, and the datasets made from it.
+CLI, `POST /v1/feedback`: both through `give_feedback`) or in a review session, and the datasets
+made from it; and marking a session private after the fact.
 
 Feedback is a Grade like any other, with source `human`, so dataset builders and the eval
 gate treat it the same way (and a thumbs down always overrides a passing verifier). A
@@ -13,6 +14,7 @@ import getpass
 import json
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +87,51 @@ def record_feedback(
         metadata=metadata,
     )
     return store.add_grade(grade)
+
+
+@dataclass
+class FeedbackGiven:
+    """What `give_feedback` did: the trace (full id) and its session; the grade it stored, if a
+    verdict was given; the traces it marked private, if asked."""
+
+    trace_id: str
+    session: str
+    grade: Grade | None = None
+    marked: list[str] = field(default_factory=list)
+
+
+def give_feedback(
+    store: TraceStore,
+    trace_id: str,
+    up: bool | None = None,
+    *,
+    score: float | None = None,
+    note: str | None = None,
+    correction: str | None = None,
+    private: bool = False,
+    who: str | None = None,
+    via: str = "cli",
+) -> FeedbackGiven:
+    """A person's feedback on the trace with this id (or unique prefix), as `POST
+    /v1/feedback` and `selftune feedback` take it: a verdict (thumb, score, correction:
+    `record_feedback`), `private` (the trace's whole session stays out of training:
+    `mark_private`), or both. The session is marked first, so a verdict that fails cannot leave
+    it trainable. Raises FeedbackError when nothing is given or the score is out of range,
+    TraceNotFoundError for an unknown id."""
+    verdict = up is not None or score is not None or correction is not None
+    if not verdict and not private:
+        raise FeedbackError("feedback needs a thumb (up/down), a score, a correction or private")
+    if score is not None and not 0.0 <= float(score) <= 1.0:  # before anything is marked
+        raise FeedbackError(f"score {score!r} is outside [0, 1]: give a number from 0 to 1")
+    trace = store.get(trace_id, with_spans=False)
+    given = FeedbackGiven(trace.id, session_of(trace))
+    if private:
+        given.marked = mark_private(store, trace.id, who=who, via=via)
+    if verdict:
+        given.grade = record_feedback(
+            store, trace.id, up, note=note, who=who, score=score, correction=correction, via=via
+        )
+    return given
 
 
 def _has_human_grade(store: TraceStore, trace_id: str) -> bool:

@@ -51,6 +51,7 @@ from agent.config import Config, GrpoConfig  # [tuner.grpo], a section of the on
 from agent.model.files import model_dir
 from tools.errors import SelftuneError
 from tuner import sanity
+from tuner.teacher import JudgeModel, make_judge
 
 if TYPE_CHECKING:
     from agent.envs import Environment
@@ -532,17 +533,17 @@ def pick_tasks(
 
 
 async def judge_groups(
-    cfg: Config, tasks: dict[str, Task], by_task: dict[str, list], store
+    judge: JudgeModel, tasks: dict[str, Task], by_task: dict[str, list], store
 ) -> dict[str, float]:
-    """RULER-style: each group ranked by the base model as judge; trace id -> score."""
-    from agent.workspace import judge_model
+    """RULER-style: each group ranked by `judge` (the base model or the teacher), its grades
+    named for it (`judge.group_grader`); trace id -> score."""
     from traces.graders import agrade_group
 
-    judge = judge_model(cfg)  # on the rollouts' engine
     scores = {}
     for task_id, outcomes in by_task.items():
         traces = [store.get(o.trace_id) for o in outcomes if not o.grade_error]
-        for grade in await agrade_group(tasks[task_id], traces, judge):
+        for grade in await agrade_group(tasks[task_id], traces, judge.model):
+            grade = grade.model_copy(update={"grader": judge.group_grader})
             store.add_grade(grade)
             if not grade.metadata.get("error"):
                 scores[grade.trace_id] = grade.value
@@ -650,6 +651,7 @@ class GrpoRun:
         self.policy: Policy | None = None
         self._served: str | None = None  # the policy's name on the rollout engine
         self.rates = SolveRates({})  # the tasks' solve rates, loaded with the environment
+        self.judge: JudgeModel | None = None  # `[tuner.grpo] judge`, built when the run starts
 
     def _open(self, runs: Path, start_from: str | None, resume: bool) -> tuple[Path, RunState]:
         if resume:
@@ -740,7 +742,7 @@ class GrpoRun:
             judged: dict[str, float] = {}
             if c.judge:
                 t1 = time.perf_counter()
-                judged = await judge_groups(self.cfg, {t.id: t for t in tasks}, by_task, store)
+                judged = await judge_groups(self.judge, {t.id: t for t in tasks}, by_task, store)
                 grade_s += time.perf_counter() - t1
             new_groups, new_kept = groups_of(by_task, judged)
             for g in new_groups:
@@ -795,11 +797,18 @@ class GrpoRun:
             )
         if self.cfg.model.backend == "openai" and not self.cfg.model.base_url:
             raise GrpoError('[model] backend = "openai" needs base_url (the vLLM server)')
-        if self.config.rollout_engine == "vllm" and self.config.judge:
+        teacher = self.cfg.teacher
+        on_base = self.config.judge == "base" or (
+            self.config.judge == "teacher" and not (teacher.base_url or teacher.model)
+        )  # an adapter teacher runs on the student's base model too
+        if self.config.rollout_engine == "vllm" and on_base:
             raise GrpoError(
                 "the run's vLLM server serves the policy's weights, so it cannot also judge as "
-                "the base model: drop --judge, or use --rollout-engine agent"
+                "the base model: drop --judge, judge with a [teacher] base_url or model "
+                "(--judge teacher), or use --rollout-engine agent"
             )
+        if self.config.judge:  # before any rollout: a teacher that does not answer says so now
+            self.judge = await make_judge(self.cfg, self.config.judge)
         environment = load_environment(self.env_name, config=self.cfg.agent)
         kinds = {t.id: task_kind(t) for t in environment.split("train")}
         self.rates = SolveRates(kinds, self.state.solve_rates)  # a resumed run keeps its own

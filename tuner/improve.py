@@ -380,6 +380,7 @@ class ImproveJob:
         self.dir: Path | None = None
         self._agent = None
         self._routes: dict[str | None, list[str]] | None = None
+        self._judge_model = None  # tuner.teacher.JudgeModel, once `_judge` built it
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -552,36 +553,49 @@ class ImproveJob:
         kept = sum(o.success and not o.flags for o in res.outcomes)
         return {"n": res.n, "successes": res.successes, "kept": kept}
 
+    async def _judge(self):
+        """The LLM judge `[improve] judge` names (the base model or the teacher:
+        tuner.teacher.make_judge), built once per job; None when off."""
+        from tuner.teacher import make_judge
+
+        if not self.settings.judge:
+            return None
+        if self._judge_model is None:
+            # the judge writes a score line first: the episodes' token cap is enough for it
+            self._judge_model = await make_judge(
+                self.cfg, self.settings.judge, max_tokens=self.settings.max_tokens
+            )
+        return self._judge_model
+
     async def _collect_traffic(self, cycle: CycleState) -> None:
         """Select and grade the recorded traffic (tuner.traffic.select_traffic), with the LLM
-        judge (agent.workspace.judge_model) for unmatched questions when `[improve] judge`; the
-        selection, its held-out sessions and what was left out go into the cycle's state."""
+        judge (`_judge`) for unmatched questions when `[improve] judge`; the selection, its
+        held-out sessions, which judge graded and what was left out go into the cycle's state."""
         from agent.envs import environment_tasks
-        from agent.workspace import judge_model
         from tuner.traffic import select_traffic
 
         tasks: dict = {}
         for env in self.settings.envs:
             tasks.update(environment_tasks(env, self.cfg)[1])
-        # the judge writes a score line first: the episodes' token cap is enough for it
-        judge = (
-            judge_model(self.cfg, max_tokens=self.settings.max_tokens)
-            if self.settings.judge
-            else None
-        )
+        judge = await self._judge()
         with _traffic_store(self.cfg) as store:
             sel = await select_traffic(
                 store,
                 since=self.settings.since,
                 holdout=self.settings.traffic_holdout,
                 tasks=tasks,
-                judge_model=judge,
+                judge_model=judge.model if judge else None,
+                judge_grader=judge.grader if judge else "judge",
                 scrub_patterns=self.cfg.traces.scrub_patterns,
             )
         cycle.traffic = s = sel.summary()
         unmatched = sum(i.grade_source is None for i in sel.items)
-        if s["judge"]:
-            judged = f"; the judge graded {s['judge_graded']} ({s['judge_failed']} failed)"
+        if judge is not None:
+            s["judge_description"] = judge.description
+            judged = (
+                f"; the judge ({judge.description}) graded {s['judge_graded']} "
+                f"({s['judge_failed']} failed)"
+            )
         else:
             judged = f"; {unmatched} ungraded (--judge grades them)" if unmatched else ""
         weak = f"; {s['weak_labelled']} weak-labelled only" if s["weak_labelled"] else ""
@@ -962,6 +976,8 @@ class ImproveJob:
                     "has no environment to split by: use --source envs, or --routes global"
                 )
             routes = list(self.routes())  # fails on environment names that are no route names
+            if self.settings.source in ("traffic", "both"):
+                await self._judge()  # a teacher judge missing or not answering: say so now
             await self._check_graders()
             if self.settings.source in ("traffic", "both"):
                 self._check_traffic()  # before the baseline's minutes are spent

@@ -11,16 +11,21 @@ student's, tagged `teacher` and `source:teacher`, so the dataset builder keeps t
 ones as training rows and its manifest counts them (`counts.by_source`, `teacher_rows`).
 This is the usual real setting: the production agent runs on a strong model, and a small
 local model learns to replace it.
+
+The teacher can also be the LLM judge (`[improve] judge = "teacher"`, `[tuner.grpo] judge`):
+`make_judge` builds either judge, the teacher's on the same `teacher_config` its episodes run
+on, and names it in the grades it gives.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from rich.console import Console
 
-from agent.config import Config, TeacherConfig
+from agent.config import NO_TEACHER_JUDGE, Config, Judge, TeacherConfig
 from tools.errors import SelftuneError
 
 TEACHER_TAGS = ("teacher", "source:teacher")
@@ -107,6 +112,43 @@ async def teacher_config(cfg: Config) -> Config:
     else:  # one of our own adapters, on whatever serves the student
         model = cfg.model.updated(adapter=t.adapter)
     return cfg.model_copy(update={"model": model})
+
+
+@dataclass(frozen=True)
+class JudgeModel:
+    """An LLM judge ready to grade: its chat model and who it is, as its grades name it."""
+
+    model: Any  # a LangChain chat model
+    grader: str  # the grades' `grader`: "judge:base:smollm2-135m-instruct", "judge:teacher:gpt-4o"
+    description: str  # for logs and job states (never a key)
+
+    @property
+    def group_grader(self) -> str:
+        """The name of its RULER-style group grades: "judge-group:teacher:gpt-4o"."""
+        return "judge-group" + self.grader.removeprefix("judge")
+
+
+async def make_judge(cfg: Config, which: Judge, *, max_tokens: int = 128) -> JudgeModel:
+    """The judge `which` names: "base", the configured base model with no adapter
+    (agent.workspace.judge_model); "teacher", the `[teacher]` model, built as its episodes are
+    (`teacher_config`: the server is checked to answer and serve the model). Raises
+    TeacherError when "teacher" is asked for with no `[teacher]`, or it cannot be reached."""
+    from agent.workspace import judge_model
+
+    if which == "base":
+        name = cfg.model.name
+        return JudgeModel(
+            judge_model(cfg, max_tokens=max_tokens), f"judge:base:{name}", f"base model {name}"
+        )
+    if which != "teacher":
+        raise TeacherError(f"unknown judge {which!r}: choose 'base' or 'teacher'")
+    if not cfg.teacher.configured:
+        raise TeacherError(f"judge 'teacher': {NO_TEACHER_JUDGE}")
+    tcfg = await teacher_config(cfg)
+    adapter = None if tcfg.model.adapter == "base" else tcfg.model.adapter
+    name = tcfg.model.name + (f"+{adapter}" if adapter else "")
+    model = judge_model(tcfg, max_tokens=max_tokens, adapter=adapter)
+    return JudgeModel(model, f"judge:teacher:{name}", f"teacher {describe(cfg.teacher)}")
 
 
 async def teacher_wave(

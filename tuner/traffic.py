@@ -9,7 +9,8 @@ One traffic cycle (the improve job's collect, dataset and gate steps call these)
    in what was asked or answered: `traces.scrub`).
 2. grading, people first: a human grade (thumb up 1, down 0, a correction) decides; else,
    when the trace's question is exactly a task of one of the job's environments, that task's
-   verifier; else the LLM judge, when a judge model is given (`[improve] judge`); else the
+   verifier; else the LLM judge, when a judge model is given (`[improve] judge`: the base
+   model or the teacher, its grades named for it, e.g. `judge:teacher:<model>`); else the
    trace stays ungraded. A question that is one of the environments' test tasks is never
    trained on. The implicit signals the server recorded (`metadata.weak_labels`: the same
    question asked again, a failed tool call) are tied to the answer they point at.
@@ -117,6 +118,7 @@ class TrafficSelection:
     items: list[TrafficItem] = field(default_factory=list)
     excluded: dict[str, int] = field(default_factory=dict)
     judge: bool = False  # whether a judge graded the unmatched traces
+    judge_grader: str | None = None  # which: its grades' grader name ("judge:teacher:<model>")
     judge_failed: int = 0  # unmatched traces the judge gave no usable grade (they stay ungraded)
     weak_unresolved: int = 0  # weak labels whose answer is not in the window
 
@@ -138,6 +140,7 @@ class TrafficSelection:
             "sessions": len({i.session for i in self.items}),
             "graded_by": dict(sorted(graded.items())),
             "judge": self.judge,
+            "judge_grader": self.judge_grader,
             "judge_graded": graded.get("judge", 0),
             "judge_failed": self.judge_failed,
             "weak_labelled": sum(bool(i.weak) and i.grade_source is None for i in self.items),
@@ -157,6 +160,7 @@ class TrafficSelection:
             items=[TrafficItem(**i) for i in data.get("items", [])],
             excluded=dict(data.get("excluded", {})),
             judge=data.get("judge", False),
+            judge_grader=data.get("judge_grader"),
             judge_failed=data.get("judge_failed", 0),
             weak_unresolved=data.get("weak_unresolved", 0),
         )
@@ -220,11 +224,13 @@ async def select_traffic(
     holdout: float = 0.2,
     tasks: Mapping[tuple[str, str], Task] | None = None,
     judge_model: Any = None,
+    judge_grader: str = "judge",
     scrub_patterns: Sequence[str] = (),
 ) -> TrafficSelection:
     """Select and grade recorded traffic (see the module's steps 1-3). Verifier and judge
-    grades are written to the store like any grade. Raises TrafficError when nothing at all
-    was recorded in the window."""
+    grades are written to the store like any grade, a judge's under `judge_grader` (which judge
+    it was: tuner.teacher.JudgeModel.grader). Raises TrafficError when nothing at all was
+    recorded in the window."""
     from traces.graders import GraderError, agrade_trace
 
     when = check_traffic(store, since)
@@ -235,7 +241,11 @@ async def select_traffic(
     private = private_sessions(traces)
     weak, unresolved = weak_targets(traces)
     sel = TrafficSelection(
-        since=when, holdout=holdout, judge=judge_model is not None, weak_unresolved=unresolved
+        since=when,
+        holdout=holdout,
+        judge=judge_model is not None,
+        weak_unresolved=unresolved,
+        judge_grader=judge_grader if judge_model is not None else None,
     )
     for t in sorted(traces, key=lambda t: (t.start, t.id)):
         session = session_of(t)
@@ -280,6 +290,8 @@ async def select_traffic(
                 grade = await agrade_trace(task, t, name, judge_model=judge_model)
             except GraderError:  # an environment's own grade function: not replayable here
                 grade = None
+            if grade is not None and name == "judge":
+                grade = grade.model_copy(update={"grader": judge_grader})
             if grade is not None and not grade.metadata.get("error"):
                 store.add_grade(grade)
                 item.grade_source, item.value = grade.source, grade.value

@@ -263,22 +263,68 @@ def prune_cmd(
 
 def feedback(
     ctx: typer.Context,
-    trace_id: Annotated[str, typer.Argument(help="a trace id or a unique prefix")],
-    verdict: Annotated[str, typer.Argument(help="up or down")],
+    trace_id: Annotated[
+        str,
+        typer.Argument(help="a trace id, a unique prefix, or a response id (chatcmpl-...)"),
+    ],
+    verdict: Annotated[
+        str | None,
+        typer.Argument(help="up or down (optional with --score, --correction, --private)"),
+    ] = None,
     note: Annotated[str | None, typer.Option(help="why")] = None,
     who: Annotated[str | None, typer.Option(help="who gives it (default: $USER)")] = None,
+    score: Annotated[
+        float | None, typer.Option(help="a score from 0 to 1 (with no verdict, the grade's value)")
+    ] = None,
+    correction: Annotated[
+        str | None,
+        typer.Option(
+            help="the answer that was wanted: an SFT row and a DPO pair (it chosen, the answer rejected)"
+        ),
+    ] = None,
+    private: Annotated[
+        bool,
+        typer.Option(
+            "--private", help="keep the trace's whole session out of training, from now on"
+        ),
+    ] = False,
 ) -> None:
-    """Record a human thumbs up or down on a trace."""
-    from traces.feedback import record_feedback
+    """Record a person's feedback on a trace: thumbs up or down, a score, a correction, and/or
+    mark its session private (what `POST /v1/feedback` takes)."""
+    from agent.serving.recording import trace_id_of
+    from traces.feedback import FeedbackError, give_feedback
+    from traces.store import TraceNotFoundError
 
-    if verdict not in ("up", "down"):
+    if verdict is not None and verdict not in ("up", "down"):
         fail(f"verdict must be 'up' or 'down', got {verdict!r}")
+    if verdict is None and score is None and correction is None and not private:
+        fail("give a verdict (up or down), --score, --correction or --private")
     store = open_store(get_config(ctx))
     try:
-        grade = record_feedback(store, trace_id, verdict == "up", note=note, who=who)
-    except KeyError as e:
+        given = give_feedback(
+            store,
+            trace_id_of(trace_id),
+            None if verdict is None else verdict == "up",
+            score=score,
+            note=note,
+            correction=correction,
+            private=private,
+            who=who,
+        )
+    except TraceNotFoundError as e:
+        fail(f"{e.args[0] if e.args else e}: see `selftune traces list`")
+    except FeedbackError as e:
         fail(str(e))
-    console.print(f"recorded {verdict} on {grade.trace_id} as {grade.grader}")
+    finally:
+        store.close()
+    if private:
+        console.print(
+            f"marked session {given.session} private: {len(given.marked)} traces stay out of "
+            "training"
+        )
+    if (grade := given.grade) is not None:
+        what = verdict or ("corrected" if correction is not None else f"score {grade.value:g}")
+        console.print(f"recorded {what} on {grade.trace_id} as {grade.grader}")
 
 
 def review(

@@ -171,9 +171,10 @@ def tune_grpo(
         typer.Option(help="KL penalty to the starting adapter (default: tuner.grpo.beta)"),
     ] = None,
     judge: Annotated[
-        bool | None,
+        str | None,
         typer.Option(
-            help="mix in the group judge's ranking, RULER-style (default: tuner.grpo.judge)"
+            metavar="base|teacher|off",
+            help="mix in the group judge's ranking, RULER-style: base the base model, teacher the [teacher] model (default: tuner.grpo.judge)",
         ),
     ] = None,
     seed: Annotated[
@@ -482,9 +483,10 @@ def improve(
         ),
     ] = None,
     judge: Annotated[
-        bool | None,
+        str | None,
         typer.Option(
-            help="--source traffic: the LLM judge (the base model) grades questions that match no environment task (default: improve.judge)"
+            metavar="base|teacher|off",
+            help="--source traffic: the LLM judge grades questions that match no environment task: base the base model, teacher the [teacher] model (default: improve.judge)",
         ),
     ] = None,
     weak_labels: Annotated[
@@ -501,8 +503,8 @@ def improve(
     ] = None,
 ) -> None:
     """Collect, grade, build a dataset, tune, gate, promote and reload: the self-improvement loop.
-    With --source traffic a cycle learns from served traffic and people's feedback (--judge grades
-    what no task matches), and the gate adds a held-out slice of the traffic to the environments'
+    With --source traffic a cycle learns from served traffic and people's feedback (--judge base
+    or --judge teacher grades what no task matches), and the gate adds a held-out slice of the traffic to the environments'
     tests; --source both learns from the environments' train tasks and the traffic at once."""
     from agent.model.files import ModelError
     from agent.serving.vllm import VllmError

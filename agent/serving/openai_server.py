@@ -53,7 +53,7 @@ from agent.serving.recording import (
     trace_id_of,
 )
 from agent.serving.upstream import StreamAccumulator, Upstream, UpstreamError
-from traces.feedback import FeedbackError, mark_private, record_feedback, session_of
+from traces.feedback import FeedbackError, give_feedback
 from traces.schemas import new_id
 from traces.store import TraceNotFoundError, TraceStore, TraceStoreError
 from traces.tracer import Tracer
@@ -521,12 +521,6 @@ def _field_errors(e: ValidationError) -> str:
     )
 
 
-def _mark_private(store: TraceStore, id_: str, who: str) -> tuple[str, str, list[str]]:
-    """Mark the trace's session private; the trace's full id, its session, the marked ids."""
-    trace = store.get(id_, with_spans=False)
-    return trace.id, session_of(trace), mark_private(store, trace.id, who=who, via="http")
-
-
 async def feedback(request: Request) -> Response:
     state = request.app.state
     if state.store is None:
@@ -539,25 +533,20 @@ async def feedback(request: Request) -> Response:
                 422, "give 'thumb' (up or down), 'score' (0 to 1), 'correction' or 'private': true"
             )
         who = fb.user or request.headers.get("x-selftune-user") or "anonymous"
-        trace_id, marked = trace_id_of(fb.id), []
-        if fb.private:  # first: a verdict that fails must not leave the session trainable
-            trace_id, session, marked = await asyncio.to_thread(
-                _mark_private, state.store, trace_id, who
-            )
-            state.sessions.private.add(session)  # and the session's requests still to come
-        grade = None
-        if verdict:
-            grade = await asyncio.to_thread(
-                record_feedback,
-                state.store,
-                trace_id_of(fb.id),
-                None if fb.thumb is None else fb.thumb == "up",
-                note=fb.note,
-                who=who,
-                score=fb.score,
-                correction=fb.correction,
-                via="http",
-            )
+        given = await asyncio.to_thread(
+            give_feedback,
+            state.store,
+            trace_id_of(fb.id),
+            None if fb.thumb is None else fb.thumb == "up",
+            score=fb.score,
+            note=fb.note,
+            correction=fb.correction,
+            private=bool(fb.private),
+            who=who,
+            via="http",
+        )
+        if fb.private:
+            state.sessions.private.add(given.session)  # and the session's requests still to come
     except BodyTooLarge as e:
         return _error(413, str(e))
     except ValidationError as e:
@@ -568,11 +557,11 @@ async def feedback(request: Request) -> Response:
         )
     except (FeedbackError, ValueError) as e:
         return _error(422 if isinstance(e, FeedbackError) else 400, str(e))
-    out: dict[str, Any] = {"object": "feedback", "trace_id": trace_id}
-    if grade is not None:
-        out.update(id=grade.id, trace_id=grade.trace_id, value=grade.value, grader=grade.grader)
+    out: dict[str, Any] = {"object": "feedback", "trace_id": given.trace_id}
+    if (grade := given.grade) is not None:
+        out.update(id=grade.id, value=grade.value, grader=grade.grader)
     if fb.private:
-        out.update(private=True, marked_traces=len(marked))
+        out.update(private=True, marked_traces=len(given.marked))
     return JSONResponse(out)
 
 
