@@ -5,7 +5,8 @@
 
 The scripted user: the first `--questions` tasks of the environment's train split, asked
 through the official `openai` client of a real `selftune serve` app (uvicorn in a thread, the
-real model), `--per-session` (4) questions per session (`user=`). Each answer is compared
+real model), `--per-session` (4) questions per session (`user=`), one after another, with
+`--concurrency` (8) sessions at once. Each answer is compared
 with the task's reference by the environment's rule grader; a right one gets a thumb up over `POST /v1/feedback`, a
 wrong one a thumb down, and `--correct-share` of the wrong ones a correction (the reference).
 Every 10th session is marked private (`X-Selftune-Private: 1`) and must stay out.
@@ -25,7 +26,9 @@ import asyncio
 import json
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from rich.console import Console
@@ -62,8 +65,12 @@ def scripted_session(cfg, model_path: Path, args) -> dict:
     try:
         with app_server(build_app(engine, agent=service, tracer=tracer, store=store)) as url:
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-            wrong = 0
-            for i, task in enumerate(tasks):
+            lock = threading.Lock()  # counts and the correction share are shared by sessions
+            wrong = [0]
+            rule = {"exact": graders.grade_exact, "contains": graders.grade_contains,
+                    "regex": graders.grade_regex}.get(environment.grader, graders.grade_numeric)  # fmt: skip
+
+            def ask(i: int, task) -> None:
                 session = f"user-{i // args.per_session}"
                 private = (i // args.per_session) % 10 == 9
                 completion = client.chat.completions.create(
@@ -75,25 +82,35 @@ def scripted_session(cfg, model_path: Path, args) -> dict:
                 )
                 answer = completion.choices[0].message.content or ""
                 # the reference comparison a person would make: the task's rule grader
-                rule = {"exact": graders.grade_exact, "contains": graders.grade_contains,
-                        "regex": graders.grade_regex}.get(task.grader or environment.grader,
-                                                          graders.grade_numeric)  # fmt: skip
-                right = rule(answer, task.answer, task.metadata).score >= 1.0
-                counts["asked"] += 1
-                counts["right"] += right
-                counts["private"] += private
+                grade = {"exact": graders.grade_exact, "contains": graders.grade_contains,
+                         "regex": graders.grade_regex}.get(task.grader or "", rule)  # fmt: skip
+                right = grade(answer, task.answer, task.metadata).score >= 1.0
                 body: dict = {"id": completion.id, "thumb": "up" if right else "down"}
-                if not right:
-                    wrong += 1
-                    if (
-                        task.answer is not None
-                        and counts["correction"] < args.correct_share * wrong
-                    ):
-                        body["correction"] = str(task.answer)
-                        counts["correction"] += 1
-                counts["up" if right else "down"] += 1
+                with lock:
+                    counts["asked"] += 1
+                    counts["right"] += right
+                    counts["private"] += private
+                    counts["up" if right else "down"] += 1
+                    if not right:
+                        wrong[0] += 1
+                        if (
+                            task.answer is not None
+                            and counts["correction"] < args.correct_share * wrong[0]
+                        ):
+                            body["correction"] = str(task.answer)
+                            counts["correction"] += 1
                 r = httpx.post(f"{url}/v1/feedback", json={**body, "user": "scripted"})
                 r.raise_for_status()
+
+            def session(first: int) -> None:  # a person asks one question after another
+                for i in range(first, min(first + args.per_session, len(tasks))):
+                    ask(i, tasks[i])
+
+            # `--concurrency` people at once, as a deployed agent sees them: their requests
+            # meet in the engine's batches
+            with ThreadPoolExecutor(args.concurrency) as pool:
+                for f in [pool.submit(session, s) for s in range(0, len(tasks), args.per_session)]:
+                    f.result()
     finally:
         tracer.close()
         store.close()

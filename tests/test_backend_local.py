@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import threading
+import time
 
 import pytest
 from _runtime_fixtures import make_random_adapter, require_model
@@ -345,3 +346,22 @@ def test_sync_calls_from_threads_are_batched(engine):
         t.join()
     assert all(o.response_metadata["completion_token_ids"] for o in out)
     assert max(engine.batcher.batch_sizes[before:]) >= 2
+
+
+def test_a_cancelled_request_is_dropped_and_its_batch_neighbours_still_answer(engine):
+    """An episode that times out cancels its request. Setting a result on that cancelled
+    future raised, which failed every later request of the same batch (seen under load: the
+    neighbours' episodes errored with InvalidStateError)."""
+    prompts = [[{"role": "user", "content": f"Name a fruit number {i}."}] for i in range(3)]
+    solo = [engine.generate(p, sampling=GREEDY8) for p in prompts]
+    busy = engine.submit(Q, sampling=Sampling(max_tokens=48))  # keeps the batcher busy
+    time.sleep(0.3)  # its batch has started: the next three queue up behind it, together
+    before = len(engine.batcher.batch_sizes)
+    futures = [engine.submit(p, sampling=GREEDY8) for p in prompts]
+    assert futures[1].cancel(), "the request was already running: the test proves nothing"
+    busy.result(timeout=120)
+    first, third = futures[0].result(timeout=120), futures[2].result(timeout=120)
+    assert first.completion_token_ids == solo[0].completion_token_ids
+    assert third.completion_token_ids == solo[2].completion_token_ids
+    assert futures[1].cancelled()
+    assert engine.batcher.batch_sizes[before:] == [2]  # the cancelled one was never generated

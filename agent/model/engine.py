@@ -182,6 +182,12 @@ class MicroBatcher:
                     self._queue.put(None)  # stop after this batch
                     break
                 batch.append(item)
+            # A request whose caller gave up (an episode's timeout cancels its future) is
+            # dropped here, and the rest can no longer be cancelled: setting a result on a
+            # cancelled future raises, which used to fail every other request of its batch.
+            batch = [r for r in batch if r.future.set_running_or_notify_cancel()]
+            if not batch:
+                continue
             self.batch_sizes.append(len(batch))
             try:
                 self._run_batch(batch)
