@@ -1,6 +1,6 @@
 """One calculator cycle from scratch, step by step: minutes, tokens/s and MFU.
 
-    .venv/bin/python -m benchmarks.bench_cycle [--env calculator] [--work /tmp/bench_cycle]
+    .venv/bin/python -m benchmarks.bench_cycle [--env calculator] [--work NEW_DIR]
     .venv/bin/python -m benchmarks.bench_cycle --report-only --work DIR   # an existing workspace
 
 Runs `python -m agent.cli improve ENV --fresh --cycles 1` in a fresh workspace (the converted
@@ -29,6 +29,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -229,11 +230,13 @@ def _f(v: Any, fmt: str) -> str:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--env", default="calculator")
-    ap.add_argument("--work", default="/tmp/bench_cycle", help="the fresh workspace")
+    ap.add_argument("--work", default=None, help="the workspace (default: a new temp folder)")
     ap.add_argument("--report-only", action="store_true", help="read --work's last job")
     ap.add_argument("improve_args", nargs="*", help="more `improve` options, after --")
     args = ap.parse_args(argv)
-    home = Path(args.work).resolve()
+    if args.report_only and not args.work:
+        raise SystemExit("--report-only reads a workspace: give it with --work DIR")
+    home = Path(args.work or tempfile.mkdtemp(prefix="bench_cycle-")).resolve()
     load_before = os.getloadavg()
     wall = None
     if not args.report_only:
