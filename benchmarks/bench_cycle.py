@@ -9,10 +9,10 @@ what the local engine computed in it (`CycleState.step_s`, `step_engine`, record
 itself). Steps: baselines (the grader check and both baselines), collect (every wave, replay
 included), dataset, train, gate, reload.
 
-Model-bound steps get tokens/s and MFU. The peak is a float32 torch GEMM measured in this run
-with the engine's thread count (the best of a few sizes, among them the model's own MLP
-shape). FLOPs per token: 2 x parameters for inference (attention's own FLOPs left out), applied
-to every token the model computed (prefill without the cached prefix, plus one per row per
+Model-bound steps get tokens/s and MFU. The peak is a float32 torch GEMM measured in this run,
+before and after the job, with the engine's thread count (the best of a few sizes, among them
+the model's own MLP shape). FLOPs per token: 2 x parameters for inference (attention's own
+FLOPs left out), applied to every token the model computed (prefill without the cached prefix, plus one per row per
 decode step, a finished row's idle slot included); 6 x (parameters + LoRA parameters) for
 training (the usual convention; with the base frozen the real count is nearer 4x), applied to
 the trained tokens: the dataset's mean row length (selftune's template, cut at max_length)
@@ -193,11 +193,15 @@ def read_state(home: Path) -> dict[str, Any]:
     if not found:
         raise SystemExit(f"no improve job under {home}/jobs: run without --report-only first")
     state = json.loads(found[-1].read_text())
-    if not state["cycles"] or "step_s" not in state["cycles"][0]:
+    if "baseline_s" not in state:
         raise SystemExit(
             f"{found[-1]} records no per-step timings (a job from before they were recorded): "
             "run the benchmark without --report-only"
         )
+    state["_file"] = str(found[-1])
+    state["_adapter_dir"] = None
+    if not state["cycles"]:  # stopped during the baselines: report what there is
+        return state
     cycle = state["cycles"][0]
     adapter = found[-1].parent / ("cycle1" + (f"-{cycle['route']}" if cycle.get("route") else "")
                                   + "-adapter")  # fmt: skip
@@ -205,13 +209,12 @@ def read_state(home: Path) -> dict[str, Any]:
     if cand and (home / "adapters" / cand).is_dir():
         adapter = home / "adapters" / cand
     state["_adapter_dir"] = str(adapter) if adapter.is_dir() else None
-    state["_file"] = str(found[-1])
     return state
 
 
 def success(state: dict[str, Any]) -> dict[str, Any]:
     base = next(iter(state["baseline"].get("base", {}).values()), None)
-    cycle = state["cycles"][0]
+    cycle = state["cycles"][0] if state["cycles"] else {}
     cand = cycle.get("candidate")
     after = next(iter(cycle.get("evals", {}).get(cand, {}).values()), None) if cand else None
     pick = ("success_rate", "ci95", "n")
@@ -242,13 +245,18 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.report_only:
         if home.exists() and any(home.glob("jobs/improve-*")):
             raise SystemExit(f"{home} already holds a job: give a new --work, or --report-only")
+        peak_before = matmul_peak(torch.get_num_threads())
         wall = run_job(args.env, home, args.improve_args)
     state = read_state(home)
     threads = state.get("engine", {}).get("threads") or torch.get_num_threads()
     peak = matmul_peak(threads)
+    if not args.report_only:  # the machine's load moves the peak too: keep the better one
+        peak["before_job"] = peak_before
+        peak["peak_flops"] = max(peak["peak_flops"], peak_before["peak_flops"])
     params = model_params(MODEL_DIR)
     steps = step_rows(state, params, peak["peak_flops"])
-    train = train_row(state, state["cycles"][0], params, peak["peak_flops"])
+    cycle = state["cycles"][0] if state["cycles"] else {}
+    train = train_row(state, cycle, params, peak["peak_flops"])
     for s in steps:
         if s["step"] == "train" and train:
             s.update(train)

@@ -86,3 +86,22 @@ def test_greedy_tokens_do_not_depend_on_the_batch(engine):
     )
     assert prefixed == [alone[i] for i in calc_rows]
     assert all(len(a) > 0 for a in alone)
+
+
+def test_engine_counts_what_it_computed(engine):
+    # improve records these per step, and benchmarks.bench_cycle turns them into tok/s and MFU
+    prompts = agent_prompts()[:2]  # calculator rows that share their long prefix
+    engine.prefix_cache._entries.clear()
+    before = engine.stats.snapshot()
+    out = [
+        f.result()
+        for f in [engine.submit(m, t, sampling=Sampling(max_tokens=4)) for m, t in prompts]
+    ]
+    d = {k: v - before[k] for k, v in engine.stats.snapshot().items()}
+    assert d["requests"] == 2 and d["batches"] == 1
+    assert d["completion_tokens"] == sum(c.completion_tokens for c in out)
+    assert d["prompt_tokens"] == sum(c.prompt_tokens for c in out)
+    # the shared prefix is computed once, so fewer prompt tokens are computed than sent
+    assert 0 < d["prefill_tokens"] < d["prompt_tokens"]
+    assert d["decode_row_steps"] >= d["completion_tokens"]  # a finished row's slot still counts
+    assert d["generate_s"] > 0
