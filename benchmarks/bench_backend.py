@@ -119,15 +119,11 @@ def agreement(engine: LocalEngine, tokens: int) -> dict:
     together = [f.result().completion_token_ids for f in futures]
     t_batch = time.perf_counter() - t0
     engine.batcher._wait_s = wait
-    parts = []
-    for a, b in zip(alone, together, strict=True):
+    parts = {}  # row -> the first token where batched and alone part
+    for row, (a, b) in enumerate(zip(alone, together, strict=True)):
         if a != b:
-            parts.append(
-                next(
-                    (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
-                    min(len(a), len(b)),
-                )
-            )
+            pairs = enumerate(zip(a, b, strict=False))
+            parts[row] = next((i for i, (x, y) in pairs if x != y), min(len(a), len(b)))
     return {
         "prompts": len(prompts),
         "prompt_tokens": [len(engine.prompt_ids(m, t)) for m, t in prompts],
