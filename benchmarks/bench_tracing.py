@@ -6,7 +6,7 @@ One process, one loaded engine (the real SmolLM2), two agents that differ only i
 `Tracer(TraceStore(tmp/traces.db))` (what every episode pays: spans with the full messages and
 token ids, the end of the trace waiting for its commit) and `Tracer.disabled()`. Each
 calculator test task runs on both, greedy, one episode at a time, the order alternating per
-pair so drifting load falls on both sides alike. The overhead is the paired mean of
+pair so drifting load falls on both sides alike, each from an empty prefix cache. The overhead is the paired mean of
 (traced - untraced) / untraced with a 95 % bootstrap interval; the recording's own cost is
 also timed apart (the same spans written with no model in the loop), and each episode's CPU
 time is compared too: both are moved far less than wall time by other jobs on the machine. Goal: <= 2 %.
@@ -48,7 +48,10 @@ def bootstrap_ci(xs: list[float], n: int = 2000, seed: int = 0) -> tuple[float, 
 
 
 async def episode(agent: Agent, env, task, demos) -> tuple[float, float]:
-    """(wall seconds, this process's CPU seconds: less moved by other jobs on the machine)."""
+    """(wall seconds, this process's CPU seconds: less moved by other jobs on the machine).
+    Each starts with an empty prefix cache, or the second of a pair would find the whole
+    prompt computed by the first."""
+    agent.engine.prefix_cache._entries.clear()
     t0, c0 = time.perf_counter(), time.process_time()
     res = await agent.run(
         task.prompt, tools=env.tool_names, system_prompt=env.system_prompt, demos=demos,
