@@ -6,6 +6,7 @@ import sys
 
 BENCHES = [
     "bench_traces",
+    "bench_tracing",
     "bench_agent",
     "bench_mcp",
     "bench_retrieval",
@@ -15,6 +16,7 @@ BENCHES = [
     "bench_tuner",
     "bench_vllm",
     "bench_grpo",
+    "bench_cycle",  # a whole calculator cycle from scratch: minutes
 ]
 
 failed = [

@@ -103,6 +103,12 @@ def test_improve_cycle_killed_after_training_resumes_and_finishes(cfg, cli_env, 
         cyc.done == ["collect", "dataset", "tune", "gate", "reload"] and cyc.candidate == candidate
     )
 
+    # each step's seconds and the engine's work in it are recorded (benchmarks.bench_cycle)
+    assert set(cyc.step_s) == set(cyc.done) and all(v > 0 for v in cyc.step_s.values())
+    assert cyc.step_engine["collect"]["completion_tokens"] > 0
+    assert cyc.step_engine["gate"]["completion_tokens"] > 0
+    assert st.baseline_s > 0 and st.baseline_engine["requests"] > 0
+
     # collection bootstrapped: the demonstrations' wave, then the failed tasks with their hints
     waves = [w["kind"] for w in cyc.collect["calculator"]["waves"]]
     assert waves[:2] == ["demos", "hinted"] and cyc.dataset["rows"] >= 1

@@ -64,6 +64,10 @@ class CycleState:
     wall_s: float | None = None
     traffic: dict[str, Any] = field(default_factory=dict)  # --source traffic: tuner/traffic.py
     replay: dict[str, Any] = field(default_factory=dict)  # env -> counts ([improve] replay)
+    # per step: its wall seconds, and what the local engine computed in it (EngineStats'
+    # difference; empty for other backends): benchmarks.bench_cycle's table comes from these
+    step_s: dict[str, float] = field(default_factory=dict)
+    step_engine: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -74,6 +78,9 @@ class JobState:
     finished: float | None = None
     cycles: list[CycleState] = field(default_factory=list)
     baseline: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> env -> summary
+    baseline_s: float = 0.0  # the grader check and the baselines, as CycleState.step_s
+    baseline_engine: dict[str, float] = field(default_factory=dict)
+    engine: dict[str, Any] = field(default_factory=dict)  # dtype and threads of the local engine
 
     @classmethod
     def load(cls, path: Path) -> JobState:
@@ -424,6 +431,32 @@ class ImproveJob:
         self.dir.mkdir(parents=True)
         self.state = JobState(id=job_id, settings=self.settings.model_dump())
         self._save()
+
+    @contextmanager
+    def _timed(self) -> Iterator[dict[str, Any]]:
+        """Wall seconds and the local engine's work (EngineStats' difference) inside the block;
+        the engine is only read if this process has loaded it, never loaded for this."""
+        before = self._engine_stats()
+        spent: dict[str, Any] = {}
+        t0 = time.perf_counter()
+        try:
+            yield spent
+        finally:
+            spent["s"] = time.perf_counter() - t0
+            after = self._engine_stats()
+            spent["engine"] = {k: v - before.get(k, 0) for k, v in after.items()}
+
+    def _engine_stats(self) -> dict[str, float]:
+        from agent import workspace
+
+        if self.cfg.model.backend != "local" or self._agent is None:
+            return {}
+        engine = workspace.get_engine(self.cfg)  # loaded already: the agent answers with it
+        if not self.state.engine:
+            import torch
+
+            self.state.engine = {"dtype": str(engine.dtype), "threads": torch.get_num_threads()}
+        return engine.stats.snapshot()
 
     # -- the pieces -----------------------------------------------------------------------------
 
@@ -925,7 +958,10 @@ class ImproveJob:
             if cycle.skipped:
                 break
             self.console.rule(f"cycle {index}{on}: {name}")
-            await steps[name](cycle)
+            with self._timed() as spent:
+                await steps[name](cycle)
+            cycle.step_s[name] = cycle.step_s.get(name, 0.0) + spent["s"]
+            cycle.step_engine[name] = _add(cycle.step_engine.get(name, {}), spent["engine"])
             cycle.done.append(name)
             self._save()
         if cycle.skipped:
@@ -978,10 +1014,14 @@ class ImproveJob:
             routes = list(self.routes())  # fails on environment names that are no route names
             if self.settings.source in ("traffic", "both"):
                 await self._judge()  # a teacher judge missing or not answering: say so now
-            await self._check_graders()
-            if self.settings.source in ("traffic", "both"):
-                self._check_traffic()  # before the baseline's minutes are spent
-            await self._baseline()
+            with self._timed() as spent:
+                await self._check_graders()
+                if self.settings.source in ("traffic", "both"):
+                    self._check_traffic()  # before the baseline's minutes are spent
+                await self._baseline()
+            self.state.baseline_s += spent["s"]
+            self.state.baseline_engine = _add(self.state.baseline_engine, spent["engine"])
+            self._save()
             for i, route in ((i, r) for i in range(1, self.settings.cycles + 1) for r in routes):
                 done = self._cycle(i, route)
                 if done is not None and (done.skipped or set(STEPS) <= set(done.done)):
@@ -1001,6 +1041,10 @@ class ImproveJob:
                 await self._agent.aclose()
                 self._agent = None
         return self.state
+
+
+def _add(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {k: a.get(k, 0) + b.get(k, 0) for k in {*a, *b}}
 
 
 def _rows_by_signal(dataset_dir: Path) -> dict[str, int]:

@@ -100,6 +100,23 @@ class Completion:
 
 
 @dataclass
+class EngineStats:
+    """What the engine has computed since it was loaded: a step's share is the difference of
+    two snapshots (`tuner.improve` records one per step; `benchmarks.bench_cycle` reads them)."""
+
+    requests: int = 0
+    batches: int = 0
+    prompt_tokens: int = 0  # every request's prompt, cached prefix included
+    prefill_tokens: int = 0  # prompt tokens the model computed (the cached prefix left out)
+    completion_tokens: int = 0  # tokens returned to callers
+    decode_row_steps: int = 0  # rows x decode steps: a finished row's slot still costs a step
+    generate_s: float = 0.0  # wall time inside the model (prefix and generate)
+
+    def snapshot(self) -> dict[str, float]:
+        return asdict(self)
+
+
+@dataclass
 class _Request:
     prompt_ids: list[int]
     adapter: str | None
@@ -233,6 +250,7 @@ class LocalEngine:
         self._adapters: dict[str, str] = {}
         self._model_lock = threading.RLock()
         self.prefix_cache = PrefixCache(prefix_cache_entries, prefix_cache_min_tokens)
+        self.stats = EngineStats()
         self.batcher = MicroBatcher(self._run_batch, batch_wait_ms, max_batch_size)
 
     @classmethod
@@ -435,6 +453,7 @@ class LocalEngine:
             eos_token_id=sorted(self.eos_ids),
         )
         kwargs: dict[str, Any] = {}
+        started = time.perf_counter()
         with self._model_lock:
             for r in reqs:  # an adapter may have been unloaded while the request waited
                 if r.adapter is not None and r.adapter not in self._adapters:
@@ -466,7 +485,16 @@ class LocalEngine:
                     stopping_criteria=StoppingCriteriaList([limits]),
                     **kwargs,
                 )
-        return [self._finish(r, out[i, width:].tolist()) for i, r in enumerate(reqs)]
+        done = [self._finish(r, out[i, width:].tolist()) for i, r in enumerate(reqs)]
+        st = self.stats
+        st.requests += len(reqs)
+        st.batches += 1
+        st.prompt_tokens += sum(len(r.prompt_ids) for r in reqs)
+        st.prefill_tokens += sum(len(x) for x in rests)
+        st.completion_tokens += sum(c.completion_tokens for c in done)
+        st.decode_row_steps += (out.shape[1] - width) * len(reqs)
+        st.generate_s += time.perf_counter() - started
+        return done
 
     def _prefix_states(self, model: Any, reqs: list[_Request], shared: int) -> Any:
         """A DynamicCache holding the shared prefix's KV states for every row (each row's own
@@ -482,6 +510,7 @@ class LocalEngine:
             have, states = self.prefix_cache.longest(r.adapter, prefix)
             if have < shared:  # compute the rest of the prefix on top of what is cached
                 kwargs = {"adapter_names": [r.adapter or BASE]} if self._peft is not None else {}
+                self.stats.prefill_tokens += len(prefix) - have
                 with torch.inference_mode():
                     out = model(
                         input_ids=torch.tensor([prefix[have:]], device=self.device),
