@@ -78,7 +78,8 @@ def test_an_owned_server_dies_with_the_process_that_started_it(tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     child = int(parent.stdout.readline())
     for _ in range(100):  # until the launcher has set the death signal and exec'd the server
-        if b"prctl" not in Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[2]:
+        args = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        if len(args) > 2 and b"prctl" not in args[2]:  # empty while the exec is under way
             break
         time.sleep(0.05)
     assert _state(child) not in (None, "Z", "X")
