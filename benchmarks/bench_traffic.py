@@ -67,11 +67,10 @@ def scripted_session(cfg, model_path: Path, args) -> dict:
         with app_server(build_app(engine, agent=service, tracer=tracer, store=store)) as url:
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
             lock = threading.Lock()  # counts and the correction share are shared by sessions
-            wrong = [0]
-            rule = {"exact": graders.grade_exact, "contains": graders.grade_contains,
-                    "regex": graders.grade_regex}.get(environment.grader, graders.grade_numeric)  # fmt: skip
+            wrong = 0
 
             def ask(i: int, task) -> None:
+                nonlocal wrong
                 session = f"user-{i // args.per_session}"
                 private = (i // args.per_session) % 10 == 9
                 completion = client.chat.completions.create(
@@ -83,8 +82,7 @@ def scripted_session(cfg, model_path: Path, args) -> dict:
                 )
                 answer = completion.choices[0].message.content or ""
                 # the reference comparison a person would make: the task's rule grader
-                grade = {"exact": graders.grade_exact, "contains": graders.grade_contains,
-                         "regex": graders.grade_regex}.get(task.grader or "", rule)  # fmt: skip
+                grade = graders.rule(task.grader or environment.grader) or graders.grade_numeric
                 right = grade(answer, task.answer, task.metadata).score >= 1.0
                 body: dict = {"id": completion.id, "thumb": "up" if right else "down"}
                 with lock:
@@ -93,10 +91,10 @@ def scripted_session(cfg, model_path: Path, args) -> dict:
                     counts["private"] += private
                     counts["up" if right else "down"] += 1
                     if not right:
-                        wrong[0] += 1
+                        wrong += 1
                         if (
                             task.answer is not None
-                            and counts["correction"] < args.correct_share * wrong[0]
+                            and counts["correction"] < args.correct_share * wrong
                         ):
                             body["correction"] = str(task.answer)
                             counts["correction"] += 1

@@ -153,6 +153,11 @@ _RULES: dict[str, Callable[[str, Any, dict | None], GradeResult]] = {
 }
 
 
+def rule(name: str | None) -> Callable[[str, Any, dict | None], GradeResult] | None:
+    """The rule grader called `name` ("exact", "numeric", "contains", "regex"), else None."""
+    return _RULES.get(name or "")
+
+
 # --- custom graders --------------------------------------------------------------------------
 
 
