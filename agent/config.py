@@ -365,6 +365,11 @@ class ImproveConfig(_Section):
     # --method kto: the implicit signals the server recorded (the same question asked again, a
     # failed tool call) label the answer they point at False, where nothing stronger grades it
     weak_labels: bool = False
+    # --source traffic|both: a question whose served answer missed a known good answer (a
+    # correction, a matched task's reference) is played again through the collect waves, and a
+    # right episode through the tools becomes its row (tuner/traffic.py, step 4); a bare
+    # correction to a question that needs a tool is then not trained on
+    traffic_replay: bool = True
     # "global": one adapter learns every environment and is promoted globally; "per-env": each
     # environment gets its own cycles on its own route (named for it), its adapter tuned from
     # and gated against that route's, and promoted on the route (routed experts, issue 22)

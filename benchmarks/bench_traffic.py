@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -36,6 +37,7 @@ from rich.console import Console
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
+SESSION_FILE = "bench_traffic_session.json"  # a run's session counts, for --session-from
 sys.path.insert(0, str(ROOT / "tests"))
 
 
@@ -121,6 +123,7 @@ def run(args) -> dict:
     from _serve_fixtures import workspace
 
     from agent.config import load_config
+    from agent.workspace import trace_db_path
     from tuner.improve import improve
 
     home = Path(args.home or tempfile.mkdtemp(prefix="bench-traffic-"))
@@ -134,8 +137,15 @@ def run(args) -> dict:
     cfg = load_config(environ=overrides)
     cfg.workspace.ensure()
     t0 = time.perf_counter()
-    counts = scripted_session(cfg, model_path, args)
-    session_s = time.perf_counter() - t0
+    if args.session_from:  # the same recorded traffic, another cycle (a side-by-side variant)
+        earlier = Path(args.session_from)
+        shutil.copyfile(earlier / "traces.db", trace_db_path(cfg))
+        recorded = json.loads((earlier / SESSION_FILE).read_text())
+        counts, session_s = recorded["counts"], recorded["session_s"]
+    else:
+        counts = scripted_session(cfg, model_path, args)
+        session_s = time.perf_counter() - t0
+        (home / SESSION_FILE).write_text(json.dumps({"counts": counts, "session_s": session_s}))
     settings = cfg.improve.updated(
         envs=[args.env],
         source="traffic",
@@ -145,6 +155,7 @@ def run(args) -> dict:
         max_tokens=args.max_tokens,
         concurrency=args.concurrency,
         min_new_traces=1,
+        traffic_replay=not args.no_replay,
     )
     t1 = time.perf_counter()
     state = asyncio.run(improve(cfg, settings, resume=False))
@@ -168,6 +179,8 @@ def run(args) -> dict:
         if after is None
         else {k: after[k] for k in ("n", "successes", "success_rate", "ci95")},
         "heldout_traffic": cycle.traffic.get("gate"),
+        "replay": cycle.traffic.get("replay"),
+        "gate": {k: cycle.gate.get(k) for k in ("promote", "reasons", "blocked_by", "numbers")},
         "wall_s": {"session": session_s, "cycle": cycle_s, "total": session_s + cycle_s},
         "settings": {k: getattr(args, k) for k in vars(args)},
         "workspace": str(home),
@@ -191,6 +204,12 @@ def table(result: dict) -> Table:
     t.add_row("private questions (left out)", str(result["traffic"].get("excluded", {})))
     t.add_row("held-out traffic traces", str(result["traffic"].get("heldout_traces")))
     t.add_row("rows by signal", json.dumps(result["rows_by_signal"]))
+    replay = result.get("replay") or {}
+    if replay.get("questions"):
+        t.add_row(
+            "replayed: questions / right through the tools",
+            f"{replay['questions']} / {replay.get('kept', 0)}",
+        )
     t.add_row("test before (base)", rate(result["test_before"]))
     t.add_row("test after (candidate)", rate(result["test_after"]))
     h = result["heldout_traffic"]
@@ -220,6 +239,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--correct-share", type=float, default=0.5)
     p.add_argument("--guards", action="store_true", help="keep the probe and robustness guards")
     p.add_argument("--home", default=None, help="workspace (default: a new temporary folder)")
+    p.add_argument(
+        "--session-from",
+        default=None,
+        help="an earlier run's workspace: its recorded traffic and feedback, no new session",
+    )
+    p.add_argument(
+        "--no-replay",
+        action="store_true",
+        help="train on corrections as they are ([improve] traffic_replay = false)",
+    )
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_traffic.json"))
     args = p.parse_args(argv)
     result = run(args)

@@ -141,9 +141,22 @@ def check_cycle(home: Path, private: list[str]) -> None:
     assert not used & heldout_ids
     assert not {p["session_id"] for p in provenance} & set(held)
     assert not used & set(private)
-    assert "correction" in cycle.dataset["rows_by_signal"]
     rows = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
     assert len(rows) == cycle.dataset["rows"] == len(provenance)
+    # replay: every corrected training question was played again; each is a calculator task
+    # (it needs the tool), so it enters the dataset only as an episode that called the tool,
+    # never as the bare correction
+    items = {i["trace_id"]: i for i in traffic["items"]}
+    corrected = [
+        i for i in items.values() if i["reference_from"] == "correction" and not i["heldout"]
+    ]
+    assert corrected and all(i["replayed"] and i["needs_tools"] for i in corrected)
+    assert traffic["replay"]["questions"] >= len(corrected)
+    assert "correction" not in cycle.dataset["rows_by_signal"]
+    for row, p in zip(rows, provenance, strict=True):
+        if p["signal"].startswith("replayed:"):
+            assert items[p["trace_id"]]["replay"] == p["replay_trace_id"]
+            assert any(m.get("tool_calls") for m in row["messages"]), row
 
     # the gate: a decision in the registry, on the test split and the held-out traffic
     rec = Registry(home / "adapters").get(cycle.candidate)
@@ -242,6 +255,7 @@ def test_source_both_learns_from_the_tasks_and_the_traffic_in_one_cycle(cfg, cli
         SELFTUNE_IMPROVE__RATIONALISE="false",  # one collection wave: zero-shot
         SELFTUNE_IMPROVE__SELF_DEMOS="false",
         SELFTUNE_IMPROVE__REPLAY="[]",  # no replay of the general probe's tasks: minutes
+        SELFTUNE_IMPROVE__TRAFFIC_REPLAY="false",  # the corrections as they are (replay: above)
         SELFTUNE_MODEL__MAX_NEW_TOKENS="32",
         SELFTUNE_TUNER__GATE__PROBE="",
         SELFTUNE_TUNER__GATE__ROBUSTNESS="[]",

@@ -254,3 +254,77 @@ def test_source_both_puts_episodes_and_traffic_in_one_dataset_with_provenance(tm
     with pytest.raises(DatasetError, match=r"envs\..*traffic\.no_correction"):
         build_mixed_dataset(store, sel, "dpo", tmp_path / "dpo", filters, tasks=tasks)
     store.close()
+
+
+def test_a_missed_question_replayed_through_the_tools_replaces_its_bare_correction(tmp_path):
+    """Replay (tuner/traffic.py step 4): a question whose served answer missed a known good
+    answer is played again; a right episode through the tools becomes its row (the served trace
+    and the episode both in its lineage). A question that needs a tool and found no such
+    episode loses its bare correction (it would teach answering without the tool); one that
+    needs no tool keeps it."""
+    from _traces_fixtures import make_trace
+
+    from agent.envs import load_environment
+    from traces.schemas import Grade
+    from tuner.traffic import replay_environment, replay_items, traffic_rows
+
+    store = TraceStore(tmp_path / "traces.db")
+    calc = load_environment("calculator")
+    a, b = calc.split("train")[:2]
+    tasks = {("calculator", a.id): a, ("calculator", b.id): b}
+    train_s = _sessions(0.2, False)
+    replayed = served(store, a.prompt, "I think 12.", train_s[0])
+    stuck = served(store, b.prompt, "About 3.", train_s[1])
+    plain = served(store, "Capital of Spain?", "Lisbon.", train_s[2])
+    liked = served(store, "Capital of France?", "Paris.", train_s[3])
+    for t, fix in ((replayed, a.answer), (stuck, b.answer), (plain, "Madrid")):
+        record_feedback(store, t, False, correction=str(fix), who="ann")
+    record_feedback(store, liked, True, who="ann")
+    sel = asyncio.run(select_traffic(store, holdout=0.2, tasks=tasks))
+
+    items = replay_items(sel)
+    assert {i.trace_id for i in items} == {replayed, stuck, plain}  # not the thumb up
+    env = replay_environment([i for i in items if i.env == "calculator"], calc)
+    assert env.name == "calculator+traffic" and env.tool_names == calc.tool_names
+    assert {t.id for t in env.tasks} == {replayed, stuck}
+    assert env.task(replayed).prompt == a.prompt and env.task(replayed).split == "train"
+    assert env.task(replayed).grader == a.grader  # the matched task's grader, on the correction
+    other = replay_environment([i for i in items if i.env is None], calc).task(plain)
+    assert other.grader == "contains" and other.answer == "Madrid"
+
+    # what the improve job found: an episode through the calculator for the first question only
+    call = ("calculator", {"expression": "1+1"}, str(a.answer))
+    episode = make_trace(f"The answer is {a.answer}.", [call], env=env.name, task_id=replayed)
+    store.save(episode)
+    store.add_grade(Grade(trace_id=episode.id, value=1.0, source="verifier", grader="numeric"))
+    for i in items:
+        i.replayed = True
+        i.needs_tools = i.env is not None
+        i.replay = episode.id if i.trace_id == replayed else None
+
+    sft = traffic_rows(store, sel, "sft")
+    by_signal = {
+        info["feedback"]["signal"]: (row, info)
+        for row, info in zip(sft.rows, sft.row_info, strict=True)
+    }
+    assert sorted(by_signal) == ["correction", "replayed:correction", "thumb_up"]
+    row, info = by_signal["replayed:correction"]
+    assert info["trace_ids"] == [replayed, episode.id]
+    assert info["feedback"]["replay_trace_id"] == episode.id
+    assert any(m.get("tool_calls") for m in row["messages"])  # the row shows the tool call
+    assert by_signal["correction"][1]["trace_ids"] == [plain]  # needs no tool: kept as it is
+    assert sft.excluded["correction_without_tool_trajectory"] == 1  # `stuck`
+    assert stuck not in sft.trace_ids
+
+    dpo = traffic_rows(store, sel, "dpo")
+    pair = next(
+        r
+        for r, i in zip(dpo.rows, dpo.row_info, strict=True)
+        if i["feedback"]["signal"] == "replayed:correction"
+    )
+    assert pair["rejected"] == [{"role": "assistant", "content": "I think 12."}]
+    assert pair["chosen"][0]["tool_calls"][0]["function"]["name"] == "calculator"
+    kto = traffic_rows(store, sel, "kto")
+    labels = {(i["trace_ids"][-1], i["label"]) for i in kto.row_info}
+    assert {(replayed, False), (episode.id, True)} <= labels
+    store.close()

@@ -32,13 +32,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
 from agent.config import Config, ImproveConfig  # [improve], a section of the one config tree
 from tools.errors import SelftuneError
+
+if TYPE_CHECKING:
+    from agent.envs import Environment
 from traces.times import TimeParseError, parse_duration
 
 STEPS = ("collect", "dataset", "tune", "gate", "reload")
@@ -125,7 +128,7 @@ def job_lock(cfg: Config) -> Iterator[None]:
 
 async def collect(
     cfg: Config,
-    env: str,
+    env: str | Environment,
     settings: ImproveConfig,
     *,
     adapter: str | None,
@@ -162,7 +165,9 @@ async def collect(
     from agent.envs.bootstrap import answers_in_corpus, reference_playable, synthesise_demos
     from agent.envs.run import env_tools, run_suite
 
-    environment = load_environment(env, config=cfg.agent)
+    given = env  # the teacher loads a named environment afresh (its own demos)
+    environment = load_environment(env, config=cfg.agent) if isinstance(env, str) else env
+    env = environment.name
     train = environment.split("train")
     # expert iteration: what earlier cycles failed (or never tried) first, then the rest
     train = sorted(train, key=lambda t: t.id in solved_before)[: settings.collect_limit]
@@ -271,7 +276,7 @@ async def collect(
     if cfg.teacher.configured and attempted - solved:  # [teacher] plays what is still failed
         from tuner.teacher import teacher_wave
 
-        wave = await teacher_wave(cfg, env, attempted - solved, seed=seed + len(waves), tags=tags,
+        wave = await teacher_wave(cfg, given, attempted - solved, seed=seed + len(waves), tags=tags,
                                   console=console)  # fmt: skip
         solved |= set(wave.pop("solved"))
         stats["n"] += wave["n"]
@@ -636,6 +641,74 @@ class ImproveJob:
             f"[bold]collect[/bold] traffic: {s['traces']} traces in {s['sessions']} sessions "
             f"(graded by {s['graded_by']}{judged}{weak}), {s['heldout_traces']} held out; left "
             f"out: {s['excluded'] or 'none'}",
+            highlight=False,
+        )
+        if self.settings.traffic_replay:
+            await self._replay_traffic(cycle, sel)
+
+    async def _replay_traffic(self, cycle: CycleState, sel: Any) -> None:
+        """Play the training questions whose served answer missed a known good answer again
+        (tuner.traffic.replay_items), in a copy of the environment each belongs to (matched
+        task's, else the job's first), through `collect`'s waves; each question's first right,
+        unflagged episode becomes its row. The items and the waves' counts go into the state."""
+        from agent.envs import load_environment
+        from agent.workspace import open_store
+        from traces.datasets import scoring_grade
+        from traces.schemas import TraceQuery
+        from tuner.traffic import REPLAY_TAG, replay_environment, replay_items
+
+        items = replay_items(sel)
+        if not items:
+            cycle.traffic["replay"] = {"questions": 0}
+            return
+        agent = await self._agent_started()
+        active = self._active(cycle.route)
+        by_env: dict[str, list] = {}
+        for i in items:
+            by_env.setdefault(i.env or self.settings.envs[0], []).append(i)
+        tag = f"{REPLAY_TAG}:{self.state.id}:{cycle.index}"
+        stats: dict[str, Any] = {"questions": len(items), "envs": {}}
+        for env, group in by_env.items():
+            source = load_environment(env, config=self.cfg.agent)
+            environment = replay_environment(group, source)
+            for i in group:
+                task = environment.task(i.trace_id)
+                i.replayed = True
+                i.needs_tools = i.used_tools or (
+                    i.env is not None and bool(task.tools or source.tool_names)
+                )
+            stats["envs"][env] = await collect(
+                self.cfg,
+                environment,
+                self.settings.updated(collect_limit=len(group)),
+                adapter=active,
+                weak=True,  # each question already failed: every wave may help
+                seed=self.settings.seed + 1000 * cycle.index + 500,
+                agent=agent,
+                tags=[*self._tags(), f"cycle:{cycle.index}", "collect", REPLAY_TAG, tag],
+                console=self.console,
+            )
+        store = open_store(self.cfg)
+        try:
+            kept: dict[str, str] = {}
+            for t in store.query(TraceQuery(tag=tag, limit=None)):
+                g = scoring_grade(store.grades(t.id))
+                good = g is not None and g.value >= 1.0 and not g.flags and t.status == "ok"
+                if good and t.task_id is not None and t.task_id not in kept:
+                    kept[t.task_id] = t.id
+        finally:
+            store.close()
+        for i in items:
+            i.replay = kept.get(i.trace_id)
+        stats["kept"] = len(kept)
+        stats["needs_tools_unsolved"] = sum(i.needs_tools and not i.replay for i in items)
+        cycle.traffic["items"] = [asdict(i) for i in sel.items]
+        cycle.traffic["replay"] = stats
+        self.console.print(
+            f"[bold]collect[/bold] traffic replay: {len(kept)} of {len(items)} questions the "
+            f"served answer missed now have a right episode through the tools; "
+            f"{stats['needs_tools_unsolved']} that need a tool have none (their bare corrections "
+            "are not trained on)",
             highlight=False,
         )
 

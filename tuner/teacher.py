@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
 from agent.config import NO_TEACHER_JUDGE, Config, Judge, TeacherConfig
 from tools.errors import SelftuneError
+
+if TYPE_CHECKING:
+    from agent.envs import Environment
 
 TEACHER_TAGS = ("teacher", "source:teacher")
 
@@ -153,7 +156,7 @@ async def make_judge(cfg: Config, which: Judge, *, max_tokens: int = 128) -> Jud
 
 async def teacher_wave(
     cfg: Config,
-    env: str,
+    env: str | Environment,
     task_ids: set[str] | list[str],
     *,
     seed: int,
@@ -173,8 +176,9 @@ async def teacher_wave(
     if not task_ids:
         return stats
     tcfg = await teacher_config(cfg)
+    name = env if isinstance(env, str) else env.name
     console.print(
-        f"[bold]collect[/bold] {env} teacher wave: {len(task_ids)} train tasks the student "
+        f"[bold]collect[/bold] {name} teacher wave: {len(task_ids)} train tasks the student "
         f"failed, teacher {describe(t)}, few-shot {t.few_shot}"
     )
     agent = Agent(tcfg, checkpoints=False)

@@ -18,15 +18,27 @@ One traffic cycle (the improve job's collect, dataset and gate steps call these)
    is held out in every cycle and on every machine) is held out: never trained on, replayed in
    the gate where its good answer is known (a correction, a thumbs-up answer, a matched task's
    reference), graded by containment (or the matched task's grader).
-4. `build_traffic_dataset`: SFT/DPO/KTO rows from the training sessions with provenance.json;
+4. replay (`[improve] traffic_replay`, the improve job's collect step): a training question
+   whose served answer missed a known good answer (a person's correction, or the reference of
+   the environment task it matched) is played again through the improve waves (`replay_items`,
+   `replay_environment`: demonstrations, hints, the answer shown, similar solved questions).
+   A right episode that reached the answer through the tools (the answer-shown wave keeps
+   nothing else) becomes that question's row (signal `replayed:<signal>`), with the plain
+   question. A correction is only a final answer: trained as it is, on a question that needs a
+   tool, it teaches the model to answer without the tool (200 calculator questions: 0 % -> 0 %
+   and the general probe 73.9 % -> 39.1 %), so when such a question found no tool trajectory
+   its correction row is left out (`correction_without_tool_trajectory`).
+5. `build_traffic_dataset`: SFT/DPO/KTO rows from the training sessions with provenance.json;
    with `weak_labels`, KTO also labels an otherwise ungraded answer that a weak label points at
    False (signal `weak:<signal>`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -36,7 +48,7 @@ from typing import Any
 from tools.errors import SelftuneError
 from traces.datasets import Built, DatasetError, DatasetFilters, DatasetResult, human_grade
 from traces.feedback import PROVENANCE_FILE, feedback_rows, private_sessions, session_of
-from traces.read import training_conversation
+from traces.read import tool_calls, training_conversation
 from traces.schemas import Grade, Task, Trace, TraceQuery
 from traces.scrub import scrub_text
 from traces.store import TraceStore
@@ -44,6 +56,9 @@ from traces.times import parse_time
 
 TRAFFIC_TAG = "traffic"
 HELDOUT_ENV = "traffic-heldout"
+REPLAY_TAG = "traffic-replay"  # the episodes that replay missed traffic questions
+REPLAY_SUFFIX = "+traffic"  # the replay environment of `calculator` is `calculator+traffic`
+_NUMBER = re.compile(r"\s*[-+]?(\d{1,3}(,\d{3})+|\d+)?(\.\d+)?\s*")
 RULE_GRADERS = ("exact", "numeric", "contains", "regex")
 
 
@@ -107,6 +122,12 @@ class TrafficItem:
     # implicit signals pointing at this answer: {"signal", "source", "from" (the trace that
     # showed it), "when"}
     weak: list[dict[str, Any]] = field(default_factory=list)
+    used_tools: bool = False  # the served answer called a tool
+    # replay (module step 4): whether it was played again, whether its question needs a tool
+    # (it matched a task with tools, or the served answer called one), and the kept episode
+    replayed: bool = False
+    needs_tools: bool = False
+    replay: str | None = None
 
 
 @dataclass
@@ -262,6 +283,7 @@ async def select_traffic(
             continue
         item = TrafficItem(t.id, session, question, in_heldout(session, holdout))
         item.weak = weak.get(t.id, [])
+        item.used_tools = bool(tool_calls(t))
         matched = by_prompt.get(_norm(question))
         if matched is not None:
             env, task = matched
@@ -300,6 +322,147 @@ async def select_traffic(
         sel.items.append(item)
     sel.excluded = dict(sorted(excluded.items()))
     return sel
+
+
+def replay_items(selection: TrafficSelection) -> list[TrafficItem]:
+    """The training questions worth playing again: the served answer was graded wrong (value
+    under 0.5) and a good answer is known (a correction, or the matched task's reference)."""
+    return [
+        i
+        for i in selection.train
+        if i.reference is not None
+        and i.reference_from in ("correction", "task")
+        and i.value is not None
+        and i.value < 0.5
+    ]
+
+
+def _grader_for(item: TrafficItem, base: Task | None) -> str | None:
+    """The grader a replayed question is played with: its matched task's; else numeric for a
+    correction that is a number ("1,333", "-2.5"), else contains."""
+    if base is not None:
+        return base.grader
+    return "numeric" if _NUMBER.fullmatch(str(item.reference)) else "contains"
+
+
+def replay_environment(items: Sequence[TrafficItem], source: Any) -> Any:
+    """The questions `items` as train tasks of a copy of the environment `source` (its tools,
+    corpus and Chroma collection, demonstrations, system prompt and grader), named
+    `<source>+traffic`. A task's id is the served trace's id; its answer is the known good one.
+    A matched task's hint comes along only when that answer agrees with the task's reference
+    (a correction may say the task is wrong)."""
+    from traces.graders import rule
+
+    tasks = []
+    for i in items:
+        base = None
+        if i.env == source.name and i.task_id is not None:
+            try:
+                base = source.task(i.task_id)
+            except KeyError:
+                base = None
+        grader = _grader_for(i, base)
+        hint = None
+        if base is not None and base.hint:
+            check = rule(base.grader or source.grader)
+            agrees = i.reference_from == "task" or (
+                check is not None and check(str(i.reference), base.answer, base.metadata).score >= 1
+            )
+            hint = base.hint if agrees else None
+        tasks.append(
+            Task(
+                id=i.trace_id,
+                prompt=i.question,
+                answer=i.reference,
+                grader=grader,
+                split="train",
+                tools=base.tools if base is not None else None,
+                hint=hint,
+                metadata={
+                    **(base.metadata if base is not None else {}),
+                    "traffic": {
+                        "trace_id": i.trace_id,
+                        "session_id": i.session,
+                        "reference_from": i.reference_from,
+                    },
+                },
+            )  # fmt: skip
+        )
+    return dataclasses.replace(
+        source,
+        name=f"{source.name}{REPLAY_SUFFIX}",
+        tasks=tasks,
+        collection=source.collection or f"env-{source.name}",
+    )
+
+
+def _first_answer(messages: Sequence[Mapping[str, Any]]) -> int | None:
+    return next((i for i, m in enumerate(messages) if m.get("role") == "assistant"), None)
+
+
+def _replay_rows(
+    kind: str,
+    pairs: Sequence[tuple[Trace, Trace, TrafficItem]],
+    grades: Mapping[str, Sequence[Grade]],
+) -> Built:
+    """Rows for replayed questions: the kept episode (plain question, its tool calls, the
+    answer) in place of the served answer. sft: the episode; dpo: the episode chosen, the
+    served answer rejected; kto: the served answer False and the episode True. Provenance: the
+    served trace, the feedback or verdict that graded it, the kept episode (`replay_trace_id`)
+    and where the good answer came from (`reference_from`)."""
+    from traces.datasets import scoring_grade
+
+    entries = []
+    for orig, rep, item in sorted(pairs, key=lambda p: p[0].id):
+        g = human_grade(grades.get(orig.id, ())) or scoring_grade(grades.get(orig.id, ()))
+        said = "correction" if item.reference_from == "correction" else (
+            "thumb_down" if item.grade_source == "human" else str(item.grade_source)
+        )  # fmt: skip
+        r_msgs, r_tools = training_conversation(rep)
+        o_msgs, o_tools = training_conversation(orig)
+        rf, of = _first_answer(r_msgs), _first_answer(o_msgs)
+        if not rf:
+            continue
+        if kind == "sft":
+            made = [(f"replayed:{said}", {"messages": r_msgs, "subagent": None, "tools": r_tools},
+                     None)]  # fmt: skip
+        elif kind == "dpo":
+            if not of:
+                continue
+            row = {"prompt": r_msgs[:rf], "chosen": r_msgs[rf:], "rejected": o_msgs[of:],
+                   "tools": r_tools}  # fmt: skip
+            made = [(f"replayed:{said}", row, None)]
+        else:
+            made = [(f"replayed:{said}", {"prompt": r_msgs[:rf], "completion": r_msgs[rf:],
+                                          "label": True, "tools": r_tools}, True)]  # fmt: skip
+            if of:
+                made.insert(0, (said, {"prompt": o_msgs[:of], "completion": o_msgs[of:],
+                                       "label": False, "tools": o_tools}, False))  # fmt: skip
+        for signal, row, label in made:
+            provenance = {
+                "trace_id": orig.id, "grade_id": g.id if g else None, "signal": signal,
+                "who": (g.grader.removeprefix("human:") if g else None),
+                "when": g.created if g else None,
+                "via": (g.metadata.get("via") if g else None) or "improve",
+                "session_id": orig.metadata.get("session_id"),
+                "replay_trace_id": rep.id if label is not False else None,
+                "reference_from": item.reference_from,
+            }  # fmt: skip
+            info = {
+                "env": rep.env, "task_id": rep.task_id,
+                "trace_ids": [orig.id, rep.id] if label is not False else [orig.id],
+                "grade_ids": (g.id,) if g else (), "label": label, "subagent": None,
+                "feedback": provenance,
+            }  # fmt: skip
+            entries.append((row, info))
+    return Built(
+        kind,
+        [e[0] for e in entries],
+        [e[1] for e in entries],
+        sorted({t for e in entries for t in e[1]["trace_ids"]}),
+        sorted({g for e in entries for g in e[1]["grade_ids"]}),
+        {},
+    )
 
 
 def _graded_rows(
@@ -384,8 +547,11 @@ def traffic_rows(
 ) -> Built:
     """The `kind` rows (sft, dpo, kto) of the selection's training sessions only: people's
     feedback rows (traces.feedback.feedback_rows), then verifier/judge-graded ones, then (KTO
-    with `weak_labels`) answers that only an implicit signal grades, labelled False. Each row's
-    provenance is its row_info's "feedback". DatasetError for `weak_labels` with another kind."""
+    with `weak_labels`) answers that only an implicit signal grades, labelled False, then the
+    replayed questions' kept episodes (`_replay_rows`, in place of their served answer's rows).
+    A question that needs a tool, was replayed and found no tool trajectory loses its
+    correction row. Each row's provenance is its row_info's "feedback". DatasetError for
+    `weak_labels` with another kind."""
     if weak_labels and kind != "kto":
         raise DatasetError(
             f"weak labels are KTO labels (an answer the user asked again about is not good), not "
@@ -394,18 +560,40 @@ def traffic_rows(
     train = selection.train
     traces = [store.get(i.trace_id) for i in train]
     grades = {t.id: store.grades(t.id) for t in traces}
-    human_ids = {i.trace_id for i in train if i.grade_source == "human"}
+    items = {i.trace_id: i for i in train}
+    replayed = {i.trace_id: store.get(i.replay) for i in train if i.replay}
+    # a question that needs a tool and found no tool trajectory: its bare correction would teach
+    # answering without the tool (module step 4)
+    no_trajectory = {i.trace_id for i in train if i.replayed and not i.replay and i.needs_tools}
+    human_ids = {i.trace_id for i in train if i.grade_source == "human"} - replayed.keys()
     weak_ids = {i.trace_id for i in train if weak_labels and i.grade_source is None and i.weak}
     people = feedback_rows(kind, [t for t in traces if t.id in human_ids], grades)
-    graded = _graded_rows(kind, [t for t in traces if t.id not in human_ids | weak_ids], grades)
-    weak = _weak_rows([t for t in traces if t.id in weak_ids], {i.trace_id: i for i in train})
+    keep = [
+        n
+        for n, info in enumerate(people.row_info)
+        if not (
+            info["trace_ids"][0] in no_trajectory and info["feedback"]["signal"] == "correction"
+        )
+    ]
+    dropped = len(people.rows) - len(keep)
+    people = dataclasses.replace(
+        people, rows=[people.rows[n] for n in keep], row_info=[people.row_info[n] for n in keep]
+    )
+    rest = human_ids | weak_ids | replayed.keys()
+    graded = _graded_rows(kind, [t for t in traces if t.id not in rest], grades)
+    weak = _weak_rows([t for t in traces if t.id in weak_ids], items)
+    pairs = [(t, replayed[t.id], items[t.id]) for t in traces if t.id in replayed]
+    replay = _replay_rows(kind, pairs, grades)
     excluded = Counter(people.excluded) + Counter(graded.excluded) + Counter(weak.excluded)
+    if dropped:
+        excluded["correction_without_tool_trajectory"] += dropped
+    parts = (people, graded, weak, replay)
     return Built(
         kind,
-        people.rows + graded.rows + weak.rows,
-        people.row_info + graded.row_info + weak.row_info,
-        sorted({*people.trace_ids, *graded.trace_ids, *weak.trace_ids}),
-        sorted({*people.grade_ids, *graded.grade_ids}),
+        [r for b in parts for r in b.rows],
+        [r for b in parts for r in b.row_info],
+        sorted({t for b in parts for i in b.row_info for t in i["trace_ids"]}),
+        sorted({g for b in parts for i in b.row_info for g in i["grade_ids"]}),
         dict(sorted(excluded.items())),
     )
 
@@ -475,7 +663,7 @@ def build_mixed_dataset(
     episodes = [
         t
         for t in store.query(TraceQuery(env=filters.env, since=since, limit=None), with_spans=True)
-        if TRAFFIC_TAG not in t.tags
+        if TRAFFIC_TAG not in t.tags and REPLAY_TAG not in t.tags  # replays: traffic's rows
     ]
     env = build_rows(kind, episodes, {t.id: store.grades(t.id) for t in episodes}, filters, tasks)
     if augment is not None and kind == "sft":

@@ -495,6 +495,12 @@ def improve(
             help="--source traffic --method kto: a question asked again or a failed tool call labels the answer it points at False (default: improve.weak_labels)"
         ),
     ] = None,
+    traffic_replay: Annotated[
+        bool | None,
+        typer.Option(
+            help="--source traffic|both: play each question whose served answer missed a known good answer again; a right episode through the tools becomes its row, and a bare correction to a question that needs a tool is not trained on (default: improve.traffic_replay)"
+        ),
+    ] = None,
     routes: Annotated[
         str | None,
         typer.Option(
@@ -534,6 +540,7 @@ def improve(
             since=since,
             judge=judge,
             weak_labels=weak_labels,
+            traffic_replay=traffic_replay,
             routes=routes,
         )
         every_s = parse_every(every) if every else None
