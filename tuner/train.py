@@ -611,7 +611,10 @@ def train(
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     verdicts = [*trainer.verdicts, loss_verdict(losses, cfg.min_loss_drop)]
     if before is not None:
-        after = probe_outputs(trainer.model, trainer.processing_class)
+        # compared as `before` was taken: without the bf16 autocast wrapper that accelerate put
+        # on forward for training (under it an unchanged adapter moved by 0.9 on avx512_bf16)
+        model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+        after = probe_outputs(model, trainer.processing_class)
         verdicts.append(probe_verdict(before, after, cfg.probe_min_change))
     metrics: dict[str, Any] = {
         "kind": kind,
