@@ -44,14 +44,15 @@ MODEL_DIR = ROOT / ".selftune" / "models" / "smollm2-135m-instruct"
 ENGINE_STEPS = ("baselines", "collect", "gate")
 
 
-def matmul_peak(threads: int, repeats: int = 5) -> dict[str, Any]:
-    """Best float32 GEMM FLOP/s with `threads` threads, over a square size and SmolLM2's MLP
-    up-projection at 512 and 8 rows (prefill and batch-8 decode)."""
+def matmul_peak(threads: int, repeats: int = 5, dtype: Any = None) -> dict[str, Any]:
+    """Best GEMM FLOP/s (float32, or `dtype`) with `threads` threads, over a square size and
+    SmolLM2's MLP up-projection at 512 and 8 rows (prefill and batch-8 decode)."""
     torch.set_num_threads(threads)
+    dtype = dtype or torch.float32
     shapes = [(2048, 2048, 2048), (512, 576, 1536), (8, 576, 1536)]
     by_shape = {}
     for m, k, n in shapes:
-        a, b = torch.randn(m, k), torch.randn(k, n)
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
         for _ in range(2):
             a @ b  # warm-up
         loops = max(1, int(2e9 / (2 * m * k * n)))
@@ -62,7 +63,8 @@ def matmul_peak(threads: int, repeats: int = 5) -> dict[str, Any]:
                 a @ b
             best = min(best, (time.perf_counter() - t0) / loops)
         by_shape[f"{m}x{k}x{n}"] = 2 * m * k * n / best
-    return {"threads": threads, "flops_by_shape": by_shape, "peak_flops": max(by_shape.values())}
+    peak = max(by_shape.values())
+    return {"threads": threads, "dtype": str(dtype), "flops_by_shape": by_shape, "peak_flops": peak}
 
 
 def model_params(model_dir: Path) -> int:

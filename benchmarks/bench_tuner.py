@@ -4,7 +4,12 @@ Same model (SmolLM2-135M), same LoRA (r=16, all linear), same rows (tokenized on
 selftune's template), same batch, fp32, one epoch of `--steps` steps each, run side by side in
 one process so the ratios compare like with like.
 
-    .venv/bin/python -m benchmarks.bench_tuner [--steps 10] [--batch 4] [--padding-free]
+With `--bf16` (a CPU with avx512_bf16 or AMX) two more rows: selftune's trainer in bf16
+(autocast; the LoRA weights and the optimizer stay fp32, as `[tuner.train] bf16` does), and
+TRL's defaults as they are on such a CPU (stock loss, bf16, gradient checkpointing). Each row
+gets its MFU: 6 x parameters x tok/s against a GEMM peak of its dtype measured in the same run.
+
+    .venv/bin/python -m benchmarks.bench_tuner [--steps 10] [--batch 4] [--padding-free] [--bf16]
 
 Prints a table and writes benchmarks/results/bench_tuner.json.
 """
@@ -105,6 +110,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--padding-free", action="store_true", help="also time TRL's padding_free batches"
     )
+    parser.add_argument(
+        "--bf16", action="store_true", help="also time bf16 training: selftune's and TRL's defaults"
+    )
     ns = parser.parse_args(argv)
     cfg = TrainConfig(
         batch_size=ns.batch,
@@ -124,6 +132,16 @@ def main(argv: list[str] | None = None) -> dict:
         # because this CPU cannot run it natively
         gc = cfg.model_copy(update={"gradient_checkpointing": True})
         results.append(run_trl("TRL stock + checkpointing (default)", ds, work, gc, stock=True))
+        if ns.bf16:
+            if not cpu_has_bf16():
+                raise SystemExit(
+                    "--bf16: this CPU has no avx512_bf16 or AMX; bf16 would be emulated"
+                )
+            bf = cfg.model_copy(update={"bf16": True})
+            results.append(run_trl("TRL, selftune, bf16 autocast", ds, work, bf))
+            stock = bf.model_copy(update={"gradient_checkpointing": True})
+            results.append(run_trl("TRL defaults (bf16 + checkpointing)", ds, work, stock,
+                                   stock=True))  # fmt: skip
         if ns.padding_free:
             try:
                 pf = cfg.model_copy(update={"padding_free": True})
@@ -133,22 +151,47 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+    from benchmarks.bench_cycle import matmul_peak, model_params
+
+    threads = torch.get_num_threads()
+    peaks = {"fp32": matmul_peak(threads)}
+    if ns.bf16:
+        peaks["bf16"] = matmul_peak(threads, dtype=torch.bfloat16)
+    params = model_params(MODEL_DIR)
     plain = results[0]["tokens"] / results[0]["wall_s"]
-    print(f"\nLoRA SFT, SmolLM2-135M, r=16 all linear, batch {ns.batch}, {ns.steps} steps, fp32")
-    print(f"{'trainer':38} {'tok/s':>8} {'wall s':>8} {'vs plain':>9}")
+    print(f"\nLoRA SFT, SmolLM2-135M, r=16 all linear, batch {ns.batch}, {ns.steps} steps")
+    print(f"{'trainer':38} {'tok/s':>8} {'wall s':>8} {'vs plain':>9} {'MFU':>6}")
     for r in results:
         if "error" in r:
             print(f"{r['name']:38} failed: {r['error'][:80]}")
             continue
+        r["dtype"] = "bf16" if "bf16" in r["name"] else "fp32"
         r["tok_s"] = r["tokens"] / r["wall_s"]
         r["vs_plain"] = r["tok_s"] / plain
-        print(f"{r['name']:38} {r['tok_s']:8.1f} {r['wall_s']:8.1f} {r['vs_plain']:8.2f}x")
+        r["mfu"] = 6 * params * r["tok_s"] / peaks[r["dtype"]]["peak_flops"]
+        print(f"{r['name']:38} {r['tok_s']:8.1f} {r['wall_s']:8.1f} {r['vs_plain']:8.2f}x "
+              f"{r['mfu']:6.1%}")  # fmt: skip
+    by_name = {r["name"]: r for r in results if "tok_s" in r}
+    ratios = {}
+    if ns.bf16:
+        ours = by_name["TRL, selftune, bf16 autocast"]["tok_s"]
+        ratios["selftune_bf16_vs_trl_defaults"] = (
+            ours / by_name["TRL defaults (bf16 + checkpointing)"]["tok_s"]
+        )
+        ratios["selftune_bf16_vs_selftune_fp32"] = (
+            ours / by_name["TRL, selftune (head on trained cols)"]["tok_s"]
+        )
+        for k, v in ratios.items():
+            print(f"{k}: {v:.2f}x")
     report = {
         "benchmark": "bench_tuner",
         "steps": ns.steps,
         "batch": ns.batch,
-        "dtype": "float32",
+        "dtype": "float32, and bf16 rows with --bf16",
         "cpu_bf16": cpu_has_bf16(),
+        "params": params,
+        "matmul_peaks": peaks,
+        "ratios": ratios,
         "torch_threads": torch.get_num_threads(),
         "load_avg_at_end": os.getloadavg(),
         "results": results,
