@@ -9,7 +9,8 @@ what the local engine computed in it (`CycleState.step_s`, `step_engine`, record
 itself). Steps: baselines (the grader check and both baselines), collect (every wave, replay
 included), dataset, train, gate, reload.
 
-Model-bound steps get tokens/s and MFU. The peak is a float32 torch GEMM measured in this run,
+Model-bound steps get tokens/s and MFU. The peak is a torch GEMM (float32, and bf16 where the CPU
+has it: each step against the dtype it ran in) measured in this run,
 before and after the job, with the engine's thread count (the best of a few sizes, among them
 the model's own MLP shape). FLOPs per token: 2 x parameters for inference (attention's own
 FLOPs left out), applied to every token the model computed (prefill without the cached prefix, plus one per row per
@@ -37,6 +38,8 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.table import Table
+
+from agent.model.hardware import cpu_has_bf16
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "bench_cycle.json"
@@ -256,9 +259,15 @@ def main(argv: list[str] | None = None) -> dict:
         peak["before_job"] = peak_before
         peak["peak_flops"] = max(peak["peak_flops"], peak_before["peak_flops"])
     params = model_params(MODEL_DIR)
-    steps = step_rows(state, params, peak["peak_flops"])
     cycle = state["cycles"][0] if state["cycles"] else {}
-    train = train_row(state, cycle, params, peak["peak_flops"])
+    # each step's MFU against the peak of the dtype it ran in: bf16 where the CPU has it
+    peaks = {"fp32": peak["peak_flops"]}
+    if cpu_has_bf16():
+        peaks["bf16"] = matmul_peak(threads, dtype=torch.bfloat16)["peak_flops"]
+    engine_bf16 = "bfloat16" in str(state.get("engine", {}).get("dtype")) and "bf16" in peaks
+    train_bf16 = bool(cycle.get("train_metrics", {}).get("bf16")) and "bf16" in peaks
+    steps = step_rows(state, params, peaks["bf16" if engine_bf16 else "fp32"])
+    train = train_row(state, cycle, params, peaks["bf16" if train_bf16 else "fp32"])
     for s in steps:
         if s["step"] == "train" and train:
             s.update(train)
@@ -272,6 +281,11 @@ def main(argv: list[str] | None = None) -> dict:
         "engine": state.get("engine"),
         "params": params,
         "matmul_peak": peak,
+        "matmul_peaks": peaks,
+        "mfu_against": {
+            "inference": "bf16" if engine_bf16 else "fp32",
+            "training": "bf16" if train_bf16 else "fp32",
+        },  # fmt: skip
         "flops_per_token": "inference 2 x params on computed tokens; training 6 x (params + LoRA)",
         "steps": steps,
         "total_minutes": wall / 60,
@@ -281,7 +295,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
 
     t = Table(title=f"one {args.env} cycle from scratch ({state.get('engine', {}).get('dtype', '?')}"
-              f", {threads} threads, peak {peak['peak_flops'] / 1e9:.0f} GFLOP/s fp32)")  # fmt: skip
+              f", {threads} threads, peak GFLOP/s "
+              + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in peaks.items()) + ")")  # fmt: skip
     for col in ("step", "min", "share", "tokens (gen / computed)", "tok/s", "MFU", "engine busy"):
         t.add_column(col, justify="left" if col == "step" else "right")
     for s in steps:
