@@ -400,6 +400,18 @@ def _first_answer(messages: Sequence[Mapping[str, Any]]) -> int | None:
     return next((i for i, m in enumerate(messages) if m.get("role") == "assistant"), None)
 
 
+def _built(kind: str, entries: Sequence[tuple[dict, dict]], excluded: Mapping | None = None):
+    """(row, row_info) pairs as one Built; its trace and grade ids are the infos'."""
+    return Built(
+        kind,
+        [e[0] for e in entries],
+        [e[1] for e in entries],
+        sorted({t for _, i in entries for t in i["trace_ids"]}),
+        sorted({g for _, i in entries for g in i["grade_ids"]}),
+        dict(excluded or {}),
+    )
+
+
 def _replay_rows(
     kind: str,
     pairs: Sequence[tuple[Trace, Trace, TrafficItem]],
@@ -455,14 +467,7 @@ def _replay_rows(
                 "feedback": provenance,
             }  # fmt: skip
             entries.append((row, info))
-    return Built(
-        kind,
-        [e[0] for e in entries],
-        [e[1] for e in entries],
-        sorted({t for e in entries for t in e[1]["trace_ids"]}),
-        sorted({g for e in entries for g in e[1]["grade_ids"]}),
-        {},
-    )
+    return _built(kind, entries)
 
 
 def _graded_rows(
@@ -479,7 +484,7 @@ def _graded_rows(
             excluded["ungraded"] += 1
             continue
         messages, tools = training_conversation(t)
-        first = next((i for i, m in enumerate(messages) if m.get("role") == "assistant"), None)
+        first = _first_answer(messages)
         passed = g.value >= 1.0 and not g.flags and t.status == "ok"
         if kind == "dpo" or first is None or (kind == "sft" and not passed):
             excluded["dpo_needs_correction" if kind == "dpo" else "not_passing"] += 1
@@ -499,14 +504,7 @@ def _graded_rows(
             "label": row.get("label"), "subagent": None, "feedback": provenance,
         }  # fmt: skip
         entries.append((row, info))
-    return Built(
-        kind,
-        [e[0] for e in entries],
-        [e[1] for e in entries],
-        sorted({e[1]["trace_ids"][0] for e in entries}),
-        sorted({e[1]["grade_ids"][0] for e in entries}),
-        dict(excluded),
-    )
+    return _built(kind, entries, excluded)
 
 
 def _weak_rows(traces: Sequence[Trace], items: Mapping[str, TrafficItem]) -> Built:
@@ -515,7 +513,7 @@ def _weak_rows(traces: Sequence[Trace], items: Mapping[str, TrafficItem]) -> Bui
     entries, excluded = [], Counter()
     for t in sorted(traces, key=lambda t: t.id):
         messages, tools = training_conversation(t)
-        first = next((i for i, m in enumerate(messages) if m.get("role") == "assistant"), None)
+        first = _first_answer(messages)
         if not first:
             excluded["no_llm_call"] += 1
             continue
@@ -532,14 +530,7 @@ def _weak_rows(traces: Sequence[Trace], items: Mapping[str, TrafficItem]) -> Bui
             "label": False, "subagent": None, "feedback": provenance,
         }  # fmt: skip
         entries.append((row, info))
-    return Built(
-        "kto",
-        [e[0] for e in entries],
-        [e[1] for e in entries],
-        sorted(e[1]["trace_ids"][0] for e in entries),
-        [],
-        dict(excluded),
-    )
+    return _built("kto", entries, excluded)
 
 
 def traffic_rows(
