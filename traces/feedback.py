@@ -229,7 +229,7 @@ def mark_private(
     return store.mark_session(trace_id, mark)
 
 
-def _provenance(trace: Trace, grade: Grade, signal: str) -> dict[str, Any]:
+def row_provenance(trace: Trace, grade: Grade, signal: str) -> dict[str, Any]:
     """Where a row came from: which trace, which feedback, from whom, when, how it arrived."""
     return {
         "trace_id": trace.id,
@@ -329,7 +329,7 @@ def feedback_rows(
                 "grade_ids": (g.id,),
                 "label": label,
                 "subagent": None,
-                "feedback": _provenance(t, g, signal),
+                "feedback": row_provenance(t, g, signal),
             }
             entries.append(((t.id, n), {**row, "tools": tools}, info))
     entries.sort(key=lambda e: e[0])

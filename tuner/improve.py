@@ -39,10 +39,10 @@ from rich.table import Table
 
 from agent.config import Config, ImproveConfig  # [improve], a section of the one config tree
 from tools.errors import SelftuneError
+from traces.times import TimeParseError, parse_duration
 
 if TYPE_CHECKING:
     from agent.envs import Environment
-from traces.times import TimeParseError, parse_duration
 
 STEPS = ("collect", "dataset", "tune", "gate", "reload")
 

@@ -47,7 +47,13 @@ from typing import Any
 
 from tools.errors import SelftuneError
 from traces.datasets import Built, DatasetError, DatasetFilters, DatasetResult, human_grade
-from traces.feedback import PROVENANCE_FILE, feedback_rows, private_sessions, session_of
+from traces.feedback import (
+    PROVENANCE_FILE,
+    feedback_rows,
+    private_sessions,
+    row_provenance,
+    session_of,
+)
 from traces.read import tool_calls, training_conversation
 from traces.schemas import Grade, Task, Trace, TraceQuery
 from traces.scrub import scrub_text
@@ -426,7 +432,10 @@ def _replay_rows(
 
     entries = []
     for orig, rep, item in sorted(pairs, key=lambda p: p[0].id):
+        # the grade that failed the served answer (a replayed item always has one)
         g = human_grade(grades.get(orig.id, ())) or scoring_grade(grades.get(orig.id, ()))
+        if g is None:
+            continue
         said = "correction" if item.reference_from == "correction" else (
             "thumb_down" if item.grade_source == "human" else str(item.grade_source)
         )  # fmt: skip
@@ -452,18 +461,15 @@ def _replay_rows(
                                        "label": False, "tools": o_tools}, False))  # fmt: skip
         for signal, row, label in made:
             provenance = {
-                "trace_id": orig.id, "grade_id": g.id if g else None, "signal": signal,
-                "who": (g.grader.removeprefix("human:") if g else None),
-                "when": g.created if g else None,
-                "via": (g.metadata.get("via") if g else None) or "improve",
-                "session_id": orig.metadata.get("session_id"),
+                **row_provenance(orig, g, signal),
+                "via": g.metadata.get("via") or "improve",
                 "replay_trace_id": rep.id if label is not False else None,
                 "reference_from": item.reference_from,
-            }  # fmt: skip
+            }
             info = {
                 "env": rep.env, "task_id": rep.task_id,
                 "trace_ids": [orig.id, rep.id] if label is not False else [orig.id],
-                "grade_ids": (g.id,) if g else (), "label": label, "subagent": None,
+                "grade_ids": (g.id,), "label": label, "subagent": None,
                 "feedback": provenance,
             }  # fmt: skip
             entries.append((row, info))
