@@ -260,6 +260,9 @@ class Agent:
                 "type": "object",
                 "properties": {"task": {"type": "string", "description": "the task to hand over"}},
                 "required": ["task"],
+                # an extra argument (a small model invents some) is named back to the model
+                # with the signature, instead of a TypeError from run_subagent
+                "additionalProperties": False,
             },
             func=run_subagent,
             source="subagent",

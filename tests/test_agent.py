@@ -121,6 +121,31 @@ async def test_subagent_steps_nest_under_the_orchestrators_call(cfg, scripted):
     assert inner_agent.attributes["subagent"] == "researcher"
 
 
+async def test_a_subagent_call_with_an_invented_argument_is_named_back_to_the_model(
+    cfg, scripted
+):
+    # SmolLM2 writes {"task": ..., "arguments_type": "number"}: it used to fail with a
+    # TypeError about run_subagent's signature, and the model repeated the call until max_steps
+    researcher = SubagentConfig(name="researcher", description="Looks things up.", tools=[])
+    model = scripted(
+        call("researcher", task="what is 6*7", arguments_type="number"),
+        call("researcher", task="what is 6*7"),
+        AIMessage("42"),  # the subagent answers the well-formed call
+        AIMessage("The researcher says 42."),
+    )
+    async with Agent(cfg, engine=object()) as agent:
+        res = await agent.run("ask the researcher", tools=["researcher"], subagents=[researcher])
+        trace, _ = spans_of(agent, res.trace_id)
+    subs = sorted((s for s in trace.spans if s.kind == "subagent"), key=lambda s: s.start)
+    assert [s.status for s in subs] == ["error", "ok"]
+    error = subs[0].tool.error
+    assert "unknown argument" in error and "arguments_type" in error
+    assert "{task: string (required)}" in error and "TypeError" not in error
+    # the model saw that message as the tool's answer, and the second call ran the subagent
+    assert "unknown argument" in str(model.seen[1][-1].content)
+    assert res.status == "ok" and subs[1].tool.result == "42"
+
+
 async def test_subagent_depth_limit(cfg, scripted):
     cfg.agent.max_subagent_depth = 1
     a = SubagentConfig(name="a", description="first", tools=["b"])
