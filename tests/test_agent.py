@@ -121,9 +121,7 @@ async def test_subagent_steps_nest_under_the_orchestrators_call(cfg, scripted):
     assert inner_agent.attributes["subagent"] == "researcher"
 
 
-async def test_a_subagent_call_with_an_invented_argument_is_named_back_to_the_model(
-    cfg, scripted
-):
+async def test_a_subagent_call_with_an_invented_argument_is_named_back_to_the_model(cfg, scripted):
     # SmolLM2 writes {"task": ..., "arguments_type": "number"}: it used to fail with a
     # TypeError about run_subagent's signature, and the model repeated the call until max_steps
     researcher = SubagentConfig(name="researcher", description="Looks things up.", tools=[])
