@@ -126,3 +126,25 @@ def test_tune_cpt_learns_the_documents(tmp_path, cfg, cli_env, model_path):
     )  # fmt: skip
     assert bad.returncode == 1 and "no documents to train on" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_the_knowledge_bench_asks_what_the_corpus_lacks_and_closes_the_book():
+    from benchmarks.bench_knowledge import _environments, declined, unanswerable_prompts
+
+    # declining, in the words a small model uses, against an answer that makes something up
+    assert declined("I do not know.") and declined("The handbook does not mention it.")
+    assert declined("") and declined(None)
+    assert not declined("The Porto office has 32 desks.") and not declined("2019")
+    # an invented name that the corpus does hold would make a question answerable: refused
+    with pytest.raises(ValueError, match="Porto"):
+        unanswerable_prompts("Quillmoor opened its Porto office in 2015.")
+    envs = _environments(eval_limit=4)
+    closed, opened = envs["closed-book"], envs["open-book"]
+    assert [t.prompt for t in closed.tasks] == [t.prompt for t in opened.tasks]
+    absent = [t for t in closed.tasks if t.metadata.get("unanswerable")]
+    assert len(closed.tasks) == 4 + len(absent) and len(absent) >= 40
+    # closed-book: no tool offered, none required; open-book keeps docs-qa's search
+    assert closed.tool_names == [] and all(t.tools == [] for t in closed.tasks)
+    assert all(t.metadata["requires_tools"] == [] for t in closed.tasks)
+    assert opened.tool_names == ["search"] and "search" in opened.system_prompt
+    assert "do not know" in closed.system_prompt
