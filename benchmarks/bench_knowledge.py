@@ -1,7 +1,7 @@
 """Prompt, retriever or weights: where should a corpus's knowledge live for this model?
 
     .venv/bin/python -m benchmarks.bench_knowledge [--work /tmp/bench-knowledge] \\
-        [--eval-limit 60] [--cpt-epochs 30] [--skill ADAPTER_DIR] [--cpt-skill ADAPTER_DIR]
+        [--eval-limit 60] [--cpt-epochs 30] [--skill ADAPTER_DIR] [--skill-dataset SFT_DIR]
 
 On docs-qa (the Quillmoor Robotics handbook, agent/envs/docs_qa/corpus), in a fresh workspace:
 1. `selftune tune cpt` on the corpus (a LoRA trained with a causal LM loss on the documents);
@@ -192,18 +192,14 @@ def _newest_adapter(home: Path) -> Path:
     return registry.path(newest.version)
 
 
-def skill_on_cpt(home: Path, cpt_version: str, collect_limit: int, eval_limit: int) -> Path:
-    """The retrieval skill learned on top of the CPT adapter: CPT made active (forced: it has
-    no gate of its own), then one `selftune improve docs-qa` cycle, which trains its candidate
-    from the active adapter. Returns the candidate's folder, promoted or not."""
+def skill_on_cpt(home: Path, cpt_version: str, dataset: Path) -> Path:
+    """The retrieval skill learned on top of the CPT adapter: `selftune tune sft DATASET --from
+    CPT` on the SFT dataset that taught `--skill` (e.g. an improve job's cycle1-sft), so the
+    two differ only in where training started. Returns the new adapter's folder."""
     env = {**os.environ, "SELFTUNE_HOME": str(home), "PYTHONPATH": str(ROOT)}
-    for cmd in (
-        ["adapters", "promote", cpt_version, "--force"],
-        ["improve", "docs-qa", "--collect-limit", str(collect_limit),
-         "--eval-limit", str(eval_limit)],
-    ):  # fmt: skip
-        print("$ selftune", " ".join(cmd), flush=True)
-        subprocess.run([sys.executable, "-m", "agent.cli", *cmd], env=env, check=True, cwd=ROOT)
+    cmd = ["tune", "sft", str(dataset), "--from", cpt_version]
+    print("$ selftune", " ".join(cmd), flush=True)
+    subprocess.run([sys.executable, "-m", "agent.cli", *cmd], env=env, check=True, cwd=ROOT)
     return _newest_adapter(home)
 
 
@@ -266,11 +262,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--skill", type=Path, help="an adapter that learned docs-qa's retrieval skill")
     ap.add_argument("--cpt-skill", type=Path, help="the retrieval skill trained on the CPT adapter")
     ap.add_argument(
-        "--cpt-skill-cycle",
-        action="store_true",
-        help="learn --cpt-skill here: one improve docs-qa cycle from the CPT adapter",
+        "--skill-dataset",
+        type=Path,
+        help="the SFT dataset of --skill: trained here on top of the CPT adapter (--cpt-skill)",
     )
-    ap.add_argument("--collect-limit", type=int, default=108, help="for --cpt-skill-cycle")
     ap.add_argument("--model-dir", type=Path, default=ROOT / ".selftune" / "models")
     args = ap.parse_args(argv)
 
@@ -290,9 +285,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.skill:
         models["retrieval skill"] = str(args.skill.resolve())
     cpt_skill, cycle_s = args.cpt_skill, None
-    if args.cpt_skill_cycle:
+    if args.skill_dataset and not cpt_skill:
         t0 = time.perf_counter()
-        cpt_skill = skill_on_cpt(home, cpt.name, args.collect_limit, args.eval_limit)
+        cpt_skill = skill_on_cpt(home, cpt.name, args.skill_dataset.resolve())
         cycle_s = time.perf_counter() - t0
     if cpt_skill:
         models["cpt + retrieval skill"] = str(cpt_skill.resolve())
@@ -307,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
             "epochs": args.cpt_epochs,
             "learning_rate": args.cpt_lr,
         },  # fmt: skip
-        "cpt_skill_cycle_s": cycle_s,
+        "cpt_skill_train_s": cycle_s,
         "models": models,
         "evals": evals,
         "wall_s": time.perf_counter() - started,

@@ -114,3 +114,62 @@ def test_per_env_improve_gates_and_promotes_each_environment_on_its_own_route(
             for c in state.cycles
         }
     )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_per_env_grpo_runs_one_online_run_per_route_from_that_routes_adapter(
+    cfg, cli_env, tmp_path
+):
+    """`--method grpo --routes per-env`: each environment's cycle is a GRPO run of its own
+    (rolled out on that environment only, started from what answers the route), and its
+    candidate is gated and promoted on that route. A run whose groups all agreed stops on the
+    sanity check instead, and the cycle says so: both outcomes are asserted for what they are."""
+    from agent.model.files import model_dir
+
+    trivia = trivia_env(tmp_path)
+    reg = Registry(cfg.workspace.adapters)
+    reg.register(
+        real_adapter(tmp_path / "global", model_dir(cfg)), base_model="smollm2-135m-instruct"
+    )
+    reg.promote("v1", force=True)
+    env = dict(
+        cli_env,
+        SELFTUNE_IMPROVE__MAX_TOKENS="32",
+        SELFTUNE_IMPROVE__REPLAY="[]",
+        SELFTUNE_TUNER__GATE__ROBUSTNESS="[]",
+        SELFTUNE_TUNER__GRPO__GROUP_SIZE="2",
+        SELFTUNE_TUNER__GRPO__TASKS_PER_STEP="2",
+        SELFTUNE_TUNER__GRPO__MAX_ROUNDS="1",
+    )
+    args = [sys.executable, "-m", "agent.cli", "improve", "calculator", str(trivia),
+            "--routes", "per-env", "--method", "grpo", "--eval-limit", "6",
+            "--max-train-steps", "1", "--concurrency", "8"]  # fmt: skip
+    done = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=3300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+
+    state = JobState.load(sorted(cfg.workspace.jobs.glob("improve-*/state.json"))[-1])
+    assert [(c.index, c.route) for c in state.cycles] == [(1, "calculator"), (1, "trivia")]
+    given = {"calculator": "calculator", "trivia": str(trivia)}
+    runs = {}
+    for path in cfg.workspace.jobs.glob("grpo-*/state.json"):
+        run = json.loads(path.read_text())
+        runs[run["id"]] = run
+    assert len(runs) == 2  # one run per route: the second did not resume the first
+    reg = Registry(cfg.workspace.adapters)
+    for cycle in state.cycles:
+        run = runs[cycle.train_metrics["grpo_run"]]
+        # rolled out on the route's environment only, from the adapter that answered the route
+        assert run["env"] == given[cycle.route] and run["start_from"] == "v1"
+        if cycle.skipped:
+            assert "sanity check failed" in cycle.skipped and cycle.candidate is None
+            continue
+        assert cycle.done == list(STEPS) and run["finished"] and run["step"] == 1
+        rec = reg.get(cycle.candidate)
+        assert rec.parent == "v1" and rec.train_config["method"] == "grpo"
+        gate = rec.eval_results[-1]
+        assert gate["route"] == cycle.route and gate["envs"] == [given[cycle.route]]
+        promoted = gate["gate"]["promote"]
+        assert reg.routes().get(cycle.route) == (cycle.candidate if promoted else None)
+    assert any(not c.skipped for c in state.cycles), [c.skipped for c in state.cycles]
+    assert reg.active().version == "v1"
