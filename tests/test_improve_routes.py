@@ -138,9 +138,9 @@ def test_per_env_grpo_runs_one_online_run_per_route_from_that_routes_adapter(
         SELFTUNE_IMPROVE__MAX_TOKENS="32",
         SELFTUNE_IMPROVE__REPLAY="[]",
         SELFTUNE_TUNER__GATE__ROBUSTNESS="[]",
-        SELFTUNE_TUNER__GRPO__GROUP_SIZE="2",
-        SELFTUNE_TUNER__GRPO__TASKS_PER_STEP="2",
-        SELFTUNE_TUNER__GRPO__MAX_ROUNDS="1",
+        SELFTUNE_TUNER__GRPO__GROUP_SIZE="4",
+        SELFTUNE_TUNER__GRPO__TASKS_PER_STEP="3",
+        SELFTUNE_TUNER__GRPO__MAX_ROUNDS="2",
     )
     args = [sys.executable, "-m", "agent.cli", "improve", "calculator", str(trivia),
             "--routes", "per-env", "--method", "grpo", "--eval-limit", "6",
