@@ -264,6 +264,34 @@ def test_loading_a_damaged_version_names_the_file(tmp_path, cfg):
             resolve_adapter(cfg, None, request)
 
 
+def test_two_adapter_folders_with_one_name_are_served_apart(tmp_path, cfg):
+    """`v1` of this workspace and `v1` of another: each request gets its own weights (the
+    second was answered by the first's, and bench_knowledge's "retrieval skill" row with it)."""
+    from agent.model.adapters import resolve_adapter
+
+    class Engine:  # the engine's adapter table, nothing else (load_adapter is tested on the real one)
+        def __init__(self):
+            self.loaded: dict[str, str] = {}
+
+        def adapters(self):
+            return dict(self.loaded)
+
+        def load_adapter(self, name, path):
+            assert name not in self.loaded
+            self.loaded[name] = str(path)
+
+    ours, theirs = tmp_path / "here" / "v1", tmp_path / "there" / "v1"
+    fake_adapter(ours), fake_adapter(theirs)
+    engine = Engine()
+    assert resolve_adapter(cfg, engine, str(ours)) == "v1"
+    other = resolve_adapter(cfg, engine, str(theirs))
+    assert other != "v1" and other.startswith("v1-")
+    assert engine.loaded == {"v1": str(ours.resolve()), other: str(theirs.resolve())}
+    # asked again, each folder gets the name it was loaded under, and nothing loads twice
+    assert resolve_adapter(cfg, engine, str(theirs)) == other
+    assert resolve_adapter(cfg, engine, str(ours)) == "v1" and len(engine.loaded) == 2
+
+
 @pytest.mark.slow
 def test_eval_and_promote_cli_refuse_a_truncated_adapter(tmp_path, cfg):
     """The issue's probe: `adapters promote --force` on a truncated weights file, and `eval`

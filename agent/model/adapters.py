@@ -227,8 +227,15 @@ def resolve_adapter(cfg: Config, engine: Any, request: str | None) -> str | None
         if found is None:
             return None
         name, path = found
-    if cfg.model.backend == "local" and engine is not None and name not in engine.adapters():
-        engine.load_adapter(name, path)
+    if cfg.model.backend == "local" and engine is not None:
+        held = engine.adapters().get(name)
+        if held is not None and Path(held).resolve() != Path(path).resolve():
+            # the same folder name from elsewhere (v1 of another workspace): never serve one
+            # for the other; this folder gets a name of its own
+            name = f"{name}-{hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:8]}"
+            held = engine.adapters().get(name)
+        if held is None:
+            engine.load_adapter(name, path)
     elif cfg.model.backend == "openai" and cfg.model.base_url:
         from agent.model.openai import ensure_served
 
