@@ -21,6 +21,7 @@ from agent.envs.bootstrap import (
     through_tools,
 )
 from benchmarks.envs.user_retrieval import make as user_env
+from traces.flags import reference_in
 from traces.read import training_conversation
 from traces.schemas import TraceQuery
 
@@ -301,6 +302,7 @@ def test_improve_on_a_user_retrieval_env_trains_on_grounded_rows_and_replay_and_
         cli_env,
         SELFTUNE_IMPROVE__MIN_NEW_TRACES="4",
         SELFTUNE_IMPROVE__MAX_TOKENS="32",
+        SELFTUNE_AGENT__MAX_STEPS="3",  # a search, its result, the answer: loops end sooner
         SELFTUNE_TUNER__GATE__ROBUSTNESS="[]",  # tested in test_gate_guards
     )
     args = ["improve", str(root), "--collect-limit", "16", "--eval-limit", "6",
@@ -345,3 +347,59 @@ def test_improve_on_a_user_retrieval_env_trains_on_grounded_rows_and_replay_and_
     assert "success_rate[general]" in gate["numbers"]
     assert gate["numbers"]["success_rate[general]"]["guard"] == "probe"
     assert rec.status == ("active" if gate["promote"] else "rejected")
+
+
+def test_a_tasks_plan_is_played_through_the_real_subagent_and_calculator(cfg, tmp_path):
+    """delegate's plans: the reference policy hands the lookup to the real researcher (which it
+    also plays: a real search of the handbook) and computes with the real calculator. A plan
+    whose looked-up fact the researcher cannot confirm stops there and is answered "not found",
+    so it never reaches training; the others give an orchestrator row and a researcher row."""
+    from agent.envs import environment_tasks
+    from agent.envs.bootstrap import NOT_FOUND, plan_tasks, reference_playable
+    from agent.workspace import open_store
+    from traces.datasets import DatasetFilters, build_dataset
+    from tuner.improve import _reference_wave
+
+    env = load_environment("delegate", config=cfg.agent)
+    train = env.split("train")[:4]
+    assert all(reference_playable(t, env.tool_names) for t in train)
+    # the researcher's question becomes a task of its own, its reference the plan's `expect`
+    subs = {t.prompt: t.answer for t in plan_tasks(train)[4:]}
+    assert subs == {t.plan[0].arguments["task"]: t.metadata["lookup_value"] for t in train}
+    wrong = train[0]  # a fact the handbook does not hold: the plan must stop at the lookup
+    wrong.plan[0].expect = 987654
+    wave = asyncio.run(
+        _reference_wave(
+            cfg,
+            env,
+            {t.id for t in train},
+            cfg.improve,
+            seed=0,
+            tags=["test"],
+            console=Console(stderr=True),
+        )  # fmt: skip
+    )
+    assert wave["n"] == 4 and sorted(wave["solved"]) == sorted(t.id for t in train[1:]), wave
+
+    store = open_store(cfg)
+    traces = {t.task_id: t for t in store.query(TraceQuery(tag="wave:reference", limit=None))}
+    assert traces[wrong.id].answer == NOT_FOUND
+    out = tmp_path / "ds"
+    res = build_dataset(
+        store, "sft", out, DatasetFilters(min_score=1.0, best_of_n=True, exclude_flagged=True),
+        tasks=environment_tasks("delegate", cfg)[1],
+    )  # fmt: skip
+    assert res.manifest["counts"]["by_agent"] == {"orchestrator": 3, "researcher": 3}
+    for line in (out / "train.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        msgs = [m for m in row["messages"] if m["role"] != "system"]
+        calls = [c["function"] for m in msgs for c in m.get("tool_calls") or []]
+        if row["subagent"] is None:  # the orchestrator: delegate, then compute, then answer
+            t = next(t for t in train if t.prompt == msgs[0]["content"])
+            assert [c["name"] for c in calls] == ["researcher", "calculator"]
+            assert str(t.metadata["lookup_value"]) in msgs[2]["content"]  # the researcher's
+            assert str(t.answer) in msgs[-1]["content"]
+        else:  # the researcher: a real search whose passages hold the fact it reports
+            assert row["subagent"] == "researcher" and [c["name"] for c in calls] == ["search"]
+            reported = float(msgs[-1]["content"].rstrip("."))
+            assert reference_in(reported, [msgs[2]["content"]])

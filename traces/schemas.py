@@ -195,6 +195,15 @@ class TracesConfig(BaseModel):
         return v
 
 
+class PlanStep(_Schema):
+    """One tool call of a task's plan: the call the task needs, with what its result must hold
+    (`expect`: the looked-up fact; a number as an equal number, a string as a substring)."""
+
+    tool: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    expect: Any = None
+
+
 class Task(_Schema):
     """One task of an environment (one line of a tasks.jsonl). Only `prompt` is required."""
 
@@ -208,6 +217,10 @@ class Task(_Schema):
     # of tasks the model failed without it, and removed again from training rows (STaR's
     # "rationalization"); never shown in eval
     hint: str | None = None
+    # the tool calls that reach the answer, in order (collection only, never shown to the
+    # model): the reference wave plays them through the real tools, and a subagent step's
+    # `expect` is that subagent's reference (agent.envs.bootstrap.ReferencePolicy)
+    plan: list[PlanStep] | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -140,8 +140,8 @@ async def collect(
     solved_before: set[str] | frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
     """Play `env`'s train tasks with `adapter`; returns the counts per wave. While the model is
-    `weak`, first the reference wave (`[improve] reference_wave`: tasks with a reference and
-    `search` are played by agent.envs.bootstrap.ReferencePolicy), then in up to four waves on
+    `weak`, first the reference wave (`[improve] reference_wave`: tasks with a reference and a
+    `plan` or `search` are played by agent.envs.bootstrap.ReferencePolicy), then in up to four waves on
     the tasks it did not solve:
     1. with demonstrations (few-shot): the environment's own, or, when it has none and
        `[improve] self_demos`, ones written by calling the real tools on its train tasks
@@ -324,8 +324,8 @@ async def _reference_wave(
     tags: list[str],
     console: Console,
 ) -> dict[str, Any]:
-    """Play `ids` (train tasks the student failed, with a reference and `search`) with the
-    reference policy (agent.envs.bootstrap.ReferencePolicy) as the agent's model. Its episodes
+    """Play `ids` (train tasks the student failed, with a reference and a plan or `search`)
+    with the reference policy (agent.envs.bootstrap.ReferencePolicy) as the agent's model. Its episodes
     are real traces through the real tools and grader, tagged `source:reference`; only right,
     unflagged ones count as solved. Returns the wave's counts, with "solved" (task ids)."""
     from agent.agent import Agent
@@ -335,8 +335,8 @@ async def _reference_wave(
     tasks = [t for t in environment.split("train") if t.id in ids]
     console.print(
         f"[bold]collect[/bold] {environment.name} reference wave: {len(tasks)} train tasks the "
-        "student failed, played by the reference policy (search with the question; answer only "
-        "what a returned passage holds)"
+        "student failed, played by the reference policy (a task's plan, else search with the "
+        "question; through the real tools, answering only what their results hold)"
     )
     agent = Agent(cfg, checkpoints=False, chat_model=reference_policy(tasks))
     try:

@@ -25,7 +25,7 @@ from typing import Any
 from tools.base import Tool
 from traces.flags import reference_in
 from traces.read import find_numbers, normalize_text, tool_calls
-from traces.schemas import Task, Trace
+from traces.schemas import PlanStep, Task, Trace
 
 NOT_FROM_TOOLS = "answer_not_from_tools"  # the flag a rationalised trace gets when it fails
 
@@ -159,11 +159,16 @@ def _reference_policy_class():
     from langchain_core.outputs import ChatGeneration, ChatResult
 
     class ReferencePolicy(BaseChatModel):
-        """A scripted policy for tasks with a reference answer and a `search` tool: it calls
-        the real `search` with the task's question as the query and, once the result is back,
-        answers the reference if a returned passage holds it, else says it found nothing. The
-        agent runs it like any model (same tools, tracer and grader), so its right episodes are
-        ordinary grounded traces: every fact in them came from the tool.
+        """A scripted policy for tasks with a reference answer, played through the real tools:
+        - a task with a `plan` (agent.envs.bootstrap.plan_tasks): it makes the plan's calls in
+          order, going on only while each result holds that step's `expect`, and answers the
+          reference once the last result holds it;
+        - any other task (it needs `search`): it calls the real `search` with the question and
+          answers the reference if a returned passage holds it.
+        Where a step fails it says it found nothing (NOT_FOUND), so the episode is graded wrong.
+        The agent runs it like any model (same tools, tracer and grader), subagents included: a
+        subagent's conversation starts with the plan step's `task`, which is a task of its own
+        here. Its right episodes are ordinary grounded traces: every fact came from a tool.
 
         The task is known from the conversation's first user message (`tasks`: prompt -> Task);
         a conversation whose prompt is unknown gets NOT_FOUND."""
@@ -175,7 +180,7 @@ def _reference_policy_class():
             return REFERENCE_POLICY
 
         def bind_tools(self, tools: Any, **kwargs: Any) -> ReferencePolicy:
-            return self  # it only ever calls `search`, which the agent resolves by name
+            return self  # it calls tools by name, which the agent resolves
 
         def _reply(self, messages: list[Any]) -> AIMessage:
             meta = {"model_name": REFERENCE_POLICY, "adapter": "reference"}
@@ -184,14 +189,18 @@ def _reference_policy_class():
             results = [str(m.content) for m in messages if isinstance(m, ToolMessage)]
             if task is None or task.answer is None:
                 return AIMessage(NOT_FOUND, response_metadata=meta)
-            if not results:
-                call = {
-                    "id": "call_1",
-                    "name": "search",
-                    "args": {"query": _search_query(task.prompt)},
-                }
+            plan = task.plan or [PlanStep(tool="search",
+                                          arguments={"query": _search_query(task.prompt)})]  # fmt: skip
+            done = len(results)
+            if done and done <= len(plan):
+                expect = plan[done - 1].expect
+                if expect is not None and not reference_in(expect, results[-1:]):
+                    return AIMessage(NOT_FOUND, response_metadata=meta)
+            if done < len(plan):
+                step = plan[done]
+                call = {"id": f"call_{done + 1}", "name": step.tool, "args": dict(step.arguments)}
                 return AIMessage("", tool_calls=[call], response_metadata=meta)
-            if reference_in(task.answer, results):
+            if reference_in(task.answer, results[-1:] if task.plan else results):
                 return AIMessage(f"{answer_text(task.answer)}.", response_metadata=meta)
             return AIMessage(NOT_FOUND, response_metadata=meta)
 
@@ -202,11 +211,27 @@ def _reference_policy_class():
     return ReferencePolicy
 
 
+def plan_tasks(tasks: Sequence[Task]) -> list[Task]:
+    """`tasks` and, for each plan step that hands a question to a subagent (a `task` argument
+    and an `expect`), that question as a task of its own whose reference is the `expect`: the
+    subagent's conversation starts with it, so the reference policy plays the subagent too."""
+    out = list(tasks)
+    for t in tasks:
+        for step in t.plan or ():
+            question = step.arguments.get("task")
+            if isinstance(question, str) and step.expect is not None:
+                out.append(Task(id=f"{t.id}:{step.tool}", prompt=question, answer=step.expect))
+    return out
+
+
 def reference_policy(tasks: Sequence[Task]) -> Any:
-    """The reference policy (a LangChain chat model) for `tasks`."""
-    return _reference_policy_class()(tasks={t.prompt: t for t in tasks})
+    """The reference policy (a LangChain chat model) for `tasks` and their subagent steps."""
+    return _reference_policy_class()(tasks={t.prompt: t for t in plan_tasks(tasks)})
 
 
 def reference_playable(task: Task, tool_names: Sequence[str]) -> bool:
-    """Whether the reference policy can play `task`: it has a reference and `search`."""
-    return task.answer is not None and "search" in (task.tools or tool_names)
+    """Whether the reference policy can play `task`: it has a reference and a plan, or
+    `search` among its tools."""
+    if task.answer is None:
+        return False
+    return bool(task.plan) or "search" in (task.tools or tool_names)

@@ -146,6 +146,16 @@ def tasks(rng: random.Random) -> list[dict]:
                     "answer": clean(evaluate(expression)),
                     "grader": "numeric",
                     "split": split,
+                    # collection only: the reference wave plays these calls through the real
+                    # researcher and calculator (agent.envs.bootstrap.ReferencePolicy)
+                    "plan": [
+                        {
+                            "tool": "researcher",
+                            "arguments": {"task": f"What is {f['what']}?"},
+                            "expect": f["value"],
+                        },
+                        {"tool": "calculator", "arguments": {"expression": expression}},
+                    ],
                     "metadata": {
                         "requires_tools": ["researcher", "calculator"],
                         "expression": expression,
