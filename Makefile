@@ -11,7 +11,7 @@ PIP := set -o pipefail; $(BIN)/pip install -q --disable-pip-version-check
 QUIET := 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint bench setup sandbox clean-venv
+.PHONY: demo test test-fast test-vllm lint bench setup sandbox clean-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -54,6 +54,12 @@ demo: setup
 test: $(STAMP) node_modules/.installed sandbox
 	$(BIN)/selftune setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The tests on a real vLLM server; the first run makes vLLM's environment (~3.5 GB, ~3.5 min).
+# `make test` runs them only where that environment is already made.
+test-vllm: $(STAMP) sandbox
+	$(BIN)/selftune setup
+	SELFTUNE_TEST_VLLM=1 $(BIN)/python -m pytest -m vllm $(PYTEST_ARGS)
 
 test-fast: $(STAMP) node_modules/.installed sandbox
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -302,7 +302,6 @@ def test_improve_on_a_user_retrieval_env_trains_on_grounded_rows_and_replay_and_
         cli_env,
         SELFTUNE_IMPROVE__MIN_NEW_TRACES="4",
         SELFTUNE_IMPROVE__MAX_TOKENS="32",
-        SELFTUNE_AGENT__MAX_STEPS="3",  # a search, its result, the answer: loops end sooner
         SELFTUNE_TUNER__GATE__ROBUSTNESS="[]",  # tested in test_gate_guards
     )
     args = ["improve", str(root), "--collect-limit", "16", "--eval-limit", "6",

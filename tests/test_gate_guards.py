@@ -142,6 +142,8 @@ def _plant_and_gate(cfg, dataset, steps: int, *, robustness: list[str]):
                                   max_length=256, save_steps=100, lora_r=8, lora_alpha=16))  # fmt: skip
     # the first 8 held-out tasks of calculator and of the probe (base: about three in four)
     cfg.improve = cfg.improve.updated(eval_limit=8, concurrency=16, max_tokens=24)
+    # a call, its result, the answer: a planted adapter's tool-call loops end at 3 steps, not 8
+    cfg.agent = cfg.agent.model_copy(update={"max_steps": 3})
     cfg.tuner.gate = cfg.tuner.gate.model_copy(
         update={"robustness": robustness, "robustness_limit": 2}
     )

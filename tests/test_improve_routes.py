@@ -66,6 +66,7 @@ def test_per_env_improve_gates_and_promotes_each_environment_on_its_own_route(
         cli_env,
         SELFTUNE_IMPROVE__MIN_NEW_TRACES="1",
         SELFTUNE_IMPROVE__MAX_TOKENS="32",
+        SELFTUNE_AGENT__MAX_STEPS="3",  # a call, its result, the answer: loops end sooner
         SELFTUNE_IMPROVE__REPLAY="[]",  # replay's rows per route: tests/test_gate_routes.py
         SELFTUNE_TUNER__GATE__ROBUSTNESS="[]",
     )
@@ -136,6 +137,7 @@ def test_per_env_grpo_runs_one_online_run_per_route_from_that_routes_adapter(
     env = dict(
         cli_env,
         SELFTUNE_IMPROVE__MAX_TOKENS="32",
+        SELFTUNE_AGENT__MAX_STEPS="3",
         SELFTUNE_IMPROVE__REPLAY="[]",
         SELFTUNE_TUNER__GATE__ROBUSTNESS="[]",
         SELFTUNE_TUNER__GRPO__GROUP_SIZE="4",
