@@ -226,6 +226,18 @@ def test_a_flagged_solved_trace_is_never_shown_as_a_demonstration(tmp_path):
     assert [t.task_id for t in shown] == ["a"]
 
 
+def _play_reference(cfg, env, tasks):
+    """The reference wave (tuner.improve._reference_wave) on `tasks` of `env`."""
+    from tuner.improve import _reference_wave
+
+    ids = {t.id for t in tasks}
+    return asyncio.run(
+        _reference_wave(
+            cfg, env, ids, cfg.improve, seed=0, tags=["test"], console=Console(stderr=True)
+        )  # fmt: skip
+    )
+
+
 def test_the_reference_policy_plays_failed_tasks_through_the_real_search(cfg, tmp_path):
     """The reference wave: real traces through the real search and grader; a task whose passage
     the search does not return is answered "not found" and fails, so it never reaches training."""
@@ -233,7 +245,6 @@ def test_the_reference_policy_plays_failed_tasks_through_the_real_search(cfg, tm
     from agent.envs.bootstrap import NOT_FOUND, REFERENCE_POLICY
     from agent.workspace import open_store
     from traces.datasets import DatasetFilters, build_dataset
-    from tuner.improve import _reference_wave
 
     root = _user_env(tmp_path / "towns", 6, 0)
     env = load_environment(root, config=cfg.agent)
@@ -243,17 +254,7 @@ def test_the_reference_policy_plays_failed_tasks_through_the_real_search(cfg, tm
     for f in (root / "corpus").glob("*.md"):
         f.write_text(f.read_text().replace(lost.answer[0], "(unknown)"))
     env = load_environment(root, config=cfg.agent)
-    wave = asyncio.run(
-        _reference_wave(
-            cfg,
-            env,
-            {t.id for t in train},
-            cfg.improve,
-            seed=0,
-            tags=["test"],
-            console=Console(stderr=True),
-        )  # fmt: skip
-    )
+    wave = _play_reference(cfg, env, train)
     assert wave["kind"] == "reference" and wave["n"] == 6
     assert lost.id not in wave["solved"] and len(wave["solved"]) == 5, wave
 
@@ -357,7 +358,6 @@ def test_a_tasks_plan_is_played_through_the_real_subagent_and_calculator(cfg, tm
     from agent.envs.bootstrap import NOT_FOUND, plan_tasks, reference_playable
     from agent.workspace import open_store
     from traces.datasets import DatasetFilters, build_dataset
-    from tuner.improve import _reference_wave
 
     env = load_environment("delegate", config=cfg.agent)
     train = env.split("train")[:4]
@@ -367,17 +367,7 @@ def test_a_tasks_plan_is_played_through_the_real_subagent_and_calculator(cfg, tm
     assert subs == {t.plan[0].arguments["task"]: t.metadata["lookup_value"] for t in train}
     wrong = train[0]  # a fact the handbook does not hold: the plan must stop at the lookup
     wrong.plan[0].expect = 987654
-    wave = asyncio.run(
-        _reference_wave(
-            cfg,
-            env,
-            {t.id for t in train},
-            cfg.improve,
-            seed=0,
-            tags=["test"],
-            console=Console(stderr=True),
-        )  # fmt: skip
-    )
+    wave = _play_reference(cfg, env, train)
     assert wave["n"] == 4 and sorted(wave["solved"]) == sorted(t.id for t in train[1:]), wave
 
     store = open_store(cfg)
