@@ -10,6 +10,9 @@ PIP := set -o pipefail; $(BIN)/pip install -q --disable-pip-version-check
 # pip warns once per package about this machine's local index folders; the noise hides real errors
 QUIET := 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
 PYTEST_ARGS ?=
+# one pytest worker per core (tests/conftest.py gives each worker one compute thread); the
+# slowest tests are handed out first as workers free up
+XDIST ?= -n auto --dist load
 
 .PHONY: demo test test-fast test-vllm lint bench setup sandbox clean-venv
 
@@ -53,7 +56,7 @@ demo: setup
 
 test: $(STAMP) node_modules/.installed sandbox
 	$(BIN)/selftune setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # The tests on a real vLLM server; the first run makes vLLM's environment (~3.5 GB, ~3.5 min).
 # `make test` runs them only where that environment is already made.
@@ -62,7 +65,7 @@ test-vllm: $(STAMP) sandbox
 	SELFTUNE_TEST_VLLM=1 $(BIN)/python -m pytest -m vllm $(PYTEST_ARGS)
 
 test-fast: $(STAMP) node_modules/.installed sandbox
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -14,6 +14,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
 
+# Under pytest-xdist (`make test` runs `-n auto`) each worker, and every `selftune` it starts,
+# computes on one thread: two workers of two threads each on two cores spin against each other
+# in OpenMP. A test process alone used about one core on average (most of a test is Python, not
+# matmuls), so two one-thread workers finish the suite in little more than half the time.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("SELFTUNE_MODEL__THREADS", "1")
+
 
 @pytest.fixture(scope="session")
 def model_path() -> Path:
@@ -46,3 +54,11 @@ def scripted(monkeypatch):
     from _agent_fixtures import scripted_fixture
 
     return scripted_fixture(monkeypatch)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files that hold slow tests run first, each file's tests kept together: under xdist the
+    minutes-long end-to-end tests start while the other worker clears the quick ones, instead of
+    one of them starting last and running alone."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)

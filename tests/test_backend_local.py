@@ -28,9 +28,7 @@ def engine():
     # float32: the tests below compare token ids across batch shapes and expect the one-shot
     # tool call; in bf16 (an avx512_bf16 CPU) rounding depends on the batch's padding and
     # near-ties go either way, so those would hold by luck. The default dtype is tested apart.
-    eng = LocalEngine(
-        require_model(), dtype="float32", threads=2, batch_wait_ms=50, max_batch_size=8
-    )
+    eng = LocalEngine(require_model(), dtype="float32", batch_wait_ms=50, max_batch_size=8)
     yield eng
     eng.close()
 
@@ -44,7 +42,7 @@ def adapters(tmp_path_factory):
 def test_loads_with_the_dtype_the_cpu_supports(engine):
     import torch
 
-    auto = LocalEngine(require_model(), threads=2)
+    auto = LocalEngine(require_model())
     try:
         assert auto.dtype == (torch.bfloat16 if cpu_has_bf16() else torch.float32)
         assert auto.model.dtype == auto.dtype

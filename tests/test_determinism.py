@@ -53,9 +53,7 @@ def engine():
     # float32, where the claim holds, whatever the CPU: on an EPYC with avx512_bf16 ("auto"
     # means bf16 there) 6 of these 8 rows matched, the same as emulated bf16 (README, "Batch
     # invariance"), so bf16 is documented as not batch-invariant rather than tested as it
-    eng = LocalEngine(
-        require_model(), threads=2, batch_wait_ms=2000, max_batch_size=8, dtype="float32"
-    )
+    eng = LocalEngine(require_model(), batch_wait_ms=2000, max_batch_size=8, dtype="float32")
     yield eng
     eng.close()
 

@@ -31,7 +31,7 @@ def traffic(tmp_path_factory, model_path):
     ids by name, the store, the workspace root, and when the traffic began."""
     cfg = workspace(tmp_path_factory.mktemp("ws"), model_path)
     cfg.workspace.ensure()
-    engine = LocalEngine(model_path, threads=2, batch_wait_ms=20)
+    engine = LocalEngine(model_path, batch_wait_ms=20)
     tracer = Tracer(TraceStore(trace_db_path(cfg)))
     store = TraceStore(trace_db_path(cfg))
     since = time.time() - 0.001

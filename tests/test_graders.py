@@ -558,7 +558,7 @@ def smollm2_judge(model_path):
     production uses; float32, since in bf16 greedy near-ties go either way with the CPU."""
     from agent.model import ChatLocal, LocalEngine
 
-    engine = LocalEngine(model_path, dtype="float32", threads=2)
+    engine = LocalEngine(model_path, dtype="float32")
     yield ChatLocal(engine=engine, max_tokens=48)
     engine.close()
 

@@ -49,7 +49,7 @@ def _ask_and_give_feedback(cfg, model_path) -> dict[str, list[str]]:
     train, held = _sessions()
     sessions = [*train, *held]
     private = train[-1]
-    engine = LocalEngine(model_path, threads=2, batch_wait_ms=20)
+    engine = LocalEngine(model_path, batch_wait_ms=20)
     tracer = Tracer(TraceStore(trace_db_path(cfg)))
     store = TraceStore(trace_db_path(cfg))
     service = AgentService(Agent(cfg, engine=engine, tracer=tracer))

@@ -143,6 +143,26 @@ def test_killed_server_gives_tool_error_then_is_restarted():
     asyncio.run(main())
 
 
+def test_a_call_sent_as_the_server_dies_fails_at_once_not_after_its_timeout():
+    """The call goes out in the same instant as the SIGKILL, before the session has read the
+    server's end: it must fail as a death when the session ends, not wait out timeout_s (under
+    xdist it once waited the full 20 s and reported a timeout)."""
+
+    async def main():
+        async with McpManager([ours(timeout_s=60)]) as m:
+            calc = {t.name: t for t in m.tools()}["st__calculator"]
+            assert await calc.ainvoke({"expression": "1+1"}) == "2"
+            (pid,) = child_pids("tools.mcp_server")
+            t0 = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+            with pytest.raises(ToolError, match="MCP server 'st' died"):
+                await calc.ainvoke({"expression": "2+2"})
+            assert time.monotonic() - t0 < 15, "the death was noticed only by the timeout"
+            assert await calc.ainvoke({"expression": "3+3"}) == "6"
+
+    asyncio.run(main())
+
+
 FLAKY_SERVER = """
 import sys, time
 from pathlib import Path

@@ -54,9 +54,7 @@ def routed(tmp_path_factory, model_path):
         reg.promote(rec.version, force=True, route=env)
         versions[env] = rec.version
     assert reg.active() is None  # no global adapter: unrouted requests get the base model
-    engine = LocalEngine(
-        model_path, dtype="float32", threads=2, batch_wait_ms=300, max_batch_size=8
-    )
+    engine = LocalEngine(model_path, dtype="float32", batch_wait_ms=300, max_batch_size=8)
     yield cfg, versions, engine
     engine.close()
 

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 def served(tmp_path_factory, model_path):
     cfg = workspace(tmp_path_factory.mktemp("ws"), model_path)
     cfg.workspace.ensure()
-    engine = LocalEngine(model_path, threads=2, batch_wait_ms=20)
+    engine = LocalEngine(model_path, batch_wait_ms=20)
     tracer = Tracer(TraceStore(trace_db_path(cfg)))
     store = TraceStore(trace_db_path(cfg))
     service = AgentService(Agent(cfg, engine=engine, tracer=tracer))

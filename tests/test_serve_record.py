@@ -25,7 +25,7 @@ MODEL = "smollm2-135m-instruct"
 
 @pytest.fixture(scope="module")
 def engine(model_path):
-    eng = LocalEngine(model_path, threads=2, batch_wait_ms=20)
+    eng = LocalEngine(model_path, batch_wait_ms=20)
     yield eng
     eng.close()
 
