@@ -75,6 +75,18 @@ class _Limits:
     tool_timeout_s: float
 
 
+@dataclass(frozen=True)
+class _Parent:
+    """What a subagent inherits from the episode that calls it, unless its config says
+    otherwise: the episode's adapter (so a candidate under evaluation answers for its
+    subagents too, not the registry's active one), whether that adapter was routed (then a
+    role gets its own route's), and the episode's sampling (max tokens, temperature, seed)."""
+
+    adapter: str | None
+    routed: bool
+    sampling: dict[str, Any]
+
+
 @dataclass
 class _Scope:
     """Everything one graph run needs; a subagent gets its own scope inside the same trace."""
@@ -206,6 +218,7 @@ class Agent:
         subagents: Sequence[SubagentConfig],
         depth: int,
         extra: Sequence[Tool],
+        parent: _Parent,
     ) -> dict[str, Tool]:
         pool = dict(self.available_tools())
         pool.update({t.name: t for t in extra})
@@ -222,7 +235,7 @@ class Agent:
                 if depth >= self.cfg.agent.max_subagent_depth:
                     log.warning("subagent %s not offered: depth limit %d", name, depth)
                     continue
-                chosen[name] = self._subagent_tool(by_sub[name], subagents, depth, extra)
+                chosen[name] = self._subagent_tool(by_sub[name], subagents, depth, extra, parent)
             else:
                 known = sorted(set(pool) | {"search"} | set(by_sub))
                 raise ValueError(f"unknown tool {name!r}; known tools: {', '.join(known)}")
@@ -247,11 +260,12 @@ class Agent:
         subagents: Sequence[SubagentConfig],
         depth: int,
         extra: Sequence[Tool],
+        parent: _Parent,
     ) -> Tool:
         agent = self
 
         async def run_subagent(task: str) -> str:
-            return await agent._run_subagent(sub, task, subagents, depth + 1, extra)
+            return await agent._run_subagent(sub, task, subagents, depth + 1, extra, parent)
 
         return Tool(
             name=sub.name,
@@ -428,10 +442,12 @@ class Agent:
         max_steps: int,
         depth: int,
         sampling: dict[str, Any],
+        routed: bool = False,
     ) -> _Scope:
         from agent.model import make_chat_model
 
-        tools = self._resolve_tools(tool_names, subagents, depth, extra_tools)
+        parent = _Parent(adapter=adapter, routed=routed, sampling=dict(sampling))
+        tools = self._resolve_tools(tool_names, subagents, depth, extra_tools, parent)
         model = self._chat_model or make_chat_model(
             self.cfg, engine=self._engine, adapter=adapter, **sampling
         )
@@ -477,15 +493,18 @@ class Agent:
         subagents: Sequence[SubagentConfig],
         depth: int,
         extra: Sequence[Tool],
+        parent: _Parent,
     ) -> str:
-        request = sub.adapter or self._adapter_request
+        # its own adapter if its config names one; else a routed episode's role route; else
+        # the adapter the calling episode runs with
+        request = sub.adapter or (ROUTED if parent.routed else None)
         decision = None
         if request == ROUTED:  # a role with a route of its own gets that route's adapter
             from agent.model.router import choose
 
             decision = choose(self.cfg, role=sub.name)
             request = decision.adapter
-        adapter = self.resolve_adapter(request)
+        adapter = self.resolve_adapter(request) if request else parent.adapter
         scope = self._make_scope(
             tool_names=sub.tools,
             subagents=subagents,
@@ -495,13 +514,16 @@ class Agent:
             adapter=adapter,
             max_steps=sub.max_steps,
             depth=depth,
-            sampling={},
+            sampling=parent.sampling,
+            routed=parent.routed,
         )
         # Nested under the orchestrator's subagent span; a separate graph run, no checkpoint thread.
         with self.tracer.span("agent", sub.name) as span:
-            span.attributes.update({"subagent": sub.name, "depth": depth, "task": task})
+            span.attributes.update(
+                {"subagent": sub.name, "depth": depth, "task": task, "adapter": adapter}
+            )
             if decision is not None:
-                span.attributes.update({"adapter": adapter, **decision.as_metadata()})
+                span.attributes.update(decision.as_metadata())
             _, answer, status, steps = await self._run_graph(scope, [HumanMessage(task)], None)
             span.attributes.update({"status": status, "steps": steps})
         if status != "ok":
@@ -633,6 +655,7 @@ class Agent:
                         max_steps=max_steps or self.cfg.agent.max_steps,
                         depth=0,
                         sampling=sampling,
+                        routed=decision is not None,
                     )
                     messages, answer, status, steps = await asyncio.wait_for(
                         self._run_graph(

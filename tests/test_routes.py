@@ -319,3 +319,46 @@ async def test_a_routed_episode_and_its_subagent_role_each_get_their_routes_adap
             parent = s.parent_id
             by_agent.setdefault(parent, set()).add(s.llm.adapter)
     assert by_agent[subs["researcher"].id] == {"v2"} and by_agent[subs["helper"].id] == {"v3"}
+
+
+async def test_a_subagent_answers_with_the_adapter_its_episode_was_given(tmp_path, cfg, scripted):
+    """An episode run with an explicit adapter (the gate's candidate, say) hands it to its
+    subagents: the researcher of a candidate trained on researcher rows is that candidate,
+    not the registry's active adapter (which answered before, so delegate scored 0 after a
+    cycle whose orchestrator had learned its part). A subagent's own `adapter` still wins."""
+    from _agent_fixtures import call
+    from langchain_core.messages import AIMessage
+
+    from agent.agent import Agent
+    from agent.config import SubagentConfig
+
+    reg = Registry(cfg.workspace.adapters)
+    for i in range(3):
+        reg.register(fake_adapter(tmp_path / f"a{i}"), base_model="m")
+    reg.promote("v1", PASS)  # the active adapter
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"backend": "openai"})})
+    researcher = SubagentConfig(name="researcher", description="Looks up.", tools=[])
+    pinned = SubagentConfig(name="pinned", description="Own adapter.", tools=[], adapter="v3")
+    scripted(
+        call("researcher", task="find the office size"),
+        AIMessage("26"),
+        call("pinned", task="check it"),
+        AIMessage("ok"),
+        AIMessage("26 spaces."),
+    )
+    async with Agent(cfg) as agent:
+        res = await agent.run(
+            "How many spaces?", tools=["researcher", "pinned"],
+            subagents=[researcher, pinned], adapter="v2", max_tokens=48,
+        )  # fmt: skip
+        trace = agent.tracer.store.get(res.trace_id)
+    assert res.status == "ok" and trace.adapter == "v2"
+    subs = {s.attributes["subagent"]: s for s in trace.spans if s.attributes.get("subagent")}
+    assert subs["researcher"].attributes["adapter"] == "v2"
+    assert subs["pinned"].attributes["adapter"] == "v3"
+    llm_adapters = {}
+    for s in trace.spans:
+        if s.kind == "llm":
+            llm_adapters.setdefault(s.parent_id, set()).add(s.llm.adapter)
+    assert llm_adapters[subs["researcher"].id] == {"v2"}
+    assert llm_adapters[subs["pinned"].id] == {"v3"}
