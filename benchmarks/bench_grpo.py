@@ -15,7 +15,7 @@ every group carries signal and every step trains. The same run is done with roll
 "sync" is the time to get the step's policy to the engine. Prints a table and writes
 benchmarks/results/bench_grpo.json.
 
-    .venv/bin/python -m benchmarks.bench_grpo --sampling [--env calculator --from ADAPTER]
+    .venv/bin/python -m benchmarks.bench_grpo --sampling [--env calculator --from ADAPTER] [--eval 54]
 
 Dynamic sampling: the same GRPO run twice on the local backend, "before" (tasks at random,
 one rollout per step, every turn the episode's advantage) and "after" (`[tuner.grpo]`'s
@@ -24,7 +24,10 @@ rolled-out groups whose rewards were all equal (with its 95 % Wilson interval), 
 the update's groups without signal, rollouts per trained group, and seconds per step. The
 default environment (made here, binary rewards, tasks of kinds the base model always, never or
 sometimes gets right) shows the mechanism on the base model; `--env` and `--from` measure a
-real environment from a trained adapter. Writes benchmarks/results/bench_grpo_sampling.json.
+real environment from a trained adapter. `--eval N` then scores the start adapter and both
+results on N held-out test tasks (greedy, as the gate plays them), each result paired with the
+start (won, lost, exact McNemar p): whether the signal bought a lift. Writes
+benchmarks/results/bench_grpo_sampling.json.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import shutil
 import statistics
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -118,9 +122,13 @@ def _mixed_env(root: Path) -> Path:
     return env
 
 
-def measure_sampling(env: str, steps: int, group: int, tasks: int, start: str | None) -> dict:
+def measure_sampling(
+    env: str, steps: int, group: int, tasks: int, start: str | None, eval_limit: int = 0
+) -> dict:
     """The same run "before" (uniform tasks, one rollout, no turn credit) and "after"
-    ([tuner.grpo] defaults); the figures of each."""
+    ([tuner.grpo] defaults); the figures of each. With `eval_limit`, the start adapter and each
+    run's result also play that many held-out test tasks (greedy, the gate's settings), and
+    each result is compared with the start, episode by episode (exact McNemar)."""
     from agent.config import load_config
     from agent.envs.run import wilson_interval
     from tuner.grpo import GrpoRun
@@ -137,6 +145,7 @@ def measure_sampling(env: str, steps: int, group: int, tasks: int, start: str | 
     }
     out: dict = {"env": Path(env).name, "steps": steps, "group_size": group,
                  "tasks_per_step": tasks, "from": start}  # fmt: skip
+    parent = None  # the start's held-out result, which each run's result is paired with
     for name, gc in modes.items():
         home = _home(None)
         if start:  # the adapter folder the run starts from, registered in the fresh registry
@@ -148,7 +157,7 @@ def measure_sampling(env: str, steps: int, group: int, tasks: int, start: str | 
         cfg = load_config(environ={"SELFTUNE_HOME": str(home)})
         run = GrpoRun(cfg, env, gc, start_from="v1" if start else None,
                       console=Console(stderr=True, quiet=True))  # fmt: skip
-        asyncio.run(run.run())
+        rec = asyncio.run(run.run())
         log = run.state.log
         groups = sum(r["groups"] for r in log)
         skipped = sum(r["skipped_groups"] for r in log)
@@ -169,8 +178,26 @@ def measure_sampling(env: str, steps: int, group: int, tasks: int, start: str | 
             "wall_s": sum(step_s),
             "rounds": [r["rounds"] for r in log],
         }
+        if eval_limit:
+            if parent is None:
+                out["start"], parent = _held_out(cfg, env, "v1" if start else None, eval_limit)
+            out[name]["test"], _ = _held_out(cfg, env, rec.version, eval_limit, parent)
     out["device"] = _device()
     return out
+
+
+def _held_out(cfg, env: str, adapter: str | None, limit: int, parent=None) -> tuple[dict, Any]:
+    """`adapter` on `limit` test tasks as the gate plays them: its figures and its SuiteResult;
+    with `parent` (a SuiteResult), the episodes won and lost against it and the McNemar p."""
+    from tuner.gate import evaluate, paired_test
+
+    res = asyncio.run(evaluate(cfg, env, adapter, cfg.improve, limit=limit, progress=False))
+    out = {"adapter": adapter or "base", "n": res.n, "successes": res.successes,
+           "success_rate": res.success_rate, "ci95": list(res.ci95)}  # fmt: skip
+    if parent is not None:
+        pt = paired_test(res, parent)
+        out |= {"won": pt.won, "lost": pt.lost, "p_value": pt.p_value}
+    return out, res
 
 
 def _home(venv_root: Path | None) -> Path:
@@ -257,9 +284,12 @@ def main() -> None:
     p.add_argument("--sampling", action="store_true", help="before/after dynamic sampling")
     p.add_argument("--env", default="mixed", help="--sampling: an environment (default: made here)")
     p.add_argument("--from", dest="start", help="--sampling: an adapter folder to start from")
+    p.add_argument("--eval", type=int, default=0, metavar="N",
+                   help="--sampling: score the start and each result on N held-out test tasks")  # fmt: skip
     a = p.parse_args()
     if a.sampling:
-        _report_sampling(measure_sampling(a.env, a.steps, a.group_size, a.tasks, a.start))
+        res = measure_sampling(a.env, a.steps, a.group_size, a.tasks, a.start, a.eval)
+        _report_sampling(res)
         return
     engines = tuple(a.engines.split(","))
     if not set(engines) <= set(ENGINES):
@@ -304,6 +334,19 @@ def _report_sampling(res: dict) -> None:
                   f"{r['rollouts_per_trained_group']:.2f}", f"{r['success_rate']:.0%}",
                   f"{r['step_s']:.0f}", f"{r['wall_s']:.0f}")  # fmt: skip
     console.print(t)
+    if "start" in res:
+        t = Table("model", "held-out test", "95 % CI", "won / lost vs start", "McNemar p",
+                  title=f"held-out test tasks of {res['env']}, greedy")  # fmt: skip
+        for name, r in (
+            ("start", res["start"]),
+            *((n, res[n]["test"]) for n in ("before", "after")),
+        ):
+            lo, hi = r["ci95"]
+            vs = f"{r['won']} / {r['lost']}" if "won" in r else "-"
+            p = f"{r['p_value']:.3g}" if "p_value" in r else "-"
+            t.add_row(f"{name} ({r['adapter']})", f"{r['successes']}/{r['n']} = {r['success_rate']:.1%}",
+                      f"{lo:.1%}-{hi:.1%}", vs, p)  # fmt: skip
+        console.print(t)
     path = ROOT / "benchmarks" / "results" / "bench_grpo_sampling.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=2))
