@@ -80,7 +80,7 @@ def content_text(content: list[Any]) -> str:
     return "\n".join(parts)
 
 
-class _SessionEnded(Exception):
+class _SessionEnded(SelftuneError):
     """The session to a server ended while a call waited on it; the message says why."""
 
 
