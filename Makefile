@@ -10,8 +10,8 @@ PIP := set -o pipefail; $(BIN)/pip install -q --disable-pip-version-check
 # pip warns once per package about this machine's local index folders; the noise hides real errors
 QUIET := 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
 PYTEST_ARGS ?=
-# one pytest worker per core (tests/conftest.py gives each worker one compute thread); the
-# slowest tests are handed out first as workers free up
+# one pytest worker per core (tests/conftest.py gives each worker one compute thread and hands
+# out the files that hold slow tests first)
 XDIST ?= -n auto --dist load
 
 .PHONY: demo test test-fast test-vllm lint bench setup sandbox clean-venv

@@ -263,8 +263,7 @@ class _Server:
         if call in done:
             return call.result()
         call.cancel()
-        with contextlib.suppress(BaseException):
-            await call
+        await asyncio.wait({call})  # let it unwind; wait() raises nothing of the call's
         if not done:
             raise TimeoutError
         reason = self.broken or "died: the session ended"
