@@ -135,6 +135,8 @@ def measure_sampling(
     from tuner.schemas import GrpoConfig
 
     if env == "mixed":
+        if eval_limit:
+            raise SystemExit("--eval needs held-out tasks: give --env (e.g. calculator)")
         env = str(_mixed_env(Path(tempfile.mkdtemp(prefix="bench-grpo-env-"))))
     base = GrpoConfig(steps=steps, group_size=group, tasks_per_step=tasks, max_tokens=32)
     modes = {
