@@ -173,6 +173,8 @@ class TrainConfig(_Section):
     bf16: bool | None = None
     gradient_checkpointing: bool | None = None
     padding_free: bool = False
+    # SFT batches of rows that start alike, their common start run once (tuner/prefix.py)
+    share_prefix: bool = True
     beta: float = Field(default=0.1, gt=0)  # DPO / KTO temperature
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Sanity verdicts (tuner/sanity.py), checked before and after every tune; a failed one stops

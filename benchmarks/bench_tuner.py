@@ -8,8 +8,11 @@ With `--bf16` (a CPU with avx512_bf16 or AMX) two more rows: selftune's trainer 
 (autocast; the LoRA weights and the optimizer stay fp32, as `[tuner.train] bf16` does), and
 TRL's defaults as they are on such a CPU (stock loss, bf16, gradient checkpointing). Each row
 gets its MFU: 6 x parameters x tok/s against a GEMM peak of its dtype measured in the same run.
+tok/s counts every row's tokens: with a shared prefix (tuner/prefix.py, the default) a batch
+computes its rows' common start once, so its "MFU" can pass what the matmuls could do.
+`--dataset DIR` times one epoch of a real dataset (an improve job's cycle1-sft folder).
 
-    .venv/bin/python -m benchmarks.bench_tuner [--steps 10] [--batch 4] [--padding-free] [--bf16]
+    .venv/bin/python -m benchmarks.bench_tuner [--steps 10] [--batch 4] [--padding-free] [--bf16] [--dataset DIR]
 
 Prints a table and writes benchmarks/results/bench_tuner.json.
 """
@@ -113,6 +116,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--bf16", action="store_true", help="also time bf16 training: selftune's and TRL's defaults"
     )
+    parser.add_argument(
+        "--dataset",
+        type=Path,
+        help="an SFT dataset folder to time instead of the synthetic rows (for example an "
+        "improve job's cycle1-sft): one epoch of it; --steps is then ignored",
+    )
     ns = parser.parse_args(argv)
     cfg = TrainConfig(
         batch_size=ns.batch,
@@ -124,9 +133,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     work = Path(tempfile.mkdtemp(prefix="bench_tuner-"))
     try:
-        ds = _dataset(work / "ds", ns.steps * ns.batch)
+        ds = _dataset(work / "ds", ns.steps * ns.batch) if ns.dataset is None else ns.dataset
         results = [run_plain(ds, work, cfg)]
         results.append(run_trl("TRL, selftune (head on trained cols)", ds, work, cfg))
+        unshared = cfg.model_copy(update={"share_prefix": False})
+        results.append(run_trl("TRL, selftune, no shared prefix", ds, work, unshared))
         results.append(run_trl("TRL, stock SFTTrainer loss", ds, work, cfg, stock=True))
         # TRL's default turns gradient checkpointing on; bf16 (its other default) is off here
         # because this CPU cannot run it natively
@@ -139,6 +150,9 @@ def main(argv: list[str] | None = None) -> dict:
                 )
             bf = cfg.model_copy(update={"bf16": True})
             results.append(run_trl("TRL, selftune, bf16 autocast", ds, work, bf))
+            bf_unshared = bf.model_copy(update={"share_prefix": False})
+            results.append(run_trl("TRL, selftune, bf16, no shared prefix", ds, work,
+                                   bf_unshared))  # fmt: skip
             stock = bf.model_copy(update={"gradient_checkpointing": True})
             results.append(run_trl("TRL defaults (bf16 + checkpointing)", ds, work, stock,
                                    stock=True))  # fmt: skip
@@ -172,7 +186,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{r['name']:38} {r['tok_s']:8.1f} {r['wall_s']:8.1f} {r['vs_plain']:8.2f}x "
               f"{r['mfu']:6.1%}")  # fmt: skip
     by_name = {r["name"]: r for r in results if "tok_s" in r}
-    ratios = {}
+    ratios = {"shared_prefix_vs_not": (
+        by_name["TRL, selftune (head on trained cols)"]["tok_s"]
+        / by_name["TRL, selftune, no shared prefix"]["tok_s"]
+    )}  # fmt: skip
     if ns.bf16:
         ours = by_name["TRL, selftune, bf16 autocast"]["tok_s"]
         ratios["selftune_bf16_vs_trl_defaults"] = (
@@ -181,11 +198,15 @@ def main(argv: list[str] | None = None) -> dict:
         ratios["selftune_bf16_vs_selftune_fp32"] = (
             ours / by_name["TRL, selftune (head on trained cols)"]["tok_s"]
         )
-        for k, v in ratios.items():
-            print(f"{k}: {v:.2f}x")
+        ratios["shared_prefix_vs_not_bf16"] = (
+            ours / by_name["TRL, selftune, bf16, no shared prefix"]["tok_s"]
+        )
+    for k, v in ratios.items():
+        print(f"{k}: {v:.2f}x")
     report = {
         "benchmark": "bench_tuner",
         "steps": ns.steps,
+        "dataset": str(ns.dataset) if ns.dataset else "synthetic calculator rows",
         "batch": ns.batch,
         "dtype": "float32, and bf16 rows with --bf16",
         "cpu_bf16": cpu_has_bf16(),

@@ -16,6 +16,7 @@ from _tuner_fixtures import write_dataset
 
 from agent.config import ALL_LINEAR, TrainConfig
 from agent.model.hardware import cpu_has_bf16
+from tuner.prefix import MIN_SHARED, group_order
 from tuner.train import (
     TrainError,
     build_trainer,
@@ -77,9 +78,21 @@ def test_sft_trains_on_assistant_tokens_only(tmp_path, model_path):
     assert not trainer.args.gradient_checkpointing  # off for a 135M model: it costs 1.6x
 
 
+def test_batches_group_rows_that_start_alike_and_keep_every_row_once():
+    keys = ["a", "b", "a", "c", "a", "b", "a", "b", "a", "b", "a"]  # 6 a, 4 b, 1 c
+    lengths = list(range(len(keys)))
+    order = group_order(keys, lengths, batch=2, seed=3)
+    assert sorted(order) == list(range(len(keys)))  # a permutation: no row lost or repeated
+    batches = [order[i : i + 2] for i in range(0, len(order), 2)]
+    alike = [b for b in batches if len(b) == 2 and keys[b[0]] == keys[b[1]]]
+    assert len(alike) == 5  # 3 of a, 2 of b; only the leftover c makes a batch alone
+    assert order != group_order(keys, lengths, batch=2, seed=4)  # each epoch reshuffles
+    assert order == group_order(keys, lengths, batch=2, seed=3)  # and a resumed run replays it
+
+
 def test_sft_loss_on_kept_columns_equals_the_full_head_loss(tmp_path, model_path):
-    """The trainer runs the LM head only where a next token is trained; the loss and its
-    gradient must be what the full logits give."""
+    """The trainer runs the LM head only where a next token is trained, and the batch's common
+    start once; the loss and its gradient must be what the full logits give."""
     import torch
 
     ds = write_dataset(tmp_path / "ds", "sft", n=3)
@@ -92,9 +105,16 @@ def test_sft_loss_on_kept_columns_equals_the_full_head_loss(tmp_path, model_path
     lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n][0]
     torch.nn.init.normal_(lora, std=0.02)  # LoRA B starts at zero: make its gradient non-trivial
 
-    loss = trainer.compute_loss(model, dict(batch))
-    loss.backward()
-    fast_grad, lora.grad = lora.grad.clone(), None
+    losses, grads, shared = [], [], []
+    for share in (True, False):  # the rows' common start run once (tuner/prefix.py), or not
+        trainer.share_prefix = share
+        loss = trainer.compute_loss(model, dict(batch))
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(lora.grad.clone())
+        shared.append(trainer.shared_tokens)
+        lora.grad = None
+    assert shared[0] >= MIN_SHARED and shared[1] == 0  # the system prompt and tool schemas
 
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     logits, labels = out.logits[:, :-1].float(), batch["labels"][:, 1:]
@@ -102,8 +122,9 @@ def test_sft_loss_on_kept_columns_equals_the_full_head_loss(tmp_path, model_path
         logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
     )
     full.backward()
-    assert loss.item() == pytest.approx(full.item(), rel=1e-5)
-    assert torch.allclose(fast_grad, lora.grad, rtol=1e-4, atol=1e-7)
+    for loss, grad in zip(losses, grads, strict=True):
+        assert loss == pytest.approx(full.item(), rel=1e-5)
+        assert torch.allclose(grad, lora.grad, rtol=1e-4, atol=1e-7)
     assert (batch["labels"] != -100).float().mean() < 0.5  # most columns really were skipped
 
 

@@ -435,6 +435,9 @@ def build_trainer(
     sft = _sft_trainer_class()
     trainer_cls = {"sft": sft, "cpt": sft, "dpo": DPOTrainer, "kto": KTOTrainer}[kind]
     trainer = trainer_cls(model=model, args=args, train_dataset=train_rows, processing_class=tok)
+    if kind in ("sft", "cpt"):
+        # CPT blocks share no start; dropout would draw one mask for the shared prefix
+        trainer.share_prefix = cfg.share_prefix and kind == "sft" and not cfg.lora_dropout
     trainer.row_report = report
     trainer.verdicts = verdicts
     return trainer
@@ -518,15 +521,40 @@ def _sft_trainer_class():
     import torch
     from trl import SFTTrainer
 
+    from tuner.prefix import KEY_TOKENS, GroupedSampler, shared_length, shared_prefix_forward
+
     class SelectiveHeadSFTTrainer(SFTTrainer):
+        share_prefix = True  # build_trainer sets [tuner.train] share_prefix (tuner/prefix.py)
+        shared_tokens = 0
+
+        def _get_train_sampler(self, train_dataset=None):
+            ds = train_dataset if train_dataset is not None else self.train_dataset
+            if not self.share_prefix or ds is None or "input_ids" not in ds.column_names:
+                return super()._get_train_sampler(train_dataset)
+            ids = ds["input_ids"]
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return GroupedSampler(
+                [tuple(x[:KEY_TOKENS]) for x in ids],
+                [len(x) for x in ids],
+                self.args.per_device_train_batch_size,
+                seed,
+            )
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             labels = inputs["labels"]
             targets = labels[:, 1:]
             cols = (targets != -100).any(dim=0).nonzero().squeeze(-1)
             if cols.numel() == 0:  # nothing trained in this batch: a zero that keeps the graph
                 cols = torch.zeros(1, dtype=torch.long, device=labels.device)
-            forward = {k: v for k, v in inputs.items() if k != "labels"}
-            out = model(**forward, use_cache=False, logits_to_keep=cols)
+            shared = 0
+            if self.share_prefix and "attention_mask" in inputs:  # none when padding_free
+                shared = shared_length(inputs["input_ids"], inputs["attention_mask"], labels)
+            self.shared_tokens = shared  # what the last batch ran once (tests read it)
+            if shared:
+                out = shared_prefix_forward(model, inputs, cols, shared)
+            else:
+                forward = {k: v for k, v in inputs.items() if k != "labels"}
+                out = model(**forward, use_cache=False, logits_to_keep=cols)
             logits = out.logits.float()
             kept = targets[:, cols]
             total = torch.nn.functional.cross_entropy(
