@@ -436,7 +436,7 @@ def build_trainer(
     trainer_cls = {"sft": sft, "cpt": sft, "dpo": DPOTrainer, "kto": KTOTrainer}[kind]
     trainer = trainer_cls(model=model, args=args, train_dataset=train_rows, processing_class=tok)
     if kind in ("sft", "cpt"):
-        # CPT blocks share no start; dropout would draw one mask for the shared prefix
+        # CPT blocks share no start; dropout would draw one mask for a shared prefix
         trainer.share_prefix = cfg.share_prefix and kind == "sft" and not cfg.lora_dropout
     trainer.row_report = report
     trainer.verdicts = verdicts
@@ -516,63 +516,60 @@ def _sft_trainer_class():
     agent row: the rest is the system prompt, tool schemas, the task and tool results) are
     trained. Here the model returns logits only for the columns where some row of the batch has
     a trained next token (`logits_to_keep`), and the loss is the same token-mean cross entropy.
-    Measured by `python -m benchmarks.bench_tuner`; tests/test_train.py checks the loss equals
-    the full computation."""
+    The rows of a batch that start alike (a role's system prompt and tool schemas) run their
+    common start once (tuner/prefix.py). Measured by `python -m benchmarks.bench_tuner`;
+    tests/test_train.py checks the loss and its gradient equal the full computation."""
     import torch
     from trl import SFTTrainer
 
-    from tuner.prefix import KEY_TOKENS, GroupedSampler, shared_length, shared_prefix_forward
+    from tuner import prefix
 
     class SelectiveHeadSFTTrainer(SFTTrainer):
         share_prefix = True  # build_trainer sets [tuner.train] share_prefix (tuner/prefix.py)
-        shared_tokens = 0
-
-        def _get_train_sampler(self, train_dataset=None):
-            ds = train_dataset if train_dataset is not None else self.train_dataset
-            if not self.share_prefix or ds is None or "input_ids" not in ds.column_names:
-                return super()._get_train_sampler(train_dataset)
-            ids = ds["input_ids"]
-            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-            return GroupedSampler(
-                [tuple(x[:KEY_TOKENS]) for x in ids],
-                [len(x) for x in ids],
-                self.args.per_device_train_batch_size,
-                seed,
-            )
+        shared_tokens = 0  # the last batch's tokens not computed again (tests read it)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            labels = inputs["labels"]
-            targets = labels[:, 1:]
-            cols = (targets != -100).any(dim=0).nonzero().squeeze(-1)
-            if cols.numel() == 0:  # nothing trained in this batch: a zero that keeps the graph
-                cols = torch.zeros(1, dtype=torch.long, device=labels.device)
-            shared = 0
-            if self.share_prefix and "attention_mask" in inputs:  # none when padding_free
-                shared = shared_length(inputs["input_ids"], inputs["attention_mask"], labels)
-            self.shared_tokens = shared  # what the last batch ran once (tests read it)
-            if shared:
-                out = shared_prefix_forward(model, inputs, cols, shared)
+            ids, labels = inputs["input_ids"], inputs["labels"]
+            mask = inputs.get("attention_mask")  # none when padding_free
+            trains = bool((labels[:, 1:] != -100).any())
+            if self.share_prefix and mask is not None and trains and not return_outputs:
+                parts = prefix.groups(ids, mask, labels)
             else:
-                forward = {k: v for k, v in inputs.items() if k != "labels"}
-                out = model(**forward, use_cache=False, logits_to_keep=cols)
-            logits = out.logits.float()
-            kept = targets[:, cols]
-            total = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]),
-                kept.reshape(-1),
-                ignore_index=-100,
-                reduction="sum",
-            )
-            n_trained = (kept != -100).sum()
+                parts = [prefix.Group(torch.arange(len(ids)), ids.shape[1], 0)]
+            self.shared_tokens = sum(g.shared * (len(g.rows) - 1) for g in parts)
+            total, n_trained, right, out = 0.0, 0, 0, None
+            for g in parts:
+                targets = labels[g.rows, 1 : g.width]
+                cols = (targets != -100).any(dim=0).nonzero().squeeze(-1)
+                if cols.numel() == 0:
+                    if len(parts) > 1:
+                        continue  # these rows train nothing; the others carry the graph
+                    cols = torch.zeros(1, dtype=torch.long, device=labels.device)  # keep a zero
+                if len(parts) == 1 and not g.shared:  # the whole batch plainly, every input
+                    forward = {k: v for k, v in inputs.items() if k != "labels"}
+                    out = model(**forward, use_cache=False, logits_to_keep=cols)
+                else:
+                    out = prefix.forward(
+                        model, ids[g.rows, : g.width], mask[g.rows, : g.width], cols, g.shared
+                    )
+                logits = out.logits.float()
+                kept = targets[:, cols]
+                total = total + torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]),
+                    kept.reshape(-1),
+                    ignore_index=-100,
+                    reduction="sum",
+                )
+                n_trained += int((kept != -100).sum())
+                with torch.no_grad():
+                    right += int(((logits.argmax(-1) == kept) & (kept != -100)).sum())
             denominator = n_trained if num_items_in_batch is None else num_items_in_batch
-            loss = total / torch.as_tensor(denominator, device=total.device).clamp(min=1)
+            loss = total / torch.as_tensor(denominator, device=labels.device).clamp(min=1)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes
             mode = "train" if model.training else "eval"
-            with torch.no_grad():
-                right = ((logits.argmax(-1) == kept) & (kept != -100)).sum()
             if n_trained > 0:
-                self._metrics[mode]["mean_token_accuracy"].append((right / n_trained).item())
+                self._metrics[mode]["mean_token_accuracy"].append(right / n_trained)
             return (loss, out) if return_outputs else loss
 
     return SelectiveHeadSFTTrainer

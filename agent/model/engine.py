@@ -465,7 +465,7 @@ class LocalEngine:
             if shared:
                 # [shared prefix][pad][own suffix]: the prefix's KV states come from the cache,
                 # positions follow the attention mask, so each suffix continues the prefix
-                kwargs["past_key_values"] = self._prefix_states(model, reqs, shared)
+                kwargs["cache"] = self._prefix_states(model, reqs, shared)
             prefix = reqs[0].prompt_ids[:shared]
             rests = [r.prompt_ids[shared:] for r in reqs]
             pad = max(len(x) for x in rests)
@@ -514,11 +514,11 @@ class LocalEngine:
                 with torch.inference_mode():
                     out = model(
                         input_ids=torch.tensor([prefix[have:]], device=self.device),
-                        past_key_values=DynamicCache(states) if states else DynamicCache(),
+                        cache=DynamicCache(states) if states else DynamicCache(),
                         use_cache=True,
                         **kwargs,
                     )
-                states = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+                states = [(layer.keys, layer.values) for layer in out.cache.layers]
                 self.prefix_cache.put(r.adapter, prefix, states)
             per_adapter[r.adapter] = states
         rows = [per_adapter[r.adapter] for r in reqs]
