@@ -535,7 +535,7 @@ def _sft_trainer_class():
             if self.share_prefix and mask is not None and trains and not return_outputs:
                 parts = prefix.groups(ids, mask, labels)
             else:
-                parts = [prefix.Group(torch.arange(len(ids)), ids.shape[1], 0)]
+                parts = [prefix.Group(torch.arange(len(ids), device=ids.device), ids.shape[1], 0)]
             self.shared_tokens = sum(g.shared * (len(g.rows) - 1) for g in parts)
             total, n_trained, right, out = 0.0, 0, 0, None
             for g in parts:
