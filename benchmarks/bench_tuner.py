@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
         peaks["bf16"] = matmul_peak(threads, dtype=torch.bfloat16)
     params = model_params(MODEL_DIR)
     plain = results[0]["tokens"] / results[0]["wall_s"]
-    print(f"\nLoRA SFT, SmolLM2-135M, r=16 all linear, batch {ns.batch}, {ns.steps} steps")
+    rows = f"one epoch of {ns.dataset}" if ns.dataset else f"{ns.steps} steps"
+    print(f"\nLoRA SFT, SmolLM2-135M, r=16 all linear, batch {ns.batch}, {rows}")
     print(f"{'trainer':38} {'tok/s':>8} {'wall s':>8} {'vs plain':>9} {'MFU':>6}")
     for r in results:
         if "error" in r:

@@ -435,9 +435,9 @@ def build_trainer(
     sft = _sft_trainer_class()
     trainer_cls = {"sft": sft, "cpt": sft, "dpo": DPOTrainer, "kto": KTOTrainer}[kind]
     trainer = trainer_cls(model=model, args=args, train_dataset=train_rows, processing_class=tok)
-    if kind in ("sft", "cpt"):
-        # CPT blocks share no start; dropout would draw one mask for a shared prefix
-        trainer.share_prefix = cfg.share_prefix and kind == "sft" and not cfg.lora_dropout
+    if kind in ("sft", "cpt"):  # the same trainer class; CPT blocks share no start, and
+        # dropout would draw one mask for a shared prefix
+        trainer.share_prefix = kind == "sft" and cfg.share_prefix and not cfg.lora_dropout
     trainer.row_report = report
     trainer.verdicts = verdicts
     return trainer
