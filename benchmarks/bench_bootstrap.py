@@ -11,7 +11,11 @@ Variants switch the `[improve]` keys: `no-rationalise` (rationalise = false: no 
 wave), `no-self-demos` (self_demos = false: no demonstrations written by calling the tools),
 `no-reference` (reference_wave = false: no episodes played by the reference policy),
 `no-bootstrap` (all three off: the loop as it was), `no-replay` (replay = []: no rows of the
-`general` probe's train tasks beside the new ones). Success rates are zero-shot on the held-out test
+`general` probe's train tasks beside the new ones). With `--teacher ADAPTER` (a trained adapter
+folder or registry version, run in process on the student's base model as `[teacher] adapter`),
+`teacher` is `full` plus the teacher's wave (the train tasks the student's own waves failed),
+and `teacher-only` is `no-bootstrap` plus that wave: how much a teacher adds over
+self-collection, and what it buys alone. Success rates are zero-shot on the held-out test
 split with the 95 % Wilson interval; a cycle's figure is its candidate's (promoted or not).
 From the job's state it also reports each collection wave's kept episodes (right and unflagged:
 what the dataset can use), which is each mechanism's share of the training data in one run.
@@ -45,6 +49,16 @@ VARIANTS = {
     },
     "no-replay": {"SELFTUNE_IMPROVE__REPLAY": "[]"},
 }
+TEACHER_VARIANTS = {"teacher": "full", "teacher-only": "no-bootstrap"}  # -> the variant it adds to
+
+
+def variant_environ(variant: str, teacher: str | None) -> dict[str, str]:
+    """The `SELFTUNE_*` keys of `variant`; a teacher variant's need `teacher`."""
+    if variant not in TEACHER_VARIANTS:
+        return dict(VARIANTS[variant])
+    if not teacher:
+        raise SystemExit(f"variant {variant!r} needs --teacher ADAPTER (an adapter folder)")
+    return dict(VARIANTS[TEACHER_VARIANTS[variant]], SELFTUNE_TEACHER__ADAPTER=teacher)
 
 
 def _workspace(root: Path, model_dir: Path) -> Path:
@@ -70,7 +84,7 @@ def _rate(summary: dict[str, Any] | None) -> dict[str, Any] | None:
 def run_one(env: str, variant: str, args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     """One fresh improve job; its figures from the job's state.json."""
     home = _workspace(Path(args.work) / f"{Path(env).name}-{variant}", model_dir)
-    environ = dict(os.environ, SELFTUNE_HOME=str(home), **VARIANTS[variant])
+    environ = dict(os.environ, SELFTUNE_HOME=str(home), **variant_environ(variant, args.teacher))
     cmd = [
         sys.executable, "-m", "agent.cli", "improve", env, "--fresh",
         "--cycles", str(args.cycles), "--collect-limit", str(args.collect_limit),
@@ -187,7 +201,12 @@ def table(results: list[dict[str, Any]], cycles: int) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--envs", nargs="+", default=[USER_ENV, "docs-qa"])
-    parser.add_argument("--variants", nargs="+", default=["full"], choices=sorted(VARIANTS))
+    parser.add_argument(
+        "--variants", nargs="+", default=["full"], choices=sorted([*VARIANTS, *TEACHER_VARIANTS])
+    )
+    parser.add_argument(
+        "--teacher", help="an adapter folder the teacher variants run as [teacher] adapter"
+    )
     parser.add_argument("--cycles", type=int, default=2)
     parser.add_argument("--collect-limit", type=int, default=150)
     parser.add_argument("--eval-limit", type=int, default=60)
@@ -199,6 +218,8 @@ def main(argv: list[str] | None = None) -> dict:
         "--report-only", action="store_true", help="read the workspaces under --work; run nothing"
     )
     args = parser.parse_args(argv)
+    if args.teacher and Path(args.teacher).exists():
+        args.teacher = str(Path(args.teacher).resolve())  # the job runs in another folder
     model_dir = Path(args.model_dir).resolve()
     if args.report_only:
         results = [

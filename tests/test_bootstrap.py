@@ -392,3 +392,16 @@ def test_a_tasks_plan_is_played_through_the_real_subagent_and_calculator(cfg, tm
             assert row["subagent"] == "researcher" and [c["name"] for c in calls] == ["search"]
             reported = float(msgs[-1]["content"].rstrip("."))
             assert reference_in(reported, [msgs[2]["content"]])
+
+
+def test_the_benchmarks_teacher_variants_add_the_teacher_to_what_they_compare_with():
+    """bench_bootstrap's `teacher` is `full` plus a teacher, `teacher-only` the loop without
+    its bootstrapping waves plus a teacher; without --teacher they stop, naming the flag."""
+    from benchmarks.bench_bootstrap import VARIANTS, variant_environ
+
+    assert variant_environ("teacher", "/a/v1") == {"SELFTUNE_TEACHER__ADAPTER": "/a/v1"}
+    only = variant_environ("teacher-only", "/a/v1")
+    assert only == dict(VARIANTS["no-bootstrap"], SELFTUNE_TEACHER__ADAPTER="/a/v1")
+    assert variant_environ("no-replay", None) == {"SELFTUNE_IMPROVE__REPLAY": "[]"}
+    with pytest.raises(SystemExit, match="--teacher"):
+        variant_environ("teacher-only", None)

@@ -129,6 +129,7 @@ async def test_teacher_trajectories_reach_the_dataset_marked_in_its_manifest(
     )
     assert stats["n"] == len(failed) and stats["kind"] == "teacher"
     assert stats["successes"] >= 1, "the teacher (with two demonstrations) solved none"
+    assert stats["kept"] == len(stats["solved"]) <= stats["successes"]  # one episode a task
     assert SECRET not in repr(stats)
     store = open_store(cfg)
     taught = store.query(TraceQuery(tag="source:teacher", limit=None), with_spans=True)

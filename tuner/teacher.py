@@ -166,7 +166,7 @@ async def teacher_wave(
     """Play `task_ids` (train tasks of `env`, usually those the student failed) with the
     teacher as the agent's model; each episode is graded and stored as a trace tagged
     `teacher` and `source:teacher`. Returns the wave's counts: {"kind": "teacher", "teacher",
-    "n", "successes", "solved": [task ids]}."""
+    "n", "successes", "kept" (right and unflagged), "solved": [task ids]}."""
     from agent.agent import Agent
     from agent.envs.run import run_suite
 
@@ -207,11 +207,13 @@ async def teacher_wave(
             f"every teacher episode failed ({trace.error if trace else 'no trace'}): check the "
             f"[teacher] section ({describe(t)})"
         )
+    # as for the student: only right, unflagged episodes reach the dataset
+    kept = [o for o in res.outcomes if o.success and not o.flags]
     stats.update(
         n=res.n,
         successes=res.successes,
-        # as for the student: only right, unflagged episodes reach the dataset
-        solved=sorted({o.task_id for o in res.outcomes if o.success and not o.flags}),
+        kept=len(kept),
+        solved=sorted({o.task_id for o in kept}),
     )
     console.print(
         f"teacher solved {len(stats['solved'])} of {len(set(task_ids))} tasks "
