@@ -347,6 +347,13 @@ class ImproveConfig(_Section):
     # One cycle on search rows alone took the built-in `general` probe from 73.9 % to 26.1 %
     # (the adapter called `search` for every question); [] turns it off
     replay: list[str] = Field(default_factory=lambda: ["general"])
+    # each replay task is played greedily and `replay_samples - 1` more times at
+    # `replay_temperature`; the dataset keeps its shortest right answer (best of n). Greedy
+    # alone kept the base's rambling right answers ('The opposite of "day" is "night" or
+    # "night" is "night" is ...'), and adapters trained on them looped on the probe's
+    # questions of that kind until the token limit, which the flags guard blocked
+    replay_samples: int = Field(default=4, ge=1)
+    replay_temperature: float = Field(default=0.7, ge=0.0, le=5.0)
     weak_below: float = Field(default=0.8, ge=0.0, le=1.0)  # zero-shot success under: weak
     eval_limit: int = Field(default=54, ge=1)  # held-out test tasks per environment
     concurrency: int = Field(default=16, ge=1)  # episodes at once (per model in the gate)

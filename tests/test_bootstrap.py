@@ -22,7 +22,7 @@ from agent.envs.bootstrap import (
 )
 from benchmarks.envs.user_retrieval import make as user_env
 from traces.flags import reference_in
-from traces.read import training_conversation
+from traces.read import trace_tokens, training_conversation
 from traces.schemas import TraceQuery
 
 TOWN = "Dravik lies on the river Sorwela. It was founded in 1412 by Ilsa Mortvik."
@@ -319,8 +319,9 @@ def test_improve_on_a_user_retrieval_env_trains_on_grounded_rows_and_replay_and_
     # the reference wave played the train tasks first, through the real search
     waves = cyc.collect[str(root)]["waves"]
     assert waves[0]["kind"] == "reference" and waves[0]["kept"] >= 4, waves
-    # replay: the active (base) model played the general probe's 23 train tasks zero-shot
-    assert cyc.replay["general"]["n"] == 23
+    # replay: the active (base) model played the general probe's 23 train tasks zero-shot,
+    # greedily and three times sampled ([improve] replay_samples = 4)
+    assert cyc.replay["general"]["n"] == 23 * 4
     manifest = json.loads(Path(cyc.dataset["manifest"]).read_text())
     by_env = manifest["counts"]["by_env"]
     assert by_env.get("general", 0) == cyc.dataset["replay_rows"]["general"] >= 1, by_env
@@ -339,6 +340,16 @@ def test_improve_on_a_user_retrieval_env_trains_on_grounded_rows_and_replay_and_
     store = open_store(cfg)
     for trace_id in manifest["trace_ids"]:
         assert not [f for g in store.grades(trace_id) for f in g.flags]
+    # each replay row is its question's shortest right, unflagged answer of the four plays
+    right: dict[str, list[int]] = {}
+    for t in store.query(TraceQuery(tag="wave:replay", limit=None), with_spans=True):
+        grades = store.grades(t.id)
+        if all(g.value >= 1.0 and not g.flags for g in grades) and grades:
+            right.setdefault(t.task_id, []).append(trace_tokens(t))
+    general = [t for t in map(store.get, manifest["trace_ids"]) if t.env == "general"]
+    assert general and len({t.task_id for t in general}) == len(general)
+    assert all(trace_tokens(t) == min(right[t.task_id]) for t in general)
+    assert any(len(v) > 1 for v in right.values()), "no question had two right answers to pick"
 
     # trained and gated, with the probe guard among what was judged; the decision is recorded
     rec = Registry(home / "adapters").get(cyc.candidate)

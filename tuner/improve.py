@@ -573,23 +573,37 @@ class ImproveJob:
     async def _replay(self, env: str, cycle: CycleState, agent: Any, active: str | None) -> dict:
         """The active model plays `env`'s train tasks zero-shot; its right, unflagged answers
         become dataset rows (tagged `wave:replay`), so that what it already does well is trained
-        beside the new skill instead of being overwritten by it."""
+        beside the new skill instead of being overwritten by it. Each task is played greedily,
+        then `replay_samples - 1` times at `replay_temperature`: the SFT dataset keeps each
+        task's shortest right answer (best of n), not a rambling one that happens to hold
+        the reference."""
         from agent.envs import load_environment
         from agent.envs.run import run_suite
 
         environment = load_environment(env, config=self.cfg.agent)
+        extra = self.settings.replay_samples - 1
         self.console.print(
             f"[bold]collect[/bold] replay {env}: the train tasks, zero-shot, adapter "
-            f"{active or 'base'} (its right answers are trained beside the new rows)"
+            f"{active or 'base'}, greedy"
+            + (f" and {extra} samples" if extra else "")
+            + " (its shortest right answers are trained beside the new rows)"
         )
-        res = await run_suite(
-            self.cfg, environment, split="train", concurrency=self.settings.concurrency,
-            adapter=active or "base", few_shot=0, seed=self.settings.seed + 1000 * cycle.index,
-            max_tokens=self.settings.max_tokens, agent=agent, progress=True,
-            tags=[*self._tags(), f"cycle:{cycle.index}", "collect", "wave:replay"],
-        )  # fmt: skip
-        kept = sum(o.success and not o.flags for o in res.outcomes)
-        return {"n": res.n, "successes": res.successes, "kept": kept}
+        seed = self.settings.seed + 1000 * cycle.index
+        plays = [(1, 0.0, seed)]
+        if extra:
+            plays.append((extra, self.settings.replay_temperature, seed + 1))
+        out = {"n": 0, "successes": 0, "kept": 0}
+        for samples, temperature, s in plays:
+            res = await run_suite(
+                self.cfg, environment, split="train", concurrency=self.settings.concurrency,
+                adapter=active or "base", few_shot=0, samples=samples, temperature=temperature,
+                seed=s, max_tokens=self.settings.max_tokens, agent=agent, progress=True,
+                tags=[*self._tags(), f"cycle:{cycle.index}", "collect", "wave:replay"],
+            )  # fmt: skip
+            out["n"] += res.n
+            out["successes"] += res.successes
+            out["kept"] += sum(o.success and not o.flags for o in res.outcomes)
+        return out
 
     async def _judge(self):
         """The LLM judge `[improve] judge` names (the base model or the teacher:
