@@ -12,7 +12,8 @@ wave), `no-self-demos` (self_demos = false: no demonstrations written by calling
 `no-reference` (reference_wave = false: no episodes played by the reference policy),
 `no-bootstrap` (all three off: the loop as it was), `no-replay` (replay = []: no rows of the
 `general` probe's train tasks beside the new ones). With `--teacher ADAPTER` (a trained adapter
-folder or registry version, run in process on the student's base model as `[teacher] adapter`),
+folder, run in process on the student's base model as `[teacher] adapter`; each workspace is
+fresh, so it holds no registry version to name),
 `teacher` is `full` plus the teacher's wave (the train tasks the student's own waves failed),
 and `teacher-only` is `no-bootstrap` plus that wave: how much a teacher adds over
 self-collection, and what it buys alone. Success rates are zero-shot on the held-out test

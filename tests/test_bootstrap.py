@@ -21,7 +21,7 @@ from agent.envs.bootstrap import (
     through_tools,
 )
 from benchmarks.envs.user_retrieval import make as user_env
-from traces.flags import reference_in
+from traces.flags import PASS_SCORE, reference_in
 from traces.read import trace_tokens, training_conversation
 from traces.schemas import TraceQuery
 
@@ -344,7 +344,7 @@ def test_improve_on_a_user_retrieval_env_trains_on_grounded_rows_and_replay_and_
     right: dict[str, list[int]] = {}
     for t in store.query(TraceQuery(tag="wave:replay", limit=None), with_spans=True):
         grades = store.grades(t.id)
-        if all(g.value >= 1.0 and not g.flags for g in grades) and grades:
+        if grades and all(g.value >= PASS_SCORE and not g.flags for g in grades):
             right.setdefault(t.task_id, []).append(trace_tokens(t))
     general = [t for t in map(store.get, manifest["trace_ids"]) if t.env == "general"]
     assert general and len({t.task_id for t in general}) == len(general)
